@@ -94,7 +94,7 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, N, C))
 
     def forward_cached(self, x, past_k, past_v, mask):
-        """x (B, N, C) new segment; past_k/v (B, H, S, D); mask (B, 1, N, S + N) bool, True = attend.
+        """x (B, N, C) new segment; past_k/v (B, H, S, D) or None; mask (B, 1, [S +] N, ...) bool, True = attend.
 
         Scores against the past and against the new segment are computed separately and softmaxed together,
         so the cache is read once and never concatenated (a concat would copy all of it every step).
@@ -102,12 +102,15 @@ class CausalSelfAttention(nn.Module):
         """
         B, N, C = x.shape
         q, k, v = self.qkv(x)
-        S = past_k.shape[2]
         scale = 1.0 / math.sqrt(q.shape[-1])
-        scores = torch.cat([q @ past_k.transpose(-2, -1), q @ k.transpose(-2, -1)], dim=-1) * scale  # (B, H, N, S+N)
-        scores = scores.masked_fill(~mask, float("-inf"))
-        att = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        y = att[..., :S] @ past_v + att[..., S:] @ v  # (B, H, N, D)
+        scores = q @ k.transpose(-2, -1)  # (B, H, N, N)
+        if past_k is not None:
+            scores = torch.cat([q @ past_k.transpose(-2, -1), scores], dim=-1)  # (B, H, N, S+N)
+        scores = (scores * scale).masked_fill(~mask, float("-inf"))
+        att = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # fp32 softmax: fp16 exp overflows
+        y = att[..., -N:] @ v  # (B, H, N, D)
+        if past_k is not None:
+            y = y + att[..., :-N] @ past_v
         return self.c_proj(y.transpose(1, 2).reshape(B, N, C)), k, v
 
 
@@ -199,18 +202,20 @@ class MultimodalGPT(nn.Module):
 
         prefix (B, P, F) or None; input_ids (B, T) right-padded; input_lengths (B,) real tokens per row;
         start_pos (B,) position of the segment's first element; past_keys/values: one (B, H, S, D) per layer,
-        slot j valid for row b iff j < start_pos[b] (S may be 0).
+        slot j valid for row b iff j < start_pos[b] (S may be 0), or None for a prefill with no past.
         Returns logits (B, V) at each row's last real token, and per layer the new segment's keys and values
         (B, H, P+T, D).
         """
         x = self.embed(prefix, input_ids, start_pos)
         B, N, _ = x.shape
         P = N - input_ids.shape[1]
-        S = past_keys[0].shape[2]
-        slots = torch.arange(S, device=x.device)
-        past_ok = (slots[None, :] < start_pos[:, None])[:, None, None, :].expand(B, 1, N, S)  # (B, 1, N, S)
-        causal = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()[None, None].expand(B, 1, N, N)
-        mask = torch.cat([past_ok, causal], dim=-1)  # (B, 1, N, S+N)
+        mask = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()[None, None].expand(B, 1, N, N)
+        if past_keys is None:  # prefill: no past inputs at all, so the graph has no zero-size tensors
+            past_keys = past_values = [None] * len(self.transformer.h)
+        else:
+            slots = torch.arange(past_keys[0].shape[2], device=x.device)
+            past_ok = (slots[None, :] < start_pos[:, None])[:, None, None, :]  # (B, 1, 1, S)
+            mask = torch.cat([past_ok.expand(B, 1, N, slots.shape[0]), mask], dim=-1)  # (B, 1, N, S+N)
         new_keys, new_values = [], []
         for block, pk, pv in zip(self.transformer.h, past_keys, past_values):
             x, k, v = block.forward_cached(x, pk, pv, mask)
@@ -219,10 +224,3 @@ class MultimodalGPT(nn.Module):
         last = (P + input_lengths - 1)[:, None, None].expand(B, 1, x.shape[-1])  # (B, 1, C)
         h = self.transformer.ln_f(torch.gather(x, 1, last)[:, 0])  # (B, C): only the rows' last real tokens
         return self.lm_head(h), new_keys, new_values
-
-    def empty_past(self, batch: int, device=None, dtype=None):
-        """Zero-capacity past for a prefill through forward_cached."""
-        cfg = self.config
-        dtype = dtype or self.lm_head.weight.dtype
-        empty = torch.zeros(batch, cfg.n_head, 0, cfg.head_dim, device=device, dtype=dtype)
-        return [empty] * cfg.n_layer, [empty] * cfg.n_layer

@@ -58,10 +58,8 @@ class TorchBackend:
 
     @torch.no_grad()
     def prefill(self, prefix, input_ids, input_lengths):
-        B = input_ids.shape[0]
-        past_k, past_v = self.model.empty_past(B, self.device, self.dtype)
-        start = torch.zeros(B, dtype=torch.long, device=self.device)
-        return self.model.forward_cached(prefix.to(self.dtype), input_ids, input_lengths, start, past_k, past_v)
+        start = torch.zeros_like(input_lengths)
+        return self.model.forward_cached(prefix.to(self.dtype), input_ids, input_lengths, start, None, None)
 
     def decode(self, input_ids, position_ids, k_cache, v_cache):
         with torch.no_grad():
