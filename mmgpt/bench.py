@@ -106,8 +106,8 @@ def _timed(fn, device):
     return out, time.perf_counter() - t
 
 
-def bench_mmgpt(model, batch, prompt_len, new_tokens, prefix_len, compile, device, repeats):
-    be = TorchBackend(model, compile=compile)
+def bench_mmgpt(be: TorchBackend, batch, prompt_len, new_tokens, prefix_len, device, repeats):
+    model = be.model
     V = model.config.vocab_size
     gen = Generator(be, ByteTokenizer(bos_id=V - 1, eos_id=V - 1, pad_id=V - 1),
                     max_positions=model.config.block_size, eos_check_interval=new_tokens + 1)  # EOS never stops it
@@ -129,18 +129,18 @@ def bench_hf(hf, batch, prompt_len, new_tokens, static_compile, device, repeats)
     mask = torch.ones_like(ids)
     kw = dict(do_sample=False, pad_token_id=V - 1, eos_token_id=None)
     if static_compile:
-        kw["cache_implementation"] = "static"
-        hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+        # transformers compiles the decoding forward itself when the cache is static (CompileConfig)
+        from transformers import CompileConfig
+        kw.update(cache_implementation="static", compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead"))
 
     def run(n):
         return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **kw)
     with torch.inference_mode():
         for _ in range(2):  # warm-up: compilation and graph capture for prefill and decode
+            run(1)
             run(new_tokens)
         ttft = min(_timed(lambda: run(1), device)[1] for _ in range(repeats))
         total = min(_timed(lambda: run(new_tokens), device)[1] for _ in range(repeats))
-    if static_compile:
-        del hf.forward  # back to the class's method for the next row
     steps = new_tokens - 1
     return {"tokens_per_s": steps * batch / max(total - ttft, 1e-9), "ttft_ms": 1e3 * ttft,
             "step_ms": 1e3 * (total - ttft) / steps}
@@ -179,8 +179,20 @@ def run(args) -> dict:
             model = build_model(size, dtype, device, vocab=args.vocab)
             wbytes = weight_bytes(model)
             hf = to_hf_gpt2(model) if args.hf else None
+            # one backend per variant, shared by every batch and prefix: compiled code is reused where shapes match
+            if device.type == "cuda":
+                backends = {"mmgpt-graph": TorchBackend(model)}
+                if args.compile:
+                    backends["mmgpt-graph+compile"] = TorchBackend(model, compile=True)
+            else:
+                backends = {"mmgpt-eager-cpu": TorchBackend(model)}
             for batch in args.batches:
                 def add(impl, res, prefix_len):
+                    if "error" in res:
+                        rows.append({"model": size, "dtype": dname, "batch": batch, "impl": impl,
+                                     "prefix_len": prefix_len, "error": res["error"]})
+                        print(f"{size:>5} {dname} B={batch} {impl:<24} FAILED: {res['error']}", flush=True)
+                        return
                     kv = kv_bytes_used(model, batch, prefix_len + args.prompt, args.new_tokens, dtype)
                     step_s = res["step_ms"] / 1e3
                     row = {"model": size, "dtype": dname, "batch": batch, "impl": impl, "prefix_len": prefix_len,
@@ -201,30 +213,40 @@ def run(args) -> dict:
                           flush=True)
                     return res
 
-                compiles = [False, True] if args.compile and device.type == "cuda" else [False]
-                for compile in compiles:
-                    name = "mmgpt-graph" + ("+compile" if compile else "")
-                    if device.type != "cuda":
-                        name = "mmgpt-eager-cpu"
-                    _reset_peak(device)
-                    text = add(name + "/text", bench_mmgpt(model, batch, args.prompt, args.new_tokens, 0, compile,
-                                                            device, args.repeats), 0)
-                    _reset_peak(device)
-                    image = add(name + "/image", bench_mmgpt(model, batch, args.prompt, args.new_tokens,
-                                                              IMAGE_PREFIX, compile, device, args.repeats),
-                                IMAGE_PREFIX)
-                    rows[-1]["multimodal_over_text"] = round(image["tokens_per_s"] / text["tokens_per_s"], 3)
+                for name, backend in backends.items():
+                    for prefix_len in (0, IMAGE_PREFIX):
+                        _reset_peak(device)
+                        res = _guard(lambda: bench_mmgpt(backend, batch, args.prompt, args.new_tokens, prefix_len,
+                                                         device, args.repeats))
+                        add(f"{name}/{'image' if prefix_len else 'text'}", res, prefix_len)
+                    if "error" not in rows[-1] and "error" not in rows[-2]:
+                        rows[-1]["multimodal_over_text"] = round(rows[-1]["tokens_per_s"] / rows[-2]["tokens_per_s"], 3)
                 if hf is not None:
                     _reset_peak(device)
-                    add("hf-eager", bench_hf(hf, batch, args.prompt, args.new_tokens, False, device, args.repeats), 0)
+                    add("hf-eager", _guard(lambda: bench_hf(hf, batch, args.prompt, args.new_tokens, False, device,
+                                                            args.repeats)), 0)
                     if device.type == "cuda" and args.compile:
                         _reset_peak(device)
-                        add("hf-static+compile", bench_hf(hf, batch, args.prompt, args.new_tokens, True, device,
-                                                          args.repeats), 0)
-                torch._dynamo.reset()  # compiled graphs hold the model: free them before the next size
-            del model, hf
+                        add("hf-static+compile", _guard(lambda: bench_hf(hf, batch, args.prompt, args.new_tokens,
+                                                                         True, device, args.repeats)), 0)
+                if args.partial_out:  # keep what was measured if a later row takes the machine down
+                    write_report(_report(args, device, gpu, bw, rows), Path(args.partial_out))
+            del model, hf, backends
+            torch._dynamo.reset()  # compiled graphs hold the model: free them before the next size
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    return _report(args, device, gpu, bw, rows)
+
+
+def _guard(fn) -> dict:
+    """A failing variant becomes an `error` row instead of ending the whole run."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 -- recorded in the report, never hidden
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+
+
+def _report(args, device, gpu, bw, rows) -> dict:
     return {"date": datetime.date.today().isoformat(), "gpu": gpu, "device": str(device),
             "copy_bandwidth_gb_s": None if bw != bw else round(bw / 1e9, 1), "versions": versions(device),
             "settings": {"prompt_len": args.prompt, "new_tokens": args.new_tokens, "sampling": "greedy",
@@ -244,6 +266,10 @@ def markdown_table(report: dict) -> str:
              f"prompt {report['settings']['prompt_len']} + {report['settings']['new_tokens']} new tokens, greedy", "",
              head]
     for r in report["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['impl']} | failed: {r['error'][:80]} "
+                         "| | | | | |")
+            continue
         lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['impl']} | {r['tokens_per_s']:.0f} | "
                      f"{r['ttft_ms']:.2f} | {r['gb_per_s']:.0f} | {r.get('pct_of_floor', '')} | "
                      f"{r.get('peak_mem_gib', '')} | {r.get('multimodal_over_text', '')} |")
@@ -275,6 +301,7 @@ def main(argv=None):
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run that checks the report's form")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--partial-out", default=None, help="rewrite the report here after every model / dtype")
     args = ap.parse_args(argv)
     if args.smoke:
         args.models, args.dtypes, args.batches = ["smoke"], ["fp32"], [1, 2]
