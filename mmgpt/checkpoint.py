@@ -20,6 +20,7 @@ class LoadedModel:
     model: MultimodalGPT
     tokenizer: ByteTokenizer
     prefix_len: int | None
+    data_config: dict | None  # the training data config: rebuilds the exact validation split
     path: Path
 
 
@@ -49,7 +50,8 @@ def load_checkpoint(path, map_location="cpu") -> LoadedModel:
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the model config inside it "
                               f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-    return LoadedModel(model=model.eval(), tokenizer=tokenizer, prefix_len=meta.get("prefix_len"), path=path)
+    return LoadedModel(model=model.eval(), tokenizer=tokenizer, prefix_len=meta.get("prefix_len"),
+                       data_config=meta.get("data"), path=path)
 
 
 def weights_hash(model: torch.nn.Module) -> str:

@@ -20,7 +20,8 @@ class MultimodalGPTModule(L.LightningModule):
     """Loss on text tokens only; validation reports loss and exact match of greedy captions."""
 
     def __init__(self, model_config: dict, tokenizer: dict, optimizer=None, warmup_steps: int = 100,
-                 min_lr_ratio: float = 0.1, max_new_tokens: int = 32, prefix_len: int | None = None):
+                 min_lr_ratio: float = 0.1, max_new_tokens: int = 32, prefix_len: int | None = None,
+                 data_config: dict | None = None):
         super().__init__()
         # plain dicts only: the checkpoint loads with torch.load(weights_only=True) and rebuilds the model
         self.save_hyperparameters(ignore=["optimizer"])
@@ -72,7 +73,7 @@ class MultimodalGPTModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         # Everything needed to rebuild the model without this repo's config files.
         checkpoint["mmgpt"] = {"model_config": self.model.config.to_dict(), "tokenizer": self.tokenizer.to_dict(),
-                               "prefix_len": self.hparams.prefix_len, "format": 1}
+                               "prefix_len": self.hparams.prefix_len, "data": self.hparams.data_config, "format": 1}
 
 
 def build_module(cfg: DictConfig, datamodule) -> MultimodalGPTModule:
@@ -81,6 +82,7 @@ def build_module(cfg: DictConfig, datamodule) -> MultimodalGPTModule:
                         prefix_dim=datamodule.prefix_dim)
     return MultimodalGPTModule(model_config=model_config, tokenizer=datamodule.tokenizer.to_dict(),
                                optimizer=hydra.utils.instantiate(cfg.optimizer), prefix_len=datamodule.prefix_len,
+                               data_config=OmegaConf.to_container(cfg.data, resolve=True),
                                **OmegaConf.to_container(cfg.module, resolve=True))
 
 

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from mmgpt.engines.trt import TensorRTUnavailable, import_runtime, is_rtx, runtime_name
-from mmgpt.export.artifacts import Artifacts
+from mmgpt.engines.session import sidecar
+from mmgpt.export.artifacts import Artifacts, write_json_atomic
 
 STRATEGIES = ("two_engines", "shared")
 
@@ -92,9 +93,12 @@ def build_engines(artifacts: Artifacts, cfg: dict) -> dict:
         tmp = out.with_name(f".{out.name}.tmp")
         tmp.write_bytes(plan)
         os.replace(tmp, out)
+        record = {"weights_sha256": meta["weights_sha256"], "runtime": runtime_name(trt), "version": trt.__version__,
+                  "strategy": strategy, "io": network_io,
+                  "profiles": {p: {k: [list(s) for s in v] for k, v in shapes.items()} for p, shapes in profiles.items()}}
+        write_json_atomic(sidecar(out), record)  # the session refuses an engine whose weights differ from model.json
         built[engine_name] = {"file": out.name, "bytes": out.stat().st_size, "source": onnx_path.name,
-                              "io": network_io, "profiles": {p: {k: [list(s) for s in v] for k, v in shapes.items()}
-                                                             for p, shapes in profiles.items()},
+                              "io": network_io, "profiles": record["profiles"],
                               "build_s": round(time.perf_counter() - t0, 2)}
         print(f"  {out.name:<15} {out.stat().st_size / 2**20:8.2f} MiB  profiles {list(profiles)}  "
               f"({built[engine_name]['build_s']:.1f}s, {runtime_name(trt)} {trt.__version__})")

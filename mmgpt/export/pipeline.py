@@ -66,7 +66,7 @@ def export(cfg: DictConfig) -> Path:
         meta = {
             "format": 1, "name": name, "created": datetime.datetime.now().isoformat(timespec="seconds"),
             "checkpoint": str(ckpt.resolve()), "model_config": mc.to_dict(), "tokenizer": loaded.tokenizer.to_dict(),
-            "prefix_len": loaded.prefix_len, "dtype": str(DTYPES[cfg.dtype]).removeprefix("torch."),
+            "prefix_len": loaded.prefix_len, "data": loaded.data_config, "dtype": str(DTYPES[cfg.dtype]).removeprefix("torch."),
             "opset": OPSET, "weights_sha256": weights_hash(model), "limits": limits,
             "kv_cache": {"layout": "per layer (B, H, S, D); the runtime keeps one (L, B, H, S, D) buffer per bucket",
                          "capacity_buckets": [int(s) for s in cfg.capacity_buckets]},
