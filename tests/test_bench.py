@@ -1,0 +1,18 @@
+import json
+
+from mmgpt.bench import main, markdown_table
+
+
+def test_smoke_report_is_well_formed(tmp_path):
+    report = main(["--smoke", "--out", str(tmp_path), "--no-hf"])
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert any(f.endswith(".json") for f in files) and any(f.endswith(".md") for f in files)
+    saved = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert saved["gpu"] == "cpu" and saved["versions"]["torch"] and saved["date"]
+    impls = {r["impl"] for r in saved["rows"]}
+    assert impls == {"mmgpt-eager-cpu/text", "mmgpt-eager-cpu/image"}
+    for r in saved["rows"]:
+        assert r["tokens_per_s"] > 0 and r["ttft_ms"] > 0 and r["weight_bytes"] > 0
+        assert {"model", "dtype", "batch", "gb_per_s", "step_us"} <= set(r)
+    assert all("multimodal_over_text" in r for r in saved["rows"] if r["impl"].endswith("/image"))
+    assert markdown_table(report).count("\n| smoke |") == len(report["rows"])

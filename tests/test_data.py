@@ -1,0 +1,88 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mmgpt.data import DataFileError, DigitsDataModule, FeaturesDataModule, load_features_file
+from mmgpt.data.common import Collate
+from mmgpt.data.digits import caption_for, patchify, split_images
+from mmgpt.tokenizer import ByteTokenizer
+
+
+def test_caption_is_a_function_of_every_digit():
+    assert caption_for([7, 3]) == "seven three sum 10"
+    assert caption_for([3, 7]) != caption_for([7, 3])
+
+
+def test_patchify_round_trip():
+    img = np.arange(64, dtype=np.float32).reshape(1, 8, 8)
+    p = patchify(img, 4)
+    assert p.shape == (1, 4, 16)
+    assert np.allclose(p[0, 1].reshape(4, 4) * 16, img[0, :4, 4:])  # second patch = top-right block
+
+
+def test_digits_split_is_by_image():
+    train, val = split_images(1797, 0.2, seed=0)
+    assert len(set(train) & set(val)) == 0 and len(train) + len(val) == 1797
+    dm = DigitsDataModule(train_samples=200, val_samples=50)
+    dm.setup()
+    assert set(dm.val_pick.ravel()) <= set(dm.val_image_ids)
+    assert dm.val_set.prefixes.shape == (50, 8, 16)
+
+
+def test_collate_targets_ignore_padding():
+    tok = ByteTokenizer()
+    batch = Collate(tok)([(torch.zeros(2, 3), "ab"), (torch.zeros(2, 3), "abcd")])
+    assert batch["input_ids"][0].tolist() == [tok.bos_id, 97, 98, tok.eos_id, tok.pad_id, tok.pad_id]
+    assert batch["targets"][0].tolist() == [97, 98, tok.eos_id, -100, -100, -100]
+
+
+def test_tokenizer_round_trip():
+    tok = ByteTokenizer()
+    ids = tok.encode("héllo 9", bos=True, eos=True)
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+    assert tok.decode(ids) == "héllo 9"
+    assert ByteTokenizer.from_dict(tok.to_dict()) == tok
+
+
+def test_features_npz_and_jsonl(tmp_path):
+    feats = np.random.rand(10, 3, 4).astype(np.float32)
+    texts = [f"t{i}" for i in range(10)]
+    np.savez(tmp_path / "d.npz", features=feats, texts=np.array(texts))
+    with open(tmp_path / "d.jsonl", "w") as f:
+        for x, t in zip(feats, texts):
+            f.write(json.dumps({"features": x.tolist(), "text": t}) + "\n")
+    for name in ("d.npz", "d.jsonl"):
+        x, t = load_features_file(tmp_path / name)
+        assert np.allclose(x, feats) and t == texts
+    dm = FeaturesDataModule(str(tmp_path / "d.npz"), val_fraction=0.2)
+    dm.setup()
+    assert (dm.prefix_len, dm.prefix_dim) == (3, 4)
+    assert len(dm.train_set) == 8 and len(dm.val_set) == 2
+
+
+@pytest.mark.parametrize("content,match", [
+    ('{"features": [[1, 2]], "text": "a"}\n{"features": [[1, 2, 3]], "text": "b"}\n', r"d\.jsonl:2: features shape"),
+    ('{"features": [[1, 2]]}\n', r"d\.jsonl:1: each line needs keys"),
+    ("not json\n", r"d\.jsonl:1: not valid JSON"),
+    ('{"features": [1, 2], "text": "a"}\n', r"must be P x F"),
+])
+def test_malformed_jsonl_names_file_and_line(tmp_path, content, match):
+    (tmp_path / "d.jsonl").write_text(content)
+    with pytest.raises(DataFileError, match=match):
+        load_features_file(tmp_path / "d.jsonl")
+
+
+def test_malformed_npz_and_missing_file(tmp_path):
+    np.savez(tmp_path / "d.npz", feats=np.zeros((2, 3, 4)))
+    with pytest.raises(DataFileError, match=r"d\.npz: missing array\(s\) \['features', 'texts'\]"):
+        load_features_file(tmp_path / "d.npz")
+    (tmp_path / "bad.npz").write_bytes(b"garbage")
+    with pytest.raises(DataFileError, match=r"bad\.npz: not a readable \.npz"):
+        load_features_file(tmp_path / "bad.npz")
+    with pytest.raises(DataFileError, match=r"nope\.npz: no such data file"):
+        load_features_file(tmp_path / "nope.npz")
+    np.savez(tmp_path / "n.npz", features=np.full((2, 3, 4), np.nan), texts=np.array(["a", "b"]))
+    with pytest.raises(DataFileError, match="NaN"):
+        load_features_file(tmp_path / "n.npz")

@@ -1,0 +1,94 @@
+"""Export: the graph contract, symbolic dims, shared weights, parity, and never a half-written directory."""
+import json
+
+import onnx
+import pytest
+import torch
+
+from conftest import compose_config
+from mmgpt.checkpoint import CheckpointError
+from mmgpt.export.artifacts import Artifacts
+from mmgpt.export.onnx_export import OPSET, io_dims
+from mmgpt.export.pipeline import export
+
+
+def test_artifacts_follow_the_contract(exported):
+    a = Artifacts(exported)
+    meta = a.meta
+    L, H, D = meta["model_config"]["n_layer"], meta["model_config"]["n_head"], 32
+    prefill = onnx.load(a.graph_path("prefill"), load_external_data=False)
+    decode = onnx.load(a.graph_path("decode"), load_external_data=False)
+    assert prefill.opset_import[0].version == OPSET
+    assert [i.name for i in prefill.graph.input] == ["prefix", "input_ids", "input_lengths"]
+    assert [o.name for o in prefill.graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
+    assert [i.name for i in decode.graph.input][:4] == ["input_ids", "position_ids", "past_key_values.0.key",
+                                                        "past_key_values.0.value"]
+    dims = io_dims(prefill)
+    assert dims["prefix"] == ["batch", "prefix_len", 16]
+    assert dims["input_ids"] == ["batch", "text_len"]
+    assert dims["present.0.key"][:2] == ["batch", H] and isinstance(dims["present.0.key"][2], str)
+    dims = io_dims(decode)
+    assert dims[f"past_key_values.{L - 1}.value"] == ["batch", H, "cache_len", D]
+    assert dims["present.0.key"] == ["batch", H, 1, D]
+    assert meta["graphs"]["decode"]["inputs"]["position_ids"]["dtype"] == "int64"
+    assert len(meta["weights_sha256"]) == 64 and meta["tokenizer"]["type"] == "byte"
+
+
+def test_weights_are_stored_once(exported):
+    meta = Artifacts(exported).meta
+    sizes = meta["sizes"]
+    assert (exported / "weights.bin").stat().st_size >= sizes["weights_bytes"]
+    assert sizes["bytes_if_not_shared"] >= 2.9 * sizes["weights_bytes"]  # three graphs, one copy
+    for g in ("prefill", "decode"):
+        assert sizes[f"{g}.onnx"] < 200_000  # graph structure only: the weights live in weights.bin
+
+
+def test_parity_written_and_held(exported):
+    parity = json.loads((exported / "parity.json").read_text())
+    assert parity["passed"] and parity["bound_held"]
+    assert parity["worst"] <= 1e-4
+    shapes = {(c["graph"], c["shape"]["batch"]) for c in parity["cases"]}
+    assert {("prefill", 1), ("prefill", 3), ("decode", 1), ("decode", 3)} <= shapes
+    assert parity["chained"]["tokens_match"] and parity["chained"]["decode_steps"] == 32
+    assert len(set(parity["chained"]["prompt_lengths"])) == 3  # ragged
+
+
+def test_fp16_export_parity(trained, tmp_path):
+    path = export(compose_config("export", [f"ckpt={trained['last_ckpt']}", f"output_root={tmp_path}", "name=h",
+                                            "dtype=fp16", "engine=none"]))
+    parity = json.loads((path / "parity.json").read_text())
+    assert parity["dtype"] == "float16" and parity["bound_held"], parity["worst"]
+    model = onnx.load(path / "decode.onnx", load_external_data=False)
+    assert model.graph.input[2].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
+def test_missing_and_foreign_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        export(compose_config("export", [f"ckpt={tmp_path}/nope.ckpt", f"output_root={tmp_path}", "engine=none"]))
+    torch.save({"state_dict": {"layer.weight": torch.zeros(2)}}, tmp_path / "foreign.ckpt")
+    with pytest.raises(CheckpointError, match="not an mmgpt checkpoint"):
+        export(compose_config("export", [f"ckpt={tmp_path}/foreign.ckpt", f"output_root={tmp_path}", "engine=none"]))
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_interrupted_export_leaves_nothing(trained, tmp_path, monkeypatch):
+    import mmgpt.export.pipeline as pipeline
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt("simulated interruption after the graphs were written")
+    monkeypatch.setattr(pipeline, "run_parity", fail)
+    with pytest.raises(KeyboardInterrupt):
+        export(compose_config("export", [f"ckpt={trained['last_ckpt']}", f"output_root={tmp_path}", "name=x",
+                                         "engine=none"]))
+    assert list(tmp_path.iterdir()) == []  # neither artifacts/x nor its staging directory
+
+
+def test_failed_reexport_keeps_the_previous_artifacts(exported, trained, monkeypatch):
+    import mmgpt.export.pipeline as pipeline
+    before = (exported / "model.json").read_text()
+    monkeypatch.setattr(pipeline, "run_parity", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        export(compose_config("export", [f"ckpt={trained['last_ckpt']}", f"output_root={exported.parent}",
+                                         f"name={exported.name}", "engine=none"]))
+    assert (exported / "model.json").read_text() == before
+    assert sorted(p.name for p in exported.parent.iterdir()) == [exported.name]

@@ -1,0 +1,110 @@
+"""Training: every experiment composes and runs, resume continues the step count, DDP on 2 CPU processes."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, compose_config, small_train_overrides
+from mmgpt.checkpoint import CheckpointError, load_checkpoint
+from mmgpt.training import train
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def features_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("feat") / "features.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, features=rng.random((40, 6, 12)).astype(np.float32),
+             texts=np.array([f"item {i % 7}" for i in range(40)]))
+    return path
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_runs_fast_dev_run(experiment, tmp_path, features_file):
+    overrides = [f"+experiment={experiment}", *small_train_overrides(tmp_path), "trainer.fast_dev_run=true",
+                 "data.val_samples=8", "module.max_new_tokens=4"]
+    if experiment == "features":
+        overrides = [o for o in overrides if not o.startswith("data.val_samples")] + [f"data.path={features_file}"]
+    cfg = compose_config("train", overrides)
+    result = train(cfg)
+    assert result["global_step"] == 1
+    assert np.isfinite(result["metrics"]["train/loss"])
+    assert 0.0 <= result["metrics"]["val/exact_match"] <= 1.0
+
+
+def test_trained_model_learns_and_checkpoint_rebuilds_model(trained):
+    assert trained["global_step"] == 300
+    assert trained["metrics"]["val/exact_match"] >= 0.2  # 300 steps: far above chance (0.01 for 2 digits)
+    loaded = load_checkpoint(trained["last_ckpt"])
+    assert loaded.prefix_len == 8 and loaded.tokenizer.eos_id == 257
+    assert loaded.data_config["digits_per_sample"] == 2
+
+
+def _logged_steps(out: Path) -> list[int]:
+    rows = list(csv.DictReader(open(next(out.glob("csv/*/metrics.csv")))))
+    return sorted({int(r["step"]) for r in rows if r.get("train/loss")})
+
+
+def test_resume_continues_global_step(tmp_path):
+    first = train(compose_config("train", ["+experiment=digits", *small_train_overrides(tmp_path / "a", steps=6),
+                                           "trainer.log_every_n_steps=1", "data.val_samples=8"]))
+    assert first["global_step"] == 6
+    assert torch.load(first["last_ckpt"], weights_only=True)["global_step"] == 6
+    second = train(compose_config("train", [
+        "+experiment=digits", *small_train_overrides(tmp_path / "b", steps=12), "trainer.log_every_n_steps=1",
+        "trainer.val_check_interval=6", "data.val_samples=8", f"ckpt_path={first['last_ckpt']}"]))
+    assert second["global_step"] == 12
+    assert min(_logged_steps(tmp_path / "b")) >= 6  # the second run started where the first stopped
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    """Lightning's own DDP through the user's entry point: 2 CPU processes, gradients all-reduced."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "train.py", "+experiment=digits", "trainer=ddp", "trainer.accelerator=cpu",
+           "trainer.devices=2", "trainer.max_steps=4", "trainer.val_check_interval=4", "logger=csv",
+           "trainer.enable_progress_bar=false", "data.batch_size=8", "data.val_samples=16",
+           f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "global_step = 4" in proc.stdout
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stdout + proc.stderr
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_unknown_experiment_lists_available():
+    proc = subprocess.run([sys.executable, "train.py", "+experiment=nonexistent"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "Could not find 'experiment/nonexistent'" in proc.stderr
+    assert "Available options in 'experiment'" in proc.stderr
+    for name in EXPERIMENTS:
+        assert name in proc.stderr
+
+
+def test_wandb_offline_by_default(tmp_path):
+    os.environ.pop("WANDB_MODE", None)
+    try:
+        cfg = compose_config("train", ["+experiment=digits", *small_train_overrides(tmp_path), "logger=wandb",
+                                       "data.val_samples=8"])
+        result = train(cfg)
+    finally:
+        os.environ["WANDB_MODE"] = "offline"
+    assert result["wandb_dir"] is not None and "offline-run" in result["wandb_dir"]
+    assert Path(result["wandb_dir"]).is_dir()
+
+
+def test_bad_checkpoints_get_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+    (tmp_path / "corrupt.ckpt").write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="cannot be read as a PyTorch checkpoint"):
+        load_checkpoint(tmp_path / "corrupt.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="not an mmgpt checkpoint"):
+        load_checkpoint(tmp_path / "other.ckpt")
