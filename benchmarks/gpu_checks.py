@@ -3,7 +3,7 @@
     python benchmarks/gpu_checks.py [--out benchmarks/results]
 
 1. CUDA-graph replay gives exactly the tokens of un-captured execution, at batch 1 and 8 (greedy and seeded
-   sampling), with and without torch.compile.
+   sampling), for the torch backend eager, with torch.compile, and with the fused Triton kernels.
 2. A 256-token generation captures exactly one graph per bucket it used, and a second call captures none.
 3. Seeded sampling is reproducible across calls under graph replay.
 """
@@ -30,8 +30,9 @@ def main():
     model = build_model("124m", torch.float16, dev)
     tok = ByteTokenizer(bos_id=50256, eos_id=50256, pad_id=50256)
     checks = []
-    for compile in (False, True):
-        backend = TorchBackend(model, compile=compile)
+    from mmgpt.runtime.triton_backend import TritonBackend
+    for variant in ("torch", "torch-compile", "torch-triton"):
+        backend = TritonBackend(model) if variant == "torch-triton" else TorchBackend(model, compile=variant != "torch")
         eager = Generator(backend, tok, max_positions=1024, cuda_graph=False, eos_check_interval=1000)
         graphed = Generator(backend, tok, max_positions=1024, cuda_graph=True, eos_check_interval=1000)
         for batch in (1, 8):
@@ -44,7 +45,7 @@ def main():
                 b = graphed.generate(prefix, prompts, max_new_tokens=256, sampling=sampling)
                 captured = graphed.graph_captures - before
                 c = graphed.generate(prefix, prompts, max_new_tokens=256, sampling=sampling)
-                check = {"compile": compile, "batch": batch, "sampling": "greedy" if sampling.greedy else "seeded",
+                check = {"backend": variant, "batch": batch, "sampling": "greedy" if sampling.greedy else "seeded",
                          "capacity": b.capacity, "steps": b.decode_steps,
                          "graph_tokens_equal_eager": bool(torch.equal(a.tokens, b.tokens)),
                          "graphs_captured_first_call": captured, "graphs_captured_second_call":

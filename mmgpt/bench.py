@@ -184,6 +184,9 @@ def run(args) -> dict:
                 backends = {"mmgpt-graph": TorchBackend(model)}
                 if args.compile:
                     backends["mmgpt-graph+compile"] = TorchBackend(model, compile=True)
+                if args.triton:
+                    from mmgpt.runtime.triton_backend import TritonBackend
+                    backends["mmgpt-graph+triton"] = TritonBackend(model)
             else:
                 backends = {"mmgpt-eager-cpu": TorchBackend(model)}
             for batch in args.batches:
@@ -299,6 +302,7 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, default=50257)
     ap.add_argument("--no-hf", dest="hf", action="store_false")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--no-triton", dest="triton", action="store_false", help="skip the fused Triton kernels")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run that checks the report's form")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--partial-out", default=None, help="rewrite the report here after every model / dtype")

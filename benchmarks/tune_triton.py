@@ -1,0 +1,49 @@
+"""Tile-size sweep for the fused Triton decode kernels, timed as the generator runs them (one CUDA graph per step).
+
+python benchmarks/tune_triton.py [--models 124m 1p5b] [--batches 1 8]
+"""
+import argparse
+import itertools
+import json
+
+import torch
+
+from mmgpt.bench import bench_mmgpt, build_model
+from mmgpt.runtime.triton_backend import GemvConfig, TritonBackend
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["124m", "1p5b"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    results = []
+    grid = [GemvConfig(n, k, w) for n, k, w in itertools.product((16, 32, 64), (64, 128, 256), (2, 4, 8))
+            if not (n == 64 and w == 2)]
+    for size in args.models:
+        model = build_model(size, torch.float16, dev)
+        for batch in args.batches:
+            best = None
+            for cfg in grid:
+                for block_s in (64,) if cfg != grid[0] else (32, 64, 128):
+                    be = TritonBackend(model, gemv=cfg, block_s=block_s)
+                    r = bench_mmgpt(be, batch, 32, args.new_tokens, 0, dev, repeats=2)
+                    row = {"model": size, "batch": batch, "block_n": cfg.block_n, "block_k": cfg.block_k,
+                           "num_warps": cfg.num_warps, "block_s": block_s, "tokens_per_s": round(r["tokens_per_s"], 1),
+                           "step_us": round(r["step_ms"] * 1e3, 1)}
+                    results.append(row)
+                    if best is None or row["tokens_per_s"] > best["tokens_per_s"]:
+                        best = row
+            print("best", json.dumps(best), flush=True)
+        del model
+        torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
