@@ -21,8 +21,8 @@ def main():
     args = ap.parse_args()
     dev = torch.device("cuda")
     results = []
-    grid = [GemvConfig(n, k, w) for n, k, w in itertools.product((16, 32, 64), (64, 128, 256), (2, 4, 8))
-            if not (n == 64 and w == 2)]
+    grid = [GemvConfig(n, k, 4) for n, k in itertools.product((16, 32, 64), (64, 128, 256))]
+    grid += [GemvConfig(32, 128, 2), GemvConfig(32, 128, 8)]
     for size in args.models:
         model = build_model(size, torch.float16, dev)
         for batch in args.batches:
