@@ -3,7 +3,6 @@
 python benchmarks/tune_triton.py [--models 124m 1p5b] [--batches 1 8]
 """
 import argparse
-import itertools
 import json
 
 import torch
@@ -18,23 +17,26 @@ def main():
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--grid", nargs="+", type=lambda s: tuple(int(v) for v in s.split(",")),
+                    default=[(16, 128, 4), (32, 128, 4), (64, 128, 4), (32, 64, 4), (32, 256, 4), (32, 128, 8)],
+                    help="BLOCK_N,BLOCK_K,num_warps triples")
     args = ap.parse_args()
     dev = torch.device("cuda")
     results = []
-    grid = [GemvConfig(n, k, 4) for n, k in itertools.product((16, 32, 64), (64, 128, 256))]
-    grid += [GemvConfig(32, 128, 2), GemvConfig(32, 128, 8)]
+    grid = [GemvConfig(n, k, w) for n, k, w in args.grid]
     for size in args.models:
         model = build_model(size, torch.float16, dev)
         for batch in args.batches:
             best = None
             for cfg in grid:
-                for block_s in (64,) if cfg != grid[0] else (32, 64, 128):
+                for block_s in (64,):
                     be = TritonBackend(model, gemv=cfg, block_s=block_s)
                     r = bench_mmgpt(be, batch, 32, args.new_tokens, 0, dev, repeats=2)
                     row = {"model": size, "batch": batch, "block_n": cfg.block_n, "block_k": cfg.block_k,
                            "num_warps": cfg.num_warps, "block_s": block_s, "tokens_per_s": round(r["tokens_per_s"], 1),
                            "step_us": round(r["step_ms"] * 1e3, 1)}
                     results.append(row)
+                    print(json.dumps(row), flush=True)
                     if best is None or row["tokens_per_s"] > best["tokens_per_s"]:
                         best = row
             print("best", json.dumps(best), flush=True)
