@@ -16,17 +16,21 @@ def main():
     ap.add_argument("--model", default="124m")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--capacity", type=int, default=512)
-    ap.add_argument("--backend", default="torch", choices=["torch", "torch-compile"])
+    ap.add_argument("--backend", default="torch", choices=["torch", "torch-compile", "torch-triton"])
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
     dev = torch.device("cuda")
     model = build_model(args.model, torch.float16, dev)
-    be = TorchBackend(model, compile=args.backend == "torch-compile")
+    if args.backend == "torch-triton":
+        from mmgpt.runtime.triton_backend import TritonBackend
+        be = TritonBackend(model)
+    else:
+        be = TorchBackend(model, compile=args.backend == "torch-compile")
     c = model.config
     k = torch.zeros(c.n_layer, args.batch, c.n_head, args.capacity, c.head_dim, dtype=torch.float16, device=dev)
     v = torch.zeros_like(k)
     ids = torch.zeros(args.batch, 1, dtype=torch.long, device=dev)
-    pos = torch.full((args.batch, 1), 100, dtype=torch.long, device=dev)
+    pos = torch.full((args.batch, 1), 160, dtype=torch.long, device=dev)  # mid-generation: 32 + 256 / 2
     with torch.inference_mode():
         for _ in range(3):
             be.decode(ids, pos, k, v)

@@ -41,11 +41,16 @@ def embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, C: tl.constexpr, BLO
 @triton.jit
 def ln_gemv_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, B, N,
                    K: tl.constexpr, HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
-                   RESIDUAL: tl.constexpr, EPS: tl.constexpr,
+                   RESIDUAL: tl.constexpr, EPS: tl.constexpr, SPLIT_K: tl.constexpr,
                    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[b, n] (op)= act(sum_k LN(x[b])[k] * W[n, k] + bias[n]) for all rows b of the batch at once, so each weight
-    tile is read once whatever the batch. x (B, K) any float; W (N, K) row-major (nn.Linear layout)."""
+    tile is read once whatever the batch. x (B, K) any float; W (N, K) row-major (nn.Linear layout).
+
+    SPLIT_K > 1 (residual only): program (n, s) sums its K / SPLIT_K slice and adds it atomically into the fp32
+    residual stream, which already holds the residual -- parallelism for small N without a reduction kernel."""
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    K_PER: tl.constexpr = K // SPLIT_K
     offs_b = tl.arange(0, BLOCK_B)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_b = offs_b < B
@@ -62,7 +67,7 @@ def ln_gemv_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, B, N,
         mean = s1 / K
         rstd = 1.0 / tl.sqrt(s2 / K - mean * mean + EPS)
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):  # a loop, not unrolled: K reaches 6400 (GPT-2 1.5B c_proj)
+    for k0 in range(pid_k * K_PER, pid_k * K_PER + K_PER, BLOCK_K):  # a loop, not unrolled: K reaches 6400
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         xk = tl.load(x_ptr + offs_b[:, None] * K + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :],
@@ -75,14 +80,18 @@ def ln_gemv_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, B, N,
                     other=0.0)
         acc += tl.dot(xk.to(w.dtype), tl.trans(w))  # (B, K) x (K, N) on the tensor cores, fp32 accumulate
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if GELU:
         acc = _gelu_tanh(acc)
     ptrs = out_ptr + offs_b[:, None] * N + offs_n[None, :]
     mask = mask_b[:, None] & mask_n[None, :]
-    if RESIDUAL:
-        acc += tl.load(ptrs, mask=mask, other=0.0)
-    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if SPLIT_K > 1:
+        tl.atomic_add(ptrs, acc, mask=mask)
+    else:
+        if RESIDUAL:
+            acc += tl.load(ptrs, mask=mask, other=0.0)
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -22,8 +22,9 @@ MAX_BATCH = 64
 class GemvConfig:
     """Tile sizes of ln_gemv: BLOCK_N output features per program (the grid is N / BLOCK_N), BLOCK_K per loop."""
     block_n: int = 32
-    block_k: int = 128
+    block_k: int = 256
     num_warps: int = 4
+    min_programs: int = 0  # residual GEMVs split K until the grid has this many programs (0: 2 per SM)
 
 
 @dataclass
@@ -62,6 +63,8 @@ class TritonBackend(TorchBackend):
                        for b in t.h]
         self.eps = t.ln_f.eps
         self._buffers: dict[int, tuple] = {}
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 1
+        self.min_programs = gemv.min_programs or 2 * sms
 
     def _buffers_for(self, B: int):
         if B not in self._buffers:
@@ -77,11 +80,16 @@ class TritonBackend(TorchBackend):
         B, K = x.shape
         N = w.shape[0]
         block_b = max(16, triton.next_power_of_2(B))  # tl.dot needs 16 rows; padding rows are masked
+        block_k = min(cfg.block_k, triton.next_power_of_2(K))
+        n_blocks, split = triton.cdiv(N, cfg.block_n), 1
+        if residual:  # small N (c_proj: N = C) leaves SMs idle: split K, add the parts atomically into fp32 x
+            while n_blocks * split < self.min_programs and K % (2 * split * block_k) == 0:
+                split *= 2
         ln_w, ln_b = ln if ln is not None else (w, w)  # unused pointers when HAS_LN is off
-        ln_gemv_kernel[(triton.cdiv(N, cfg.block_n),)](
+        ln_gemv_kernel[(n_blocks, split)](
             x, ln_w, ln_b, w, bias if bias is not None else w, out, B, N, K=K, HAS_LN=ln is not None,
-            HAS_BIAS=bias is not None, GELU=gelu, RESIDUAL=residual, EPS=self.eps, BLOCK_B=block_b,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
+            HAS_BIAS=bias is not None, GELU=gelu, RESIDUAL=residual, EPS=self.eps, SPLIT_K=split, BLOCK_B=block_b,
+            BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps)
 
     def decode(self, input_ids, position_ids, k_cache, v_cache):
         B = input_ids.shape[0]
