@@ -19,11 +19,11 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--grid", nargs="+", type=lambda s: tuple(int(v) for v in s.split(",")),
                     default=[(16, 128, 4), (32, 128, 4), (64, 128, 4), (32, 64, 4), (32, 256, 4), (32, 128, 8)],
-                    help="BLOCK_N,BLOCK_K,num_warps triples")
+                    help="BLOCK_N,BLOCK_K,num_warps[,min_programs,row_block_n] (GemvConfig fields)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     results = []
-    grid = [GemvConfig(n, k, w) for n, k, w in args.grid]
+    grid = [GemvConfig(*cfg) for cfg in args.grid]
     for size in args.models:
         model = build_model(size, torch.float16, dev)
         for batch in args.batches:
@@ -33,7 +33,7 @@ def main():
                     be = TritonBackend(model, gemv=cfg, block_s=block_s)
                     r = bench_mmgpt(be, batch, 32, args.new_tokens, 0, dev, repeats=2)
                     row = {"model": size, "batch": batch, "block_n": cfg.block_n, "block_k": cfg.block_k,
-                           "num_warps": cfg.num_warps, "block_s": block_s, "tokens_per_s": round(r["tokens_per_s"], 1),
+                           "num_warps": cfg.num_warps, "row_block_n": cfg.row_block_n, "block_s": block_s, "tokens_per_s": round(r["tokens_per_s"], 1),
                            "step_us": round(r["step_ms"] * 1e3, 1)}
                     results.append(row)
                     print(json.dumps(row), flush=True)

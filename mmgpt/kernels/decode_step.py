@@ -131,3 +131,51 @@ def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, y_ptr, S, scale
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         m = m_new
     tl.store(y_ptr + b * C + h * D + offs_d, (acc / l_sum).to(y_ptr.dtype.element_ty))
+
+
+@triton.jit
+def ln_gemv_row_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, N,
+                       K: tl.constexpr, HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+                       RESIDUAL: tl.constexpr, EPS: tl.constexpr, SPLIT_K: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """ln_gemv_kernel for one row (batch 1): plain FMAs into a (BLOCK_N, BLOCK_K) accumulator, reduced once at
+    the end. No tensor-core padding to 16 rows, so BLOCK_N can be small and the grid large."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    K_PER: tl.constexpr = K // SPLIT_K
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    if HAS_LN:
+        s1 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        s2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            s1 += xk
+            s2 += xk * xk
+        mean = tl.sum(s1, axis=0) / K
+        rstd = 1.0 / tl.sqrt(tl.sum(s2, axis=0) / K - mean * mean + EPS)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(pid_k * K_PER, pid_k * K_PER + K_PER, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        xk = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        if HAS_LN:
+            g = tl.load(ln_w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            be = tl.load(ln_b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            xk = (xk - mean) * rstd * g + be
+        w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
+                    other=0.0).to(tl.float32)
+        acc += w * xk[None, :]
+    out = tl.sum(acc, axis=1)  # (BLOCK_N,)
+    if HAS_BIAS:
+        if pid_k == 0:
+            out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if GELU:
+        out = _gelu_tanh(out)
+    if SPLIT_K > 1:
+        tl.atomic_add(out_ptr + offs_n, out, mask=mask_n)
+    else:
+        if RESIDUAL:
+            out += tl.load(out_ptr + offs_n, mask=mask_n, other=0.0)
+        tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from mmgpt.kernels.decode_step import attention_kernel, embed_kernel, ln_gemv_kernel
+from mmgpt.kernels.decode_step import attention_kernel, embed_kernel, ln_gemv_kernel, ln_gemv_row_kernel
 from mmgpt.model import MultimodalGPT
 from mmgpt.runtime.backends import TorchBackend
 
@@ -25,6 +25,7 @@ class GemvConfig:
     block_k: int = 256
     num_warps: int = 4
     min_programs: int = 0  # residual GEMVs split K until the grid has this many programs (0: 2 per SM)
+    row_block_n: int = 0  # batch 1: the FMA kernel with this BLOCK_N (0: the tensor-core kernel, as for B > 1)
 
 
 @dataclass
@@ -81,11 +82,19 @@ class TritonBackend(TorchBackend):
         N = w.shape[0]
         block_b = max(16, triton.next_power_of_2(B))  # tl.dot needs 16 rows; padding rows are masked
         block_k = min(cfg.block_k, triton.next_power_of_2(K))
-        n_blocks, split = triton.cdiv(N, cfg.block_n), 1
+        row = B == 1 and cfg.row_block_n > 0
+        block_n = cfg.row_block_n if row else cfg.block_n
+        n_blocks, split = triton.cdiv(N, block_n), 1
         if residual:  # small N (c_proj: N = C) leaves SMs idle: split K, add the parts atomically into fp32 x
             while n_blocks * split < self.min_programs and K % (2 * split * block_k) == 0:
                 split *= 2
         ln_w, ln_b = ln if ln is not None else (w, w)  # unused pointers when HAS_LN is off
+        if row:
+            ln_gemv_row_kernel[(n_blocks, split)](
+                x, ln_w, ln_b, w, bias if bias is not None else w, out, N, K=K, HAS_LN=ln is not None,
+                HAS_BIAS=bias is not None, GELU=gelu, RESIDUAL=residual, EPS=self.eps, SPLIT_K=split,
+                BLOCK_N=block_n, BLOCK_K=block_k, num_warps=cfg.num_warps)
+            return
         ln_gemv_kernel[(n_blocks, split)](
             x, ln_w, ln_b, w, bias if bias is not None else w, out, B, N, K=K, HAS_LN=ln is not None,
             HAS_BIAS=bias is not None, GELU=gelu, RESIDUAL=residual, EPS=self.eps, SPLIT_K=split, BLOCK_B=block_b,
