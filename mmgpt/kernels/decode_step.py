@@ -50,7 +50,7 @@ def ln_gemv_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, B, N,
     residual stream, which already holds the residual -- parallelism for small N without a reduction kernel."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    K_PER: tl.constexpr = K // SPLIT_K
+    K_PER: tl.constexpr = ((K + SPLIT_K * BLOCK_K - 1) // (SPLIT_K * BLOCK_K)) * BLOCK_K  # whole tiles per split
     offs_b = tl.arange(0, BLOCK_B)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_b = offs_b < B
@@ -67,7 +67,7 @@ def ln_gemv_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, B, N,
         mean = s1 / K
         rstd = 1.0 / tl.sqrt(s2 / K - mean * mean + EPS)
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    for k0 in range(pid_k * K_PER, pid_k * K_PER + K_PER, BLOCK_K):  # a loop, not unrolled: K reaches 6400
+    for k0 in range(pid_k * K_PER, tl.minimum(pid_k * K_PER + K_PER, K), BLOCK_K):  # a loop: K reaches 6400
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         xk = tl.load(x_ptr + offs_b[:, None] * K + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :],
@@ -142,7 +142,7 @@ def ln_gemv_row_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, N,
     the end. No tensor-core padding to 16 rows, so BLOCK_N can be small and the grid large."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    K_PER: tl.constexpr = K // SPLIT_K
+    K_PER: tl.constexpr = ((K + SPLIT_K * BLOCK_K - 1) // (SPLIT_K * BLOCK_K)) * BLOCK_K
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     if HAS_LN:
@@ -156,7 +156,7 @@ def ln_gemv_row_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, N,
         mean = tl.sum(s1, axis=0) / K
         rstd = 1.0 / tl.sqrt(tl.sum(s2, axis=0) / K - mean * mean + EPS)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(pid_k * K_PER, pid_k * K_PER + K_PER, BLOCK_K):
+    for k0 in range(pid_k * K_PER, tl.minimum(pid_k * K_PER + K_PER, K), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         xk = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)

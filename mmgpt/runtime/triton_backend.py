@@ -24,7 +24,7 @@ class GemvConfig:
     block_n: int = 32
     block_k: int = 256
     num_warps: int = 4
-    min_programs: int = 0  # residual GEMVs split K until the grid has this many programs (0: 2 per SM)
+    min_programs: int = 0  # residual GEMVs split K until the grid has this many programs (0: 4 per SM)
     row_block_n: int = 0  # batch 1: the FMA kernel with this BLOCK_N (0: the tensor-core kernel, as for B > 1)
 
 
@@ -65,7 +65,7 @@ class TritonBackend(TorchBackend):
         self.eps = t.ln_f.eps
         self._buffers: dict[int, tuple] = {}
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 1
-        self.min_programs = gemv.min_programs or 2 * sms
+        self.min_programs = gemv.min_programs or 4 * sms
 
     def _buffers_for(self, B: int):
         if B not in self._buffers:
@@ -86,7 +86,7 @@ class TritonBackend(TorchBackend):
         block_n = cfg.row_block_n if row else cfg.block_n
         n_blocks, split = triton.cdiv(N, block_n), 1
         if residual:  # small N (c_proj: N = C) leaves SMs idle: split K, add the parts atomically into fp32 x
-            while n_blocks * split < self.min_programs and K % (2 * split * block_k) == 0:
+            while n_blocks * split < self.min_programs and 2 * split * block_k <= K:
                 split *= 2
         ln_w, ln_b = ln if ln is not None else (w, w)  # unused pointers when HAS_LN is off
         if row:
