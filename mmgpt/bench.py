@@ -136,9 +136,8 @@ def bench_hf(hf, batch, prompt_len, new_tokens, static_compile, device, repeats)
     def run(n):
         return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **kw)
     with torch.inference_mode():
-        for _ in range(2):  # warm-up: compilation and graph capture for prefill and decode
-            run(1)
-            run(new_tokens)
+        run(1)  # warm-up: compilation and graph capture for prefill and decode (the static cache's length
+        run(new_tokens)  # follows max_new_tokens, so the timed shape itself is warmed up)
         ttft = min(_timed(lambda: run(1), device)[1] for _ in range(repeats))
         total = min(_timed(lambda: run(new_tokens), device)[1] for _ in range(repeats))
     steps = new_tokens - 1
@@ -250,7 +249,7 @@ def _guard(fn) -> dict:
 
 
 def _report(args, device, gpu, bw, rows) -> dict:
-    return {"date": datetime.date.today().isoformat(), "gpu": gpu, "device": str(device),
+    return {"date": datetime.date.today().isoformat(), "gpu": gpu, "device": str(device), "tag": args.tag,
             "copy_bandwidth_gb_s": None if bw != bw else round(bw / 1e9, 1), "versions": versions(device),
             "settings": {"prompt_len": args.prompt, "new_tokens": args.new_tokens, "sampling": "greedy",
                          "image_prefix_len": IMAGE_PREFIX, "repeats": args.repeats, "vocab": args.vocab},
@@ -282,7 +281,8 @@ def markdown_table(report: dict) -> str:
 def write_report(report: dict, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     gpu = report["gpu"].replace(" ", "-").replace("/", "-")
-    path = out_dir / f"{report['date']}-{gpu}.json"
+    tag = f"-{report['tag']}" if report.get("tag") else ""
+    path = out_dir / f"{report['date']}-{gpu}{tag}.json"
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, path)
@@ -305,6 +305,7 @@ def main(argv=None):
     ap.add_argument("--no-triton", dest="triton", action="store_false", help="skip the fused Triton kernels")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run that checks the report's form")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--tag", default="", help="suffix of the result file name, e.g. the model sizes of this run")
     ap.add_argument("--partial-out", default=None, help="rewrite the report here after every model / dtype")
     args = ap.parse_args(argv)
     if args.smoke:

@@ -20,12 +20,14 @@ MAX_BATCH = 64
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Tile sizes of ln_gemv: BLOCK_N output features per program (the grid is N / BLOCK_N), BLOCK_K per loop."""
+    """Tile sizes of ln_gemv: BLOCK_N output features per program (the grid is N / BLOCK_N), BLOCK_K per loop.
+    Defaults from benchmarks/tune_triton.py on an H100 (benchmarks/NOTES.md)."""
     block_n: int = 32
     block_k: int = 256
     num_warps: int = 4
     min_programs: int = 0  # residual GEMVs split K until the grid has this many programs (0: 4 per SM)
-    row_block_n: int = 0  # batch 1: the FMA kernel with this BLOCK_N (0: the tensor-core kernel, as for B > 1)
+    row_block_n: int = 16  # batch 1: the FMA kernel with this BLOCK_N (0: the tensor-core kernel, as for B > 1)
+    row_num_warps: int = 8
 
 
 @dataclass
@@ -93,7 +95,7 @@ class TritonBackend(TorchBackend):
             ln_gemv_row_kernel[(n_blocks, split)](
                 x, ln_w, ln_b, w, bias if bias is not None else w, out, N, K=K, HAS_LN=ln is not None,
                 HAS_BIAS=bias is not None, GELU=gelu, RESIDUAL=residual, EPS=self.eps, SPLIT_K=split,
-                BLOCK_N=block_n, BLOCK_K=block_k, num_warps=cfg.num_warps)
+                BLOCK_N=block_n, BLOCK_K=block_k, num_warps=cfg.row_num_warps)
             return
         ln_gemv_kernel[(n_blocks, split)](
             x, ln_w, ln_b, w, bias if bias is not None else w, out, B, N, K=K, HAS_LN=ln is not None,
