@@ -50,7 +50,7 @@ class TritonBackend(TorchBackend):
     name = "torch-triton"
 
     def __init__(self, model: MultimodalGPT, prefix_len: int | None = None, gemv: GemvConfig = GemvConfig(),
-                 head_gemv: GemvConfig = GemvConfig(block_n=64), block_s: int = 64):
+                 head_gemv: GemvConfig = GemvConfig(block_n=64), block_s: int = 64, attn_num_warps: int = 4):
         super().__init__(model, compile=False, prefix_len=prefix_len)
         cfg = model.config
         if cfg.head_dim & (cfg.head_dim - 1):
@@ -58,7 +58,7 @@ class TritonBackend(TorchBackend):
         if not cfg.bias:
             raise ValueError("the fused kernels expect GPT-2's biases (model.bias=true)")
         self.max_batch = MAX_BATCH
-        self.gemv, self.head_gemv, self.block_s = gemv, head_gemv, block_s
+        self.gemv, self.head_gemv, self.block_s, self.attn_num_warps = gemv, head_gemv, block_s, attn_num_warps
         t = model.transformer
         self.layers = [_Layer(b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias,
                               b.attn.c_proj.weight, b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
@@ -115,7 +115,8 @@ class TritonBackend(TorchBackend):
         for i, L in enumerate(self.layers):
             self._gemv(x, L.w_qkv, qkv, g, ln=(L.ln1_w, L.ln1_b), bias=L.b_qkv)
             attention_kernel[(B * c.n_head,)](qkv, k_cache[i], v_cache[i], positions, y, S, c.head_dim ** -0.5,
-                                              H=c.n_head, D=c.head_dim, BLOCK_S=self.block_s)
+                                              H=c.n_head, D=c.head_dim, BLOCK_S=self.block_s,
+                                              num_warps=self.attn_num_warps)
             self._gemv(y, L.w_o, x, g, bias=L.b_o, residual=True)
             self._gemv(x, L.w_fc, h, g, ln=(L.ln2_w, L.ln2_b), bias=L.b_fc, gelu=True)
             self._gemv(h, L.w_proj, x, g, bias=L.b_proj, residual=True)
