@@ -50,7 +50,7 @@ class TritonBackend(TorchBackend):
     name = "torch-triton"
 
     def __init__(self, model: MultimodalGPT, prefix_len: int | None = None, gemv: GemvConfig = GemvConfig(),
-                 head_gemv: GemvConfig = GemvConfig(block_n=64), block_s: int = 64, attn_num_warps: int = 4):
+                 head_gemv: GemvConfig = GemvConfig(block_n=64), block_s: int = 128, attn_num_warps: int = 8):
         super().__init__(model, compile=False, prefix_len=prefix_len)
         cfg = model.config
         if cfg.head_dim & (cfg.head_dim - 1):
