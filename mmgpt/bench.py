@@ -291,6 +291,24 @@ def write_report(report: dict, out_dir: Path) -> Path:
     return path
 
 
+def merge_reports(paths: list[Path]) -> dict:
+    """Several runs on one GPU (one process per model size fits the device's time limit) -> one report.
+    Rows keep their source file; a later file's row replaces an earlier one with the same key."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    gpus = {r["gpu"] for r in reports}
+    if len(gpus) != 1:
+        raise ValueError(f"refusing to merge reports from different GPUs: {sorted(gpus)}")
+    rows: dict[tuple, dict] = {}
+    for path, report in zip(paths, reports):
+        for row in report["rows"]:
+            key = (row["model"], row["dtype"], row["batch"], row["impl"])
+            rows[key] = {**row, "source": Path(path).name}
+    base = reports[-1]
+    return {**base, "tag": "", "merged_from": [Path(p).name for p in paths],
+            "copy_bandwidth_gb_s_per_run": {Path(p).name: r["copy_bandwidth_gb_s"] for p, r in zip(paths, reports)},
+            "rows": list(rows.values())}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["124m", "355m", "1p5b"], choices=list(SHAPES))
@@ -304,10 +322,15 @@ def main(argv=None):
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--no-triton", dest="triton", action="store_false", help="skip the fused Triton kernels")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run that checks the report's form")
+    ap.add_argument("--merge", nargs="+", default=None, help="merge these result files into one report, run nothing")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tag", default="", help="suffix of the result file name, e.g. the model sizes of this run")
     ap.add_argument("--partial-out", default=None, help="rewrite the report here after every model / dtype")
     args = ap.parse_args(argv)
+    if args.merge:
+        report = merge_reports([Path(p) for p in args.merge])
+        print(f"wrote {write_report(report, Path(args.out))}")
+        return report
     if args.smoke:
         args.models, args.dtypes, args.batches = ["smoke"], ["fp32"], [1, 2]
         args.new_tokens, args.prompt, args.repeats, args.vocab = 8, 4, 1, 512

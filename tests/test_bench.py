@@ -16,3 +16,14 @@ def test_smoke_report_is_well_formed(tmp_path):
         assert {"model", "dtype", "batch", "gb_per_s", "step_us"} <= set(r)
     assert all("multimodal_over_text" in r for r in saved["rows"] if r["impl"].endswith("/image"))
     assert markdown_table(report).count("\n| smoke |") == len(report["rows"])
+
+
+def test_merge_keeps_every_row_and_later_files_win(tmp_path):
+    a = main(["--smoke", "--out", str(tmp_path / "a"), "--no-hf", "--tag", "a"])
+    b = main(["--smoke", "--out", str(tmp_path / "b"), "--no-hf", "--tag", "b"])
+    pa, pb = next((tmp_path / "a").glob("*.json")), next((tmp_path / "b").glob("*.json"))
+    merged = main(["--merge", str(pa), str(pb), "--out", str(tmp_path / "m")])
+    assert len(merged["rows"]) == len(a["rows"]) == len(b["rows"])
+    assert {r["source"] for r in merged["rows"]} == {pb.name}
+    assert [r["tokens_per_s"] for r in merged["rows"]] == [r["tokens_per_s"] for r in b["rows"]]
+    assert merged["merged_from"] == [pa.name, pb.name]
