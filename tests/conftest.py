@@ -12,6 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+try:  # without a GPU, Triton's interpreter runs the fused decode kernels on the CPU (set before triton is imported)
+    import torch
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
 
 
 def compose_config(name: str, overrides: list[str]) -> DictConfig:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import glob
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from mmgpt.runtime.backends import TorchBackend
 from mmgpt.runtime.generator import Generator
 from mmgpt.runtime.sampling import SamplingConfig
 
-BACKENDS = ("auto", "tensorrt", "torch", "onnxruntime")
+BACKENDS = ("auto", "tensorrt", "torch", "torch-triton", "onnxruntime")
 
 
 @dataclass
@@ -27,7 +28,8 @@ class Inputs:
 
 def make_backend(name: str, artifacts: Artifacts, compile: bool = False, device: str = "auto",
                  strategy: str | None = None):
-    """`auto`: TensorRT where an engine can run here, else torch on a GPU, else ONNX Runtime on the CPU."""
+    """`auto`: TensorRT where an engine can run here, else torch with the fused Triton kernels on a GPU, else ONNX
+    Runtime on the CPU."""
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r}: choose one of {BACKENDS}")
     if name == "auto":
@@ -37,7 +39,7 @@ def make_backend(name: str, artifacts: Artifacts, compile: bool = False, device:
             except Exception as e:  # noqa: BLE001 -- reported, then the next backend is tried
                 print(f"backend=auto: TensorRT engines cannot run here ({str(e).splitlines()[0][:160]}); "
                       "trying torch")
-        return make_backend("torch" if torch.cuda.is_available() else "onnxruntime", artifacts, compile, device)
+        return make_backend("torch-triton" if torch.cuda.is_available() else "onnxruntime", artifacts, compile, device)
     if name == "tensorrt":
         from mmgpt.engines.session import TensorRTBackend
         return TensorRTBackend(artifacts, strategy)
@@ -51,6 +53,11 @@ def make_backend(name: str, artifacts: Artifacts, compile: bool = False, device:
     if weights_hash(model) != artifacts.meta["weights_sha256"]:
         raise ValueError(f"{artifacts.meta['checkpoint']} no longer holds the weights exported to {artifacts.path}; "
                          "re-run `python export.py`")
+    if name == "torch-triton":
+        if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("backend=torch-triton needs a CUDA GPU (or TRITON_INTERPRET=1 to emulate it, slowly)")
+        from mmgpt.runtime.triton_backend import TritonBackend
+        return TritonBackend(model.to(dev), prefix_len=artifacts.meta["prefix_len"])
     return TorchBackend(model.to(dev), compile=compile, prefix_len=artifacts.meta["prefix_len"])
 
 
