@@ -133,11 +133,10 @@ class TensorRTBackend:
         self.device, self.dtype = torch.device("cuda"), _TORCH_DTYPE[meta["dtype"]]
         self.n_layer, self.n_head, self.head_dim = cfg["n_layer"], cfg["n_head"], cfg["n_embd"] // cfg["n_head"]
         self.prefix_len, self.prefix_dim, self.vocab = meta["prefix_len"], cfg["prefix_dim"], cfg["vocab_size"]
-        self.sessions = {}
-        for name, e in entry["engines"].items():
-            path = artifacts.path / e["file"]
+        paths = {name: artifacts.path / e["file"] for name, e in entry["engines"].items()}
+        for path in paths.values():  # refuse foreign weights before loading anything
             check_engine_matches(artifacts, path)
-            self.sessions[name] = EngineSession(path, self.runtime)
+        self.sessions = {name: EngineSession(path, self.runtime) for name, path in paths.items()}
         if strategy == "shared":
             self._prefill = (self.sessions["shared"], 0)  # context profile
             self._decode = (self.sessions["shared"], 1)  # generation profile

@@ -18,6 +18,14 @@ from mmgpt.tokenizer import ByteTokenizer
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024)
 
 
+def check_prefix(prefix) -> torch.Tensor:
+    if not torch.is_tensor(prefix) or prefix.ndim != 3:
+        raise ValueError(f"prefix must be a (B, P, F) tensor, got shape {tuple(getattr(prefix, 'shape', ()))}")
+    if not prefix.is_floating_point():
+        raise ValueError(f"prefix must be a float tensor, got {prefix.dtype}")
+    return prefix
+
+
 @dataclass
 class GenerationResult:
     tokens: torch.Tensor  # (B, n) generated ids, EOS-padded after a row finished (CPU)
@@ -82,10 +90,7 @@ class Generator:
     def check(self, prefix: torch.Tensor, prompt_len: int, max_new_tokens: int) -> int:
         """Validate shapes before anything runs; returns the capacity bucket to use."""
         be = self.backend
-        if prefix.ndim != 3:
-            raise ValueError(f"prefix must be (B, P, F), got shape {tuple(prefix.shape)}")
-        if not prefix.is_floating_point():
-            raise ValueError(f"prefix must be a float tensor, got {prefix.dtype}")
+        check_prefix(prefix)
         B, P, F = prefix.shape
         if F != be.prefix_dim:
             raise ValueError(f"prefix feature size F={F}, but the model expects F={be.prefix_dim}")
@@ -157,7 +162,7 @@ class Generator:
     @torch.inference_mode()
     def generate(self, prefix: torch.Tensor, prompts: list[list[int]] | None = None, max_new_tokens: int = 32,
                  sampling: SamplingConfig = SamplingConfig()) -> GenerationResult:
-        B = prefix.shape[0]
+        B = check_prefix(prefix).shape[0]
         input_ids, input_lengths = self.prepare(prompts, B)
         S = self.check(prefix, input_ids.shape[1], max_new_tokens)
         st = self._bucket(B, S)
