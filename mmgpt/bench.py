@@ -24,7 +24,6 @@ import torch
 from mmgpt.model import GPTConfig, MultimodalGPT
 from mmgpt.runtime.backends import TorchBackend
 from mmgpt.runtime.generator import Generator
-from mmgpt.runtime.sampling import SamplingConfig
 from mmgpt.tokenizer import ByteTokenizer
 
 SHAPES = {  # GPT-2 shapes; vocab 50257 like GPT-2 so the head costs what it costs there
@@ -96,14 +95,14 @@ def to_hf_gpt2(model: MultimodalGPT):
     return hf
 
 
-def _timed(fn, device):
+def _seconds(fn, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
-    out = fn()
+    fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return out, time.perf_counter() - t
+    return time.perf_counter() - t
 
 
 def bench_mmgpt(be: TorchBackend, batch, prompt_len, new_tokens, prefix_len, device, repeats):
@@ -119,7 +118,7 @@ def bench_mmgpt(be: TorchBackend, batch, prompt_len, new_tokens, prefix_len, dev
     best = min(runs, key=lambda r: r.decode_time_s)
     return {"tokens_per_s": best.decode_tokens_per_s, "ttft_ms": 1e3 * min(r.time_to_first_token_s for r in runs),
             "step_ms": 1e3 * best.decode_time_s / best.decode_steps, "capacity": best.capacity,
-            "graph_captures": gen.graph_captures, "cuda_graph": best.cuda_graph, "tokens": best.tokens}
+            "graph_captures": gen.graph_captures, "cuda_graph": best.cuda_graph}
 
 
 def bench_hf(hf, batch, prompt_len, new_tokens, static_compile, device, repeats):
@@ -138,8 +137,8 @@ def bench_hf(hf, batch, prompt_len, new_tokens, static_compile, device, repeats)
     with torch.inference_mode():
         run(1)  # warm-up: compilation and graph capture for prefill and decode (the static cache's length
         run(new_tokens)  # follows max_new_tokens, so the timed shape itself is warmed up)
-        ttft = min(_timed(lambda: run(1), device)[1] for _ in range(repeats))
-        total = min(_timed(lambda: run(new_tokens), device)[1] for _ in range(repeats))
+        ttft = min(_seconds(lambda: run(1), device) for _ in range(repeats))
+        total = min(_seconds(lambda: run(new_tokens), device) for _ in range(repeats))
     steps = new_tokens - 1
     return {"tokens_per_s": steps * batch / max(total - ttft, 1e-9), "ttft_ms": 1e3 * ttft,
             "step_ms": 1e3 * (total - ttft) / steps}

@@ -37,14 +37,14 @@ class MultimodalGPTModule(L.LightningModule):
 
     def on_validation_epoch_start(self):
         self._val_hits = self._val_total = 0
+        self._val_generator = Generator(TorchBackend(self.model), self.tokenizer,
+                                        max_positions=self.model.config.block_size, cuda_graph=False)
 
     def validation_step(self, batch, batch_idx):
         B = len(batch["captions"])
         _, loss = self.model(batch["prefix"], batch["input_ids"], batch["targets"])
         self.log("val/loss", loss, prog_bar=True, batch_size=B, sync_dist=True)
-        generator = Generator(TorchBackend(self.model), self.tokenizer, max_positions=self.model.config.block_size,
-                              cuda_graph=False)
-        result = generator.generate(batch["prefix"], max_new_tokens=self.hparams.max_new_tokens)
+        result = self._val_generator.generate(batch["prefix"], max_new_tokens=self.hparams.max_new_tokens)
         self._val_hits += sum(p == r for p, r in zip(result.texts, batch["captions"]))
         self._val_total += B
 

@@ -13,9 +13,10 @@ import os
 import time
 from pathlib import Path
 
-from mmgpt.engines.trt import TensorRTUnavailable, import_runtime, is_rtx, runtime_name
+from mmgpt.engines.trt import TensorRTUnavailable, dtype_name, import_runtime, is_rtx, runtime_name
 from mmgpt.engines.session import sidecar
 from mmgpt.export.artifacts import Artifacts, write_json_atomic
+from mmgpt.export.graphs import past_names
 
 STRATEGIES = ("two_engines", "shared")
 
@@ -39,10 +40,10 @@ def profile_shapes(meta: dict, cfg: dict) -> dict[str, dict[str, dict[str, tuple
         return lambda *axes: tuple(tuple(dims[a][i] if isinstance(a, str) else a for a in axes) for i in range(3))
 
     def past(dim_of_cache):
-        return {f"past_key_values.{i}.{kv}": dim_of_cache for i in range(L) for kv in ("key", "value")}
+        return dict.fromkeys(past_names(L), dim_of_cache)
 
-    ctx = shapes(B=b, P=(P, P, P), T=t, S=(0, 0, 0), one=(1, 1, 1))
-    gen = shapes(B=b, P=(0, 0, 0), T=(1, 1, 1), S=s, one=(1, 1, 1))
+    ctx = shapes(B=b, P=(P, P, P), T=t, S=(0, 0, 0))
+    gen = shapes(B=b, P=(0, 0, 0), T=(1, 1, 1), S=s)
     prefill = {"prefix": ctx("B", "P", F), "input_ids": ctx("B", "T"), "input_lengths": ctx("B")}
     decode = {"input_ids": gen("B", 1), "position_ids": gen("B", 1), **past(gen("B", H, "S", D))}
     return {
@@ -138,10 +139,10 @@ def _build_one(trt, logger, onnx_path: Path, profiles: dict, cfg: dict, cache_pa
     io = {}
     for i in range(network.num_inputs):
         t = network.get_input(i)
-        io[t.name] = {"mode": "input", "dtype": _dtype_name(t.dtype), "shape": list(t.shape)}
+        io[t.name] = {"mode": "input", "dtype": dtype_name(t.dtype), "shape": list(t.shape)}
     for i in range(network.num_outputs):
         t = network.get_output(i)
-        io[t.name] = {"mode": "output", "dtype": _dtype_name(t.dtype), "shape": list(t.shape)}
+        io[t.name] = {"mode": "output", "dtype": dtype_name(t.dtype), "shape": list(t.shape)}
     missing = set().union(*[set(s) for s in profiles.values()]) - {k for k, v in io.items() if v["mode"] == "input"}
     if missing:
         raise EngineBuildError(f"{onnx_path.name}: profile names inputs the network lacks: {sorted(missing)}")
@@ -181,7 +182,3 @@ def _load_timing_cache(config, cache_path: Path | None):
     if cache is not None:
         config.set_timing_cache(cache, ignore_mismatch=True)
     return cache
-
-
-def _dtype_name(dt) -> str:
-    return str(dt).split(".")[-1].lower()

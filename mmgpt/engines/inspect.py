@@ -34,7 +34,7 @@ def _from_engine(path: Path, runtime: str) -> dict | None:
         import torch
         if not torch.cuda.is_available():
             return None
-        from mmgpt.engines.trt import import_runtime
+        from mmgpt.engines.trt import dtype_name, import_runtime
         trt = import_runtime(runtime)
         engine = trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine(path.read_bytes())
     except Exception:  # noqa: BLE001 -- falls back to the build record, which says so
@@ -45,7 +45,7 @@ def _from_engine(path: Path, runtime: str) -> dict | None:
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     for n in names:
         mode = "input" if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT else "output"
-        io[n] = {"mode": mode, "dtype": str(engine.get_tensor_dtype(n)).split(".")[-1].lower(),
+        io[n] = {"mode": mode, "dtype": dtype_name(engine.get_tensor_dtype(n)),
                  "shape": list(engine.get_tensor_shape(n))}
     for p in range(engine.num_optimization_profiles):
         profiles[str(p)] = {n: [list(s) for s in engine.get_tensor_profile_shape(n, p)]

@@ -12,12 +12,10 @@ from pathlib import Path
 
 import torch
 
-from mmgpt.engines.trt import import_runtime, is_rtx
+from mmgpt.engines.trt import import_runtime
 from mmgpt.export.artifacts import Artifacts
+from mmgpt.export.graphs import interleave, past_names, present_names
 from mmgpt.runtime.backends import write_kv
-
-_TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
-
 
 class EngineError(RuntimeError):
     pass
@@ -79,13 +77,11 @@ class EngineSession:
             raise EngineError(f"{engine_path.name}: executing a TensorRT engine needs a CUDA GPU; this machine has "
                               "none. Use backend=onnxruntime (CPU) instead")
         capture = _CapturingLogger(trt)
-        self._logger = capture.logger
+        self._logger = capture.logger  # TensorRT keeps only a reference: the logger must outlive the runtime
         self.runtime = trt.Runtime(capture.logger)
         self.engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if self.engine is None:
             raise EngineError(cannot_run_message(runtime, " | ".join(capture.errors[-3:]) or "no reason given"))
-        self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.contexts = []
         for _ in range(self.engine.num_optimization_profiles):
             ctx = self.engine.create_execution_context()
@@ -94,7 +90,6 @@ class EngineSession:
             self.contexts.append(ctx)
         self._profile_set = [False] * len(self.contexts)
         self._placeholder = torch.zeros(16, dtype=torch.uint8, device="cuda")  # non-null address for empty tensors
-        self.rtx = is_rtx(trt)
 
     def max_shape(self, name: str, profile: int = 0):
         return tuple(self.engine.get_tensor_profile_shape(name, profile)[2])
@@ -130,7 +125,7 @@ class TensorRTBackend:
         entry = engines[strategy]
         meta, cfg = artifacts.meta, artifacts.meta["model_config"]
         self.strategy, self.runtime = strategy, entry["runtime"]
-        self.device, self.dtype = torch.device("cuda"), _TORCH_DTYPE[meta["dtype"]]
+        self.device, self.dtype = torch.device("cuda"), artifacts.torch_dtype
         self.n_layer, self.n_head, self.head_dim = cfg["n_layer"], cfg["n_head"], cfg["n_embd"] // cfg["n_head"]
         self.prefix_len, self.prefix_dim, self.vocab = meta["prefix_len"], cfg["prefix_dim"], cfg["vocab_size"]
         paths = {name: artifacts.path / e["file"] for name, e in entry["engines"].items()}
@@ -148,9 +143,6 @@ class TensorRTBackend:
     def _zeros(self, shape, dtype):
         return torch.zeros(shape, dtype=dtype, device=self.device)
 
-    def _kv_names(self, prefix):
-        return [f"{prefix}.{i}.{kv}" for i in range(self.n_layer) for kv in ("key", "value")]
-
     def prefill(self, prefix, input_ids, input_lengths):
         B, P, T = input_ids.shape[0], prefix.shape[1], input_ids.shape[1]
         inputs = {"prefix": prefix.to(self.device, self.dtype).contiguous(), "input_ids": input_ids.contiguous(),
@@ -158,11 +150,11 @@ class TensorRTBackend:
         session, profile = self._prefill
         if self.strategy == "shared":  # the context profile: past of length 0, positions from 0
             inputs["position_ids"] = self._zeros((B, 1), torch.long)
-            for n in self._kv_names("past_key_values"):
+            for n in past_names(self.n_layer):
                 inputs[n] = self._zeros((B, self.n_head, 0, self.head_dim), self.dtype)
         outputs = {"logits": self._zeros((B, self.vocab), self.dtype)}
         kv = [self._zeros((B, self.n_head, P + T, self.head_dim), self.dtype) for _ in range(2 * self.n_layer)]
-        outputs.update(zip(self._kv_names("present"), kv))
+        outputs.update(zip(present_names(self.n_layer), kv))
         session.run(profile, inputs, outputs)
         return outputs["logits"], kv[0::2], kv[1::2]
 
@@ -179,11 +171,9 @@ class TensorRTBackend:
                          "input_lengths": torch.ones(B, dtype=torch.long, device=self.device)}
             self._empty[key] = (new, logits, extra)
         new, logits, extra = self._empty[key]
-        inputs = {"input_ids": input_ids, "position_ids": position_ids, **extra}
-        for i in range(self.n_layer):
-            inputs[f"past_key_values.{i}.key"] = k_cache[i]
-            inputs[f"past_key_values.{i}.value"] = v_cache[i]
-        session.run(profile, inputs, {"logits": logits, **dict(zip(self._kv_names("present"), new))})
+        inputs = {"input_ids": input_ids, "position_ids": position_ids, **extra,
+                  **dict(zip(past_names(self.n_layer), interleave(k_cache, v_cache)))}
+        session.run(profile, inputs, {"logits": logits, **dict(zip(present_names(self.n_layer), new))})
         write_kv(k_cache, new[0::2], position_ids)
         write_kv(v_cache, new[1::2], position_ids)
         return logits

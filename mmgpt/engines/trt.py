@@ -33,3 +33,8 @@ def runtime_name(trt: ModuleType) -> str:
 
 def is_rtx(trt: ModuleType) -> bool:
     return runtime_name(trt) == "tensorrt_rtx"
+
+
+def dtype_name(dt) -> str:
+    """trt.DataType.HALF -> 'half': how build records and inspection spell a tensor dtype."""
+    return str(dt).split(".")[-1].lower()

@@ -9,6 +9,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 from mmgpt.tokenizer import ByteTokenizer
 
 MODEL_JSON = "model.json"
@@ -33,6 +35,11 @@ class Artifacts:
             f = self.path / graph["file"]
             if not f.is_file():
                 raise ArtifactsError(f"{f}: missing; the export is incomplete, re-run `python export.py`")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The exported weights' dtype (model.json `dtype`: float32 | float16 | bfloat16)."""
+        return getattr(torch, self.meta["dtype"])
 
     @property
     def tokenizer(self) -> ByteTokenizer:

@@ -28,7 +28,8 @@ def past_names(n_layer: int) -> list[str]:
     return [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
 
 
-def _interleave(keys, values):
+def interleave(keys, values):
+    """[k0, v0, k1, v1, ...]: the order of the present.* outputs and past_key_values.* inputs."""
     return [t for kv in zip(keys, values) for t in kv]
 
 
@@ -44,7 +45,7 @@ class PrefillGraph(torch.nn.Module):
     def forward(self, prefix, input_ids, input_lengths):
         logits, k, v = self.model.forward_cached(prefix, input_ids, input_lengths, torch.zeros_like(input_lengths),
                                                  None, None)
-        return (logits, *_interleave(k, v))
+        return (logits, *interleave(k, v))
 
 
 class DecodeGraph(torch.nn.Module):
@@ -56,7 +57,7 @@ class DecodeGraph(torch.nn.Module):
         keys, values = _split_past(past)
         ones = torch.ones_like(position_ids[:, 0])
         logits, k, v = self.model.forward_cached(None, input_ids, ones, position_ids[:, 0], keys, values)
-        return (logits, *_interleave(k, v))
+        return (logits, *interleave(k, v))
 
 
 class ContextGenerationGraph(torch.nn.Module):
@@ -67,7 +68,7 @@ class ContextGenerationGraph(torch.nn.Module):
     def forward(self, prefix, input_ids, input_lengths, position_ids, *past):
         keys, values = _split_past(past)
         logits, k, v = self.model.forward_cached(prefix, input_ids, input_lengths, position_ids[:, 0], keys, values)
-        return (logits, *_interleave(k, v))
+        return (logits, *interleave(k, v))
 
 
 @dataclass

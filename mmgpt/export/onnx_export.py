@@ -80,15 +80,14 @@ _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min"}
 
 
 def _match_constant_dtypes(graph: gs.Graph) -> int:
-    """In a half-precision graph, an fp32 constant feeding an elementwise op with fp16 / bf16 inputs makes a strongly
-    typed network fail: cast the constant to its partners' dtype."""
+    """In an fp16 graph, an fp32 constant feeding an elementwise op with fp16 inputs makes a strongly typed network
+    fail: cast the constant to fp16. (graphsurgeon holds constants as NumPy arrays, which have no bfloat16.)"""
     fixed = 0
     for node in graph.nodes:
         if node.op not in _ELEMENTWISE:
             continue
-        dtypes = {t.dtype for t in node.inputs if isinstance(t, gs.Variable) and t.dtype is not None}
-        half = [d for d in dtypes if np.dtype(d) in (np.float16,)] if dtypes else []
-        if not half:
+        if not any(isinstance(t, gs.Variable) and t.dtype is not None and np.dtype(t.dtype) == np.float16
+                   for t in node.inputs):
             continue
         for t in node.inputs:
             if isinstance(t, gs.Constant) and t.values.dtype == np.float32:

@@ -1,12 +1,10 @@
 """ONNX Runtime against PyTorch, on shapes not used for tracing, and a chained greedy generation."""
 from __future__ import annotations
 
-import numpy as np
-import onnxruntime as ort
 import torch
 
 from mmgpt.export.artifacts import Artifacts
-from mmgpt.export.graphs import TRACE_BATCH, TRACE_CACHE, TRACE_PREFIX, TRACE_TEXT
+from mmgpt.export.graphs import TRACE_BATCH, TRACE_CACHE, TRACE_PREFIX, TRACE_TEXT, interleave, past_names
 from mmgpt.model import MultimodalGPT
 from mmgpt.runtime.backends import TorchBackend
 from mmgpt.runtime.generator import Generator
@@ -25,10 +23,8 @@ def run_parity(model: MultimodalGPT, artifacts: Artifacts, prefix_len: int, seed
     cfg = model.config
     torch_dtype = next(model.parameters()).dtype
     g = torch.Generator().manual_seed(seed)
-    sess_opts = ort.SessionOptions()
-    sess_opts.log_severity_level = 3
-    prefill = ort.InferenceSession(str(artifacts.graph_path("prefill")), sess_opts, providers=["CPUExecutionProvider"])
-    decode = ort.InferenceSession(str(artifacts.graph_path("decode")), sess_opts, providers=["CPUExecutionProvider"])
+    ort_backend = OnnxRuntimeBackend(artifacts)  # its sessions serve the shape cases and the chained run
+    prefill, decode = ort_backend.prefill_session, ort_backend.decode_session
     rows = []
 
     def record(graph, shape, ref, got):
@@ -50,7 +46,7 @@ def run_parity(model: MultimodalGPT, artifacts: Artifacts, prefix_len: int, seed
                     logits, k, v = model.forward_cached(prefix, ids, lengths, torch.zeros_like(lengths), None, None)
                     got = prefill.run(None, {"prefix": prefix.numpy(), "input_ids": ids.numpy(),
                                              "input_lengths": lengths.numpy()})
-                    record("prefill", {"batch": B, "prefix_len": P, "text_len": T}, [logits, *_flat(k, v)], got)
+                    record("prefill", {"batch": B, "prefix_len": P, "text_len": T}, [logits, *interleave(k, v)], got)
             for S in (16, 40):
                 if S == TRACE_CACHE:
                     continue
@@ -60,22 +56,21 @@ def run_parity(model: MultimodalGPT, artifacts: Artifacts, prefix_len: int, seed
                         for _ in range(2 * cfg.n_layer)]
                 logits, k, v = model.forward_cached(None, ids, torch.ones(B, dtype=torch.long), positions[:, 0],
                                                     past[0::2], past[1::2])
-                feed = {"input_ids": ids.numpy(), "position_ids": positions.numpy()}
-                for i in range(cfg.n_layer):
-                    feed[f"past_key_values.{i}.key"] = past[2 * i].numpy()
-                    feed[f"past_key_values.{i}.value"] = past[2 * i + 1].numpy()
+                feed = {"input_ids": ids.numpy(), "position_ids": positions.numpy(),
+                        **{n: t.numpy() for n, t in zip(past_names(cfg.n_layer), past)}}
                 record("decode", {"batch": B, "cache_len": S, "positions": positions[:, 0].tolist()},
-                       [logits, *_flat(k, v)], decode.run(None, feed))
+                       [logits, *interleave(k, v)], decode.run(None, feed))
 
     bound = TOLERANCE[dtype]
     worst = max(r["max_abs_diff"] / (r["max_abs_logit"] if dtype != "float32" else 1.0) for r in rows)
-    chained = chained_generation(model, artifacts, prefix_len, seed)
+    chained = chained_generation(model, ort_backend, artifacts, prefix_len, seed)
     return {"dtype": dtype, "tolerance": bound, "tolerance_kind": "absolute" if dtype == "float32" else
             "relative to max |logit|", "worst": worst, "bound_held": worst <= bound, "cases": rows,
             "chained": chained, "passed": worst <= bound and chained["tokens_match"]}
 
 
-def chained_generation(model: MultimodalGPT, artifacts: Artifacts, prefix_len: int, seed: int = 0) -> dict:
+def chained_generation(model: MultimodalGPT, ort_backend: OnnxRuntimeBackend, artifacts: Artifacts, prefix_len: int,
+                       seed: int = 0) -> dict:
     """Prefill + CHAIN_STEPS greedy decode steps through ONNX Runtime (the loop writing the KV cache) must give
     exactly PyTorch's tokens, on a ragged batch."""
     tok = artifacts.tokenizer
@@ -84,7 +79,7 @@ def chained_generation(model: MultimodalGPT, artifacts: Artifacts, prefix_len: i
     prompts = [[tok.bos_id], [tok.bos_id, *tok.encode("se", bos=False)], [tok.bos_id, *tok.encode("four ", bos=False)]]
     results = {}
     for name, backend in (("torch", TorchBackend(model, prefix_len=prefix_len)),
-                          ("onnxruntime", OnnxRuntimeBackend(artifacts))):
+                          ("onnxruntime", ort_backend)):
         gen = Generator(backend, tok, max_positions=model.config.block_size, cuda_graph=False,
                         eos_check_interval=CHAIN_STEPS + 1)  # never stop early: all 32 steps run
         results[name] = gen.generate(prefix, prompts, max_new_tokens=CHAIN_STEPS + 1)
@@ -92,10 +87,6 @@ def chained_generation(model: MultimodalGPT, artifacts: Artifacts, prefix_len: i
     return {"batch": 3, "prompt_lengths": [len(p) for p in prompts], "decode_steps": results["torch"].decode_steps,
             "tokens_match": bool(torch.equal(a, b)), "torch_texts": results["torch"].texts,
             "onnxruntime_texts": results["onnxruntime"].texts}
-
-
-def _flat(keys, values):
-    return [t for kv in zip(keys, values) for t in kv]
 
 
 def format_table(parity: dict) -> str:

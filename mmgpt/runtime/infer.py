@@ -47,9 +47,8 @@ def make_backend(name: str, artifacts: Artifacts, compile: bool = False, device:
         from mmgpt.runtime.onnxruntime_backend import OnnxRuntimeBackend
         return OnnxRuntimeBackend(artifacts)
     loaded = load_checkpoint(artifacts.meta["checkpoint"])
-    dtype = getattr(torch, artifacts.meta["dtype"])
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    model = loaded.model.to(dtype)
+    model = loaded.model.to(artifacts.torch_dtype)
     if weights_hash(model) != artifacts.meta["weights_sha256"]:
         raise ValueError(f"{artifacts.meta['checkpoint']} no longer holds the weights exported to {artifacts.path}; "
                          "re-run `python export.py`")

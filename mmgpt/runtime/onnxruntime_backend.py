@@ -10,10 +10,8 @@ import onnxruntime as ort
 import torch
 
 from mmgpt.export.artifacts import Artifacts
+from mmgpt.export.graphs import interleave, past_names
 from mmgpt.runtime.backends import write_kv
-
-_TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
@@ -30,12 +28,12 @@ class OnnxRuntimeBackend:
         self.prefill_session = ort.InferenceSession(str(artifacts.graph_path("prefill")), opts, providers=providers)
         self.decode_session = ort.InferenceSession(str(artifacts.graph_path("decode")), opts, providers=providers)
         cfg = meta["model_config"]
-        self.device, self.dtype = torch.device("cpu"), _TORCH_DTYPE[meta["dtype"]]
+        self.device, self.dtype = torch.device("cpu"), artifacts.torch_dtype
         self.n_layer, self.n_head = cfg["n_layer"], cfg["n_head"]
         self.head_dim = cfg["n_embd"] // cfg["n_head"]
         self.prefix_len, self.prefix_dim = meta.get("prefix_len"), cfg["prefix_dim"]
         self.max_batch = None
-        self._past_names = [f"past_key_values.{i}.{kv}" for i in range(self.n_layer) for kv in ("key", "value")]
+        self._past_names = past_names(self.n_layer)
 
     def prefill(self, prefix, input_ids, input_lengths):
         outs = self.prefill_session.run(None, {
@@ -45,9 +43,7 @@ class OnnxRuntimeBackend:
 
     def decode(self, input_ids, position_ids, k_cache, v_cache):
         feed = {"input_ids": _np(input_ids), "position_ids": _np(position_ids)}
-        for i in range(self.n_layer):
-            feed[self._past_names[2 * i]] = _np(k_cache[i])
-            feed[self._past_names[2 * i + 1]] = _np(v_cache[i])
+        feed.update(zip(self._past_names, map(_np, interleave(k_cache, v_cache))))
         outs = self.decode_session.run(None, feed)
         kv = [torch.from_numpy(o) for o in outs[1:]]
         write_kv(k_cache, kv[0::2], position_ids)
