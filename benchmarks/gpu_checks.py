@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mmgpt.bench import build_model, versions
+from mmgpt.bench.decode import build_model, versions
 from mmgpt.runtime.backends import TorchBackend
 from mmgpt.runtime.generator import Generator
 from mmgpt.runtime.sampling import SamplingConfig

@@ -7,7 +7,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from mmgpt.bench import build_model
+from mmgpt.bench.decode import build_model
 from mmgpt.runtime.backends import TorchBackend
 
 

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from mmgpt.bench import bench_mmgpt, build_model
+from mmgpt.bench.decode import bench_mmgpt, build_model
 from mmgpt.runtime.triton_backend import GemvConfig, TritonBackend
 
 

@@ -1,6 +1,6 @@
 import json
 
-from mmgpt.bench import main, markdown_table
+from mmgpt.bench.decode import main, markdown_table
 
 
 def test_smoke_report_is_well_formed(tmp_path):

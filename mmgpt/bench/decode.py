@@ -1,6 +1,6 @@
 """Decode-speed benchmark: mmgpt's decode loop against Hugging Face transformers, same weights, same GPU, one run.
 
-python -m mmgpt.bench [--models 124m 355m 1p5b] [--dtypes fp16 bf16] [--batches 1 8] [--smoke]
+python -m mmgpt.bench [decode] [--models 124m 355m 1p5b] [--dtypes fp16 bf16] [--batches 1 8] [--smoke]
 
 Rows: mmgpt torch backend in a CUDA graph, with and without torch.compile; HF GPT2LMHeadModel eager, and with a
 static cache + torch.compile. Each row reports tok/s, time to first token, GB/s and % of the memory-bandwidth floor

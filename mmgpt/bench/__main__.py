@@ -1,0 +1,17 @@
+"""python -m mmgpt.bench [decode options]  |  python -m mmgpt.bench train [training options]"""
+import sys
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "train":
+        from mmgpt.bench.train import main as train_main
+        return train_main(argv[1:])
+    if argv and argv[0] == "decode":
+        argv = argv[1:]
+    from mmgpt.bench.decode import main as decode_main
+    return decode_main(argv)
+
+
+if __name__ == "__main__":
+    main()
