@@ -1,14 +1,16 @@
-"""Checkpoint -> model: a training checkpoint carries the model config and tokenizer, nothing else is needed."""
+"""Checkpoint -> model: a training checkpoint carries the model config, tokenizer and data config; nothing else is
+needed to rebuild the model."""
 from __future__ import annotations
 
-import hashlib
+import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mmgpt.model import GPTConfig, MultimodalGPT
-from mmgpt.tokenizer import ByteTokenizer
+from mmgpt.tokenizer import tokenizer_from_dict
 
 
 class CheckpointError(ValueError):
@@ -18,29 +20,44 @@ class CheckpointError(ValueError):
 @dataclass
 class LoadedModel:
     model: MultimodalGPT
-    tokenizer: ByteTokenizer
+    tokenizer: object  # ByteTokenizer | HFTokenizer
     prefix_len: int | None
     data_config: dict | None  # the training data config: rebuilds the exact validation split
-    path: Path
 
 
-def load_checkpoint(path, map_location="cpu") -> LoadedModel:
+def read_checkpoint(path) -> dict:
+    """torch.load with messages that say what is wrong with the file, for every way a file can be wrong."""
     path = Path(path)
+    if path.is_dir():
+        hint = (" It holds a Hugging Face config.json: train from it with `model.init_from=" f"{path}`"
+                if (path / "config.json").is_file() else "")
+        raise CheckpointError(f"{path}: a directory, not a checkpoint file; pass .../checkpoints/last.ckpt.{hint}")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint. Train one with `python train.py +experiment=digits` "
                               "or pass ckpt=/path/to/last.ckpt")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes); the run that wrote it was probably killed while "
+                              "saving. Use another checkpoint of that run (checkpoints/best-*.ckpt) or retrain")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, pickle garbage, ...
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]}). Was it written completely?") from None
-    meta = ckpt.get("mmgpt") if isinstance(ckpt, dict) else None
-    if meta is None or "state_dict" not in ckpt:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as e:
+        reason = "truncated or not a PyTorch file" if not str(e).strip() or "weights_only" in str(e) else \
+            str(e).strip().splitlines()[0][:200]
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {reason}). "
+                              "Was it written completely, and by mmgpt's train.py?") from None
+    if not isinstance(ckpt, dict) or "mmgpt" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not an mmgpt checkpoint (no 'mmgpt' model config inside). "
                               "Use a last.ckpt / best-*.ckpt written by mmgpt's train.py")
+    return ckpt
+
+
+def load_checkpoint(path) -> LoadedModel:
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    meta = ckpt["mmgpt"]
     try:
         config = GPTConfig.from_dict(meta["model_config"])
-        tokenizer = ByteTokenizer.from_dict(meta["tokenizer"])
+        tokenizer = tokenizer_from_dict(meta["tokenizer"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its model config is invalid ({e})") from None
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
@@ -51,17 +68,7 @@ def load_checkpoint(path, map_location="cpu") -> LoadedModel:
         raise CheckpointError(f"{path}: weights do not match the model config inside it "
                               f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     return LoadedModel(model=model.eval(), tokenizer=tokenizer, prefix_len=meta.get("prefix_len"),
-                       data_config=meta.get("data"), path=path)
-
-
-def weights_hash(model: torch.nn.Module) -> str:
-    """sha256 over parameter names, shapes, dtypes and bytes: an engine built from other weights is refused."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+                       data_config=meta.get("data"))
 
 
 def find_latest(root, pattern: str) -> Path | None:

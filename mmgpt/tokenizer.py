@@ -35,8 +35,21 @@ class ByteTokenizer:
     def to_dict(self) -> dict:
         return {"type": "byte", **asdict(self)}
 
+    def save(self, directory) -> dict:
+        """Nothing to write: the dict rebuilds it."""
+        return self.to_dict()
+
     @classmethod
     def from_dict(cls, d: dict) -> "ByteTokenizer":
         if d.get("type") != "byte":
             raise ValueError(f"unknown tokenizer type {d.get('type')!r}; mmgpt saves 'byte' tokenizers")
         return cls(bos_id=d["bos_id"], eos_id=d["eos_id"], pad_id=d["pad_id"])
+
+
+def tokenizer_from_dict(d: dict, directory=None):
+    """Rebuild a tokenizer from its `to_dict()` / `save()` form; `directory` holds its files, if it has any."""
+    if not isinstance(d, dict) or "type" not in d:
+        raise ValueError(f"not a tokenizer description: {str(d)[:100]}")
+    if d["type"] == "byte":
+        return ByteTokenizer.from_dict(d)
+    raise ValueError(f"unknown tokenizer type {d['type']!r}; mmgpt knows 'byte'")

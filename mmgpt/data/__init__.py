@@ -1,6 +1,2 @@
-from mmgpt.data.common import CaptionDataModule, CaptionDataset, Collate
-from mmgpt.data.digits import DigitsDataModule
-from mmgpt.data.features import DataFileError, FeaturesDataModule, load_features_file
-
-__all__ = ["CaptionDataModule", "CaptionDataset", "Collate", "DigitsDataModule", "DataFileError",
-           "FeaturesDataModule", "load_features_file"]
+"""Data: the digits task, user feature files, caption batching (Lightning-free), and the Lightning DataModules in
+`mmgpt.data.modules` (what conf/data/*.yaml instantiates)."""

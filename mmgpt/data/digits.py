@@ -2,16 +2,19 @@
 
 Each sample is `digits_per_sample` 8x8 images cut into patches (the prefix) and a caption that is a deterministic
 function of the digits, e.g. "seven three sum 10": it cannot be produced without reading every image.
-The split is by image: no validation image appears in any training sample.
+The split is by image: no validation image appears in any training sample. Also here: turning image files into
+the same prefixes, for inference on a user's own scans.
 """
 from __future__ import annotations
 
-import numpy as np
-from sklearn.datasets import load_digits
+from dataclasses import dataclass
 
-from mmgpt.data.common import CaptionDataModule, CaptionDataset
+import numpy as np
+
+from mmgpt.data.captions import CaptionDataset
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+IMAGE_SIZE = 8  # load_digits' images are 8x8, values 0..16 with ink high
 
 
 def caption_for(digits) -> str:
@@ -21,7 +24,7 @@ def caption_for(digits) -> str:
 def patchify(images: np.ndarray, patch: int) -> np.ndarray:
     """(N, H, W) -> (N, (H/patch)*(W/patch), patch*patch), row-major patches, values scaled to [0, 1]."""
     N, H, W = images.shape
-    if H % patch or W % patch:
+    if patch < 1 or H % patch or W % patch:
         raise ValueError(f"patch size {patch} must divide the image size {H}x{W}")
     x = images.reshape(N, H // patch, patch, W // patch, patch).transpose(0, 1, 3, 2, 4)
     return (x.reshape(N, (H // patch) * (W // patch), patch * patch) / 16.0).astype(np.float32)
@@ -44,28 +47,74 @@ def make_samples(patches, labels, image_ids, n_samples, digits_per_sample, rng):
     return prefixes, captions, pick
 
 
-class DigitsDataModule(CaptionDataModule):
-    def __init__(self, digits_per_sample: int = 2, patch_size: int = 4, train_samples: int = 20000,
-                 val_samples: int = 500, val_fraction: float = 0.2, batch_size: int = 64, num_workers: int = 0,
-                 seed: int = 0):
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
-        if digits_per_sample < 1:
-            raise ValueError(f"digits_per_sample={digits_per_sample} must be >= 1")
-        self.digits_per_sample, self.patch_size = digits_per_sample, patch_size
-        self.train_samples, self.val_samples, self.val_fraction = train_samples, val_samples, val_fraction
-        self.prefix_dim = patch_size * patch_size
-        self.prefix_len = digits_per_sample * (8 // patch_size) ** 2
-        self.val_image_ids = None
+@dataclass(frozen=True)
+class DigitsTask:
+    """The task's parameters; `build()` gives the same seeded samples wherever it runs (training, or infer.py
+    rebuilding the validation split the training run reported on)."""
+    digits_per_sample: int = 2
+    patch_size: int = 4
+    train_samples: int = 20000
+    val_samples: int = 500
+    val_fraction: float = 0.2
+    seed: int = 0
 
-    def setup(self, stage=None):
-        if self.train_set is not None:
-            return
+    def __post_init__(self):
+        if self.digits_per_sample < 1:
+            raise ValueError(f"data.digits_per_sample={self.digits_per_sample} must be >= 1")
+        if self.train_samples < 1 or self.val_samples < 1:
+            raise ValueError(f"data.train_samples={self.train_samples} and data.val_samples={self.val_samples} "
+                             "must be >= 1")
+        if self.patch_size < 1 or IMAGE_SIZE % self.patch_size:
+            raise ValueError(f"data.patch_size={self.patch_size} must divide the {IMAGE_SIZE}x{IMAGE_SIZE} images "
+                             "(1, 2, 4 or 8)")
+
+    @property
+    def prefix_dim(self) -> int:
+        return self.patch_size * self.patch_size
+
+    @property
+    def prefix_len(self) -> int:
+        return self.digits_per_sample * (IMAGE_SIZE // self.patch_size) ** 2
+
+    def build(self):
+        """-> train set, validation set, the validation samples' image ids (n, k), the held-out image ids."""
+        from sklearn.datasets import load_digits  # the one place that needs scikit-learn
         digits = load_digits()
         patches = patchify(digits.images, self.patch_size)
-        train_ids, self.val_image_ids = split_images(len(digits.target), self.val_fraction, self.seed)
+        train_ids, val_ids = split_images(len(digits.target), self.val_fraction, self.seed)
         rng = np.random.default_rng(self.seed)
         p, c, _ = make_samples(patches, digits.target, train_ids, self.train_samples, self.digits_per_sample, rng)
-        self.train_set = CaptionDataset(p, c, self.tokenizer)
-        p, c, self.val_pick = make_samples(patches, digits.target, self.val_image_ids, self.val_samples,
-                                           self.digits_per_sample, rng)
-        self.val_set = CaptionDataset(p, c, self.tokenizer)
+        train = CaptionDataset(p, c)
+        p, c, val_pick = make_samples(patches, digits.target, val_ids, self.val_samples, self.digits_per_sample, rng)
+        return train, CaptionDataset(p, c), val_pick, val_ids
+
+    @classmethod
+    def from_data_config(cls, data: dict | None) -> "DigitsTask":
+        """The task a training run's data config (as saved in its checkpoint and manifest) describes."""
+        if not data or not str(data.get("_target_", "")).endswith("DigitsDataModule"):
+            raise ValueError("this model was not trained on the digits task; pass input=/path/to/features.npz "
+                             "(or .jsonl) with features of the shape it was trained on")
+        fields = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+def images_to_prefixes(paths: list[str], task: DigitsTask) -> np.ndarray:
+    """Image files -> 8x8 digit-style images (ink high, as in load_digits), patched as in training, grouped into
+    samples of the trained digits-per-sample: (N / k, k * patches, F)."""
+    from PIL import Image
+
+    per = task.digits_per_sample
+    if len(paths) % per:
+        raise ValueError(f"{len(paths)} images, but the model reads {per} per sample: give a multiple of {per}")
+    images = []
+    for p in paths:
+        try:
+            img = np.asarray(Image.open(p).convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR),
+                             dtype=np.float32)
+        except OSError as e:
+            raise ValueError(f"{p}: not a readable image ({e})") from None
+        if img.mean() > 127:  # dark digit on a light background: invert so ink is high
+            img = 255.0 - img
+        images.append(img / 255.0 * 16.0)
+    patches = patchify(np.stack(images), task.patch_size)  # (N, patches, F)
+    return patches.reshape(len(paths) // per, -1, patches.shape[-1])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmgpt.data.common import CaptionDataModule, CaptionDataset
+from mmgpt.data.captions import CaptionDataset
 
 
 class DataFileError(ValueError):
@@ -47,9 +47,16 @@ def _load_npz(path):
     if missing:
         raise DataFileError(f"{path}: missing array(s) {sorted(missing)}; found {sorted(z.files)}. "
                             "Save with np.savez(path, features=..., texts=np.array([...]))")
-    if not np.issubdtype(z["features"].dtype, np.number):
-        raise DataFileError(f"{path}: 'features' must be numeric, got dtype {z['features'].dtype}")
-    return z["features"], [str(t) for t in z["texts"]]
+    arrays = {}
+    for name in ("features", "texts"):
+        try:
+            arrays[name] = z[name]
+        except ValueError:  # object arrays need pickle, which a data file must not require
+            raise DataFileError(f"{path}: array '{name}' is stored as Python objects; save {name} as a plain "
+                                "array: features as float (N, P, F), texts as np.array(list_of_str)") from None
+    if not np.issubdtype(arrays["features"].dtype, np.number):
+        raise DataFileError(f"{path}: 'features' must be numeric, got dtype {arrays['features'].dtype}")
+    return arrays["features"], [str(t) for t in arrays["texts"]]
 
 
 def _load_jsonl(path):
@@ -83,22 +90,14 @@ def _load_jsonl(path):
     return np.stack(features), texts
 
 
-class FeaturesDataModule(CaptionDataModule):
-    def __init__(self, path: str, val_fraction: float = 0.1, batch_size: int = 32, num_workers: int = 0,
-                 seed: int = 0):
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
-        self.path, self.val_fraction = path, val_fraction
-        features, self.texts = load_features_file(path)  # validate early: a bad file fails before training
-        if len(features) < 2:
-            raise DataFileError(f"{path}: need at least 2 samples to split train / validation, got {len(features)}")
-        self.features = features
-        self.prefix_len, self.prefix_dim = features.shape[1], features.shape[2]
-
-    def setup(self, stage=None):
-        if self.train_set is not None:
-            return
-        perm = np.random.default_rng(self.seed).permutation(len(self.texts))
-        n_val = max(1, int(round(len(perm) * self.val_fraction)))
-        val, train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-        self.train_set = CaptionDataset(self.features[train], [self.texts[i] for i in train], self.tokenizer)
-        self.val_set = CaptionDataset(self.features[val], [self.texts[i] for i in val], self.tokenizer)
+def split_features(features: np.ndarray, texts: list[str], val_fraction: float, seed: int):
+    """Seeded split by sample -> train set, validation set."""
+    if len(features) < 2:
+        raise DataFileError(f"need at least 2 samples to split train / validation, got {len(features)}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction={val_fraction} must lie strictly between 0 and 1")
+    perm = np.random.default_rng(seed).permutation(len(texts))
+    n_val = min(len(perm) - 1, max(1, int(round(len(perm) * val_fraction))))
+    val, train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    return (CaptionDataset(features[train], [texts[i] for i in train]),
+            CaptionDataset(features[val], [texts[i] for i in val]))

@@ -1,141 +1,184 @@
-"""ONNX graphs -> TensorRT engines, in one of two strategies (DESIGN.md "Engines"):
+"""Artifacts -> TensorRT engines, built on the machine (GPU and TensorRT version) that will run them, from the
+ONNX graphs alone: no checkpoint, no re-tracing.
 
   two_engines  prefill.engine (prefill.onnx) + decode.engine (decode.onnx): the weights are stored twice.
-  shared       shared.engine from context_generation.onnx with two optimization profiles -- context (past length
-               0) and generation (prefix length 0, one token) -- over one copy of the weights. This is the answer
-               to TensorRT-LLM issue #51: one engine, two flows.
+  shared       shared.engine from context_generation.onnx with two optimization profiles -- context (no past)
+               and generation (no prefix, one token) -- over one copy of the weights: one engine, two flows.
 
 Networks are strongly typed: precision comes from the ONNX dtypes, never from builder flags.
 """
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
-from mmgpt.engines.trt import TensorRTUnavailable, dtype_name, import_runtime, is_rtx, runtime_name
-from mmgpt.engines.session import sidecar
-from mmgpt.export.artifacts import Artifacts, write_json_atomic
-from mmgpt.export.graphs import past_names
+from mmgpt.contract.artifacts import Artifacts
+from mmgpt.contract.files import write_atomic, write_json
+from mmgpt.contract.graphs import BATCH, CACHE, PREFIX, TEXT, GraphDecl, declare_graphs
+from mmgpt.engines.trt import EngineError, TensorRTUnavailable, TrtLog, dtype_name, import_runtime, is_rtx, \
+    record_path, runtime_name
 
 STRATEGIES = ("two_engines", "shared")
+# engine name -> graph it is built from; profile names in the order they are added (TensorRT numbers them)
+ENGINES = {"two_engines": {"prefill": ("prefill", ("context",)), "decode": ("decode", ("generation",))},
+           "shared": {"shared": ("context_generation", ("context", "generation"))}}
+_WEIGHTS_LOG = re.compile(r"Total Weights Memory:\s*(\d+)\s*bytes", re.I)
 
 
-class EngineBuildError(RuntimeError):
-    pass
+def check_engine_config(cfg: dict) -> None:
+    """Everything about the engine options that can be wrong, checked before any tracing or building."""
+    if cfg.get("runtime", "auto") == "none":
+        return
+    if cfg.get("strategy") not in STRATEGIES:
+        raise ValueError(f"engine.strategy={cfg.get('strategy')!r}: choose one of {STRATEGIES}")
+    if cfg.get("context_past_slots", "auto") not in ("auto", 0, 1):
+        raise ValueError(f"engine.context_past_slots={cfg['context_past_slots']!r}: choose auto, 0 or 1")
+    for key in ("batch", "prompt", "capacity"):
+        _min_opt_max(cfg["profiles"][key], f"profiles.{key}")
+    runtime = cfg.get("runtime", "auto")
+    try:
+        trt = import_runtime(runtime)
+    except TensorRTUnavailable:
+        if runtime == "auto":
+            return
+        raise
+    if is_rtx(trt):
+        _rtx_target(trt, str(cfg.get("compute_capability", "auto")))
 
 
-def profile_shapes(meta: dict, cfg: dict) -> dict[str, dict[str, dict[str, tuple]]]:
-    """Per engine, per profile, per input: (min, opt, max) shapes, from the engine config and the exported limits."""
-    mc, limits = meta["model_config"], meta["limits"]
-    L, H, D, F = mc["n_layer"], mc["n_head"], mc["n_embd"] // mc["n_head"], mc["prefix_dim"]
-    P = meta["prefix_len"]
-    b = _clip(cfg["profiles"]["batch"], 1, limits["max_batch"], "profiles.batch")
-    t = _clip(cfg["profiles"]["prompt"], 1, limits["max_text"], "profiles.prompt")
-    # capacities are clipped to the model's positions, so one default serves every model size
-    s = _clip([min(int(x), limits["max_cache"]) for x in cfg["profiles"]["capacity"]], 1, limits["max_cache"],
-              "profiles.capacity")
-
-    def shapes(**dims):  # dims: name -> (min, opt, max) per symbolic dim
-        return lambda *axes: tuple(tuple(dims[a][i] if isinstance(a, str) else a for a in axes) for i in range(3))
-
-    def past(dim_of_cache):
-        return dict.fromkeys(past_names(L), dim_of_cache)
-
-    ctx = shapes(B=b, P=(P, P, P), T=t, S=(0, 0, 0))
-    gen = shapes(B=b, P=(0, 0, 0), T=(1, 1, 1), S=s)
-    prefill = {"prefix": ctx("B", "P", F), "input_ids": ctx("B", "T"), "input_lengths": ctx("B")}
-    decode = {"input_ids": gen("B", 1), "position_ids": gen("B", 1), **past(gen("B", H, "S", D))}
-    return {
-        "two_engines": {"prefill": {"context": prefill}, "decode": {"generation": decode}},
-        "shared": {"shared": {
-            "context": {**prefill, "position_ids": ctx("B", 1), **past(ctx("B", H, "S", D))},
-            "generation": {"prefix": gen("B", "P", F), "input_ids": gen("B", "T"), "input_lengths": gen("B"),
-                           **decode}}},
-    }
-
-
-def _clip(mom, lo, hi, what):
+def _min_opt_max(mom, what) -> tuple[int, int, int]:
     mom = tuple(int(x) for x in mom)
-    if len(mom) != 3 or not mom[0] <= mom[1] <= mom[2]:
-        raise ValueError(f"engine.{what}={list(mom)} must be [min, opt, max] with min <= opt <= max")
-    if mom[0] < lo or mom[2] > hi:
-        raise ValueError(f"engine.{what}={list(mom)} must lie within [{lo}, {hi}], the range exported into the "
-                         "ONNX graphs (raise export limits.* to widen it)")
+    if len(mom) != 3 or not 1 <= mom[0] <= mom[1] <= mom[2]:
+        raise ValueError(f"engine.{what}={list(mom)} must be [min, opt, max] with 1 <= min <= opt <= max")
     return mom
 
 
-SOURCES = {"prefill": "prefill", "decode": "decode", "shared": "context_generation"}
+def _clip(mom, hi, what):
+    lo, opt, top = _min_opt_max(mom, what)
+    if lo > hi:
+        raise ValueError(f"engine.{what}={list(mom)}: min exceeds {hi}, the largest size exported into the ONNX "
+                         "graphs (raise the export's limits.* to widen it)")
+    return lo, min(opt, hi), min(top, hi)
 
 
-def build_engines(artifacts: Artifacts, cfg: dict) -> dict:
+def profile_sizes(artifacts: Artifacts, cfg: dict, context_past_slots: int = 0) -> dict[str, dict]:
+    """Per profile name: (min, opt, max) of every dynamic dim, from the engine config clipped to the exported
+    limits (so one default serves every model size)."""
+    m = artifacts.manifest
+    limits = m.limits
+    b = _clip(cfg["profiles"]["batch"], limits.max_batch, "profiles.batch")
+    t = _clip(cfg["profiles"]["prompt"], limits.max_text, "profiles.prompt")
+    s = _clip(cfg["profiles"]["capacity"], limits.max_cache, "profiles.capacity")
+    p = (m.prefix_len,) * 3 if m.prefix_len is not None else (0, min(64, limits.max_prefix), limits.max_prefix)
+    past = (context_past_slots,) * 3
+    return {"context": {BATCH: b, PREFIX: p, TEXT: t, CACHE: past},
+            "generation": {BATCH: b, PREFIX: (0, 0, 0), TEXT: (1, 1, 1), CACHE: s}}
+
+
+def profile_shapes(graph: GraphDecl, sizes: dict) -> dict[str, list[list[int]]]:
+    """Per input of the graph: [min shape, opt shape, max shape]."""
+    return {t.name: [list(t.shape({k: v[i] for k, v in sizes.items()})) for i in range(3)] for t in graph.inputs}
+
+
+def build_engines(artifacts: Artifacts, cfg: dict) -> dict | None:
     """Build the configured strategy's engines into the artifacts directory and record them in model.json.
-    Returns the model.json `engines` entry. `runtime: auto` without any TensorRT module installed skips."""
-    strategy = cfg.get("strategy", "two_engines")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"engine.strategy={strategy!r}: choose two_engines or shared")
+    Returns the manifest's `engines` entry. Raises with the reason, or returns None when `runtime: auto` finds
+    no TensorRT module or no GPU to build for (printing how to build them)."""
+    check_engine_config(cfg)
+    runtime, strategy = cfg.get("runtime", "auto"), cfg["strategy"]
     try:
-        trt = import_runtime(cfg.get("runtime", "auto"))
+        trt = import_runtime(runtime)
     except TensorRTUnavailable as e:
-        if cfg.get("runtime", "auto") == "auto":
-            print(f"engines: skipped ({str(e).split(':')[0]}; install tensorrt-cu13 or tensorrt-rtx-cu13)")
-            return {}
+        if runtime == "auto":
+            print(f"engines: skipped ({str(e).split(':')[0]}); install tensorrt-cu13 (H100 / H200 / B200) or "
+                  f"tensorrt-rtx-cu13, then `python export.py artifacts={artifacts.path} engine=tensorrt`")
+            return None
         raise
-    meta = artifacts.meta
-    plans = profile_shapes(meta, cfg)[strategy]
-    logger = trt.Logger(trt.Logger.WARNING)
-    cache_path = Path(os.path.expanduser(cfg["timing_cache"])) if cfg.get("timing_cache") else None
-    built = {}
-    for engine_name, profiles in plans.items():
-        t0 = time.perf_counter()
-        onnx_path = artifacts.graph_path(SOURCES[engine_name])
-        plan, network_io = _build_one(trt, logger, onnx_path, profiles, cfg, cache_path)
-        out = artifacts.path / f"{engine_name}.engine"
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_bytes(plan)
-        os.replace(tmp, out)
-        record = {"weights_sha256": meta["weights_sha256"], "runtime": runtime_name(trt), "version": trt.__version__,
-                  "strategy": strategy, "io": network_io,
-                  "profiles": {p: {k: [list(s) for s in v] for k, v in shapes.items()} for p, shapes in profiles.items()}}
-        write_json_atomic(sidecar(out), record)  # the session refuses an engine whose weights differ from model.json
-        built[engine_name] = {"file": out.name, "bytes": out.stat().st_size, "source": onnx_path.name,
-                              "io": network_io, "profiles": record["profiles"],
-                              "build_s": round(time.perf_counter() - t0, 2)}
-        print(f"  {out.name:<15} {out.stat().st_size / 2**20:8.2f} MiB  profiles {list(profiles)}  "
-              f"({built[engine_name]['build_s']:.1f}s, {runtime_name(trt)} {trt.__version__})")
-    entry = {"runtime": runtime_name(trt), "version": trt.__version__, "strategy": strategy,
-             "weights_sha256": meta["weights_sha256"], "engines": built,
-             "total_bytes": sum(e["bytes"] for e in built.values()),
-             "settings": {k: cfg[k] for k in ("workspace_mib", "optimization_level", "compute_capability")}}
-    engines = dict(meta.get("engines") or {})
-    engines[strategy] = entry
-    artifacts.update_meta(engines=engines)
+    if runtime == "auto" and not _have_gpu() and not (is_rtx(trt) and cfg.get("compute_capability") != "auto"):
+        print(f"engines: skipped (no GPU here; engines are built on the machine that runs them): on the serving "
+              f"GPU run `python export.py artifacts={artifacts.path} engine=tensorrt`; to check the graphs compile "
+              f"on this CPU, `engine=tensorrt_rtx engine.compute_capability=SM89`")
+        return None
+    graphs = declare_graphs(artifacts.manifest.dims)
+    slots = cfg.get("context_past_slots", "auto")
+    for past in ((0, 1) if slots == "auto" else (int(slots),)):
+        try:
+            entry = _build_strategy(trt, artifacts, cfg, strategy, graphs, past)
+            break
+        except EngineError as e:
+            # Myelin has refused reductions over statically empty tensors; the context profile's zero-length past
+            # is one. One masked past slot computes the same thing (slot 0 is never < position 0).
+            if past != 0 or slots != "auto" or strategy != "shared":
+                raise
+            print(f"engines: the build with an empty past failed ({str(e).splitlines()[0][:200]}); retrying with "
+                  "one masked past slot")
+    artifacts.record_engines(strategy, entry)
     return entry
 
 
-def _build_one(trt, logger, onnx_path: Path, profiles: dict, cfg: dict, cache_path: Path | None):
-    builder = trt.Builder(logger)
+def _build_strategy(trt, artifacts, cfg, strategy, graphs, context_past_slots) -> dict:
+    sizes = profile_sizes(artifacts, cfg, context_past_slots)
+    cache_file = timing_cache_file(trt, cfg)
+    built = {}
+    for engine_name, (graph_name, profile_names) in ENGINES[strategy].items():
+        t0 = time.perf_counter()
+        graph = graphs[graph_name]
+        profiles = {p: profile_shapes(graph, sizes[p]) for p in profile_names}
+        plan, io, weights_bytes = _build_one(trt, artifacts.graph_path(graph_name), profiles, cfg, cache_file,
+                                             artifacts.manifest.dtype)
+        out = artifacts.path / f"{engine_name}.engine"
+        write_atomic(out, plan)
+        record = {"weights_sha256_tree": artifacts.manifest.weights.sha256_tree, "runtime": runtime_name(trt),
+                  "version": trt.__version__, "strategy": strategy, "source": graph.name, "io": io,
+                  "profile_names": list(profile_names), "profiles": profiles,
+                  "context_past_slots": context_past_slots, "builder_weights_bytes": weights_bytes,
+                  "target": _target_description(trt, cfg)}
+        write_json(record_path(out), record)  # the backend refuses an engine whose weights differ from model.json
+        built[engine_name] = {"file": out.name, "bytes": out.stat().st_size, "source": graph.name,
+                              "builder_weights_bytes": weights_bytes, "profiles": profiles,
+                              "build_s": round(time.perf_counter() - t0, 2)}
+        weights = f", weights {weights_bytes / 2**20:.2f} MiB" if weights_bytes else ""
+        print(f"  {out.name:<15} {out.stat().st_size / 2**20:8.2f} MiB{weights}  profiles {list(profile_names)}  "
+              f"({built[engine_name]['build_s']:.1f}s, {runtime_name(trt)} {trt.__version__})")
+    known = [e["builder_weights_bytes"] for e in built.values()]
+    return {"runtime": runtime_name(trt), "version": trt.__version__, "strategy": strategy, "engines": built,
+            "total_bytes": sum(e["bytes"] for e in built.values()),
+            "builder_weights_bytes": sum(known) if all(known) else None,
+            "context_past_slots": context_past_slots, "target": _target_description(trt, cfg),
+            "settings": {k: cfg.get(k) for k in ("workspace_mib", "optimization_level", "compute_capability",
+                                                  "tf32")}}
+
+
+def _build_one(trt, onnx_path: Path, profiles: dict, cfg: dict, cache_file: Path | None, model_dtype: str):
+    log = TrtLog(trt)
+    builder = trt.Builder(log.logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # from file: external weights resolve beside it
+    parser = trt.OnnxParser(network, log.logger)
+    if not parser.parse_from_file(str(onnx_path)):  # from the file: its external weights resolve beside it
         errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineBuildError(f"TensorRT's ONNX parser rejected {onnx_path.name}:\n{errors}")
+        raise EngineError(f"TensorRT's ONNX parser rejected {onnx_path.name}:\n{errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg["workspace_mib"]) << 20)
     config.builder_optimization_level = int(cfg["optimization_level"])
+    if not cfg.get("tf32", False):
+        # fp32 exports are compared token for token with PyTorch; TF32 matmuls (on by default) would break that
+        config.clear_flag(trt.BuilderFlag.TF32)
     if is_rtx(trt):
-        cc = str(cfg.get("compute_capability", "auto"))
-        target = _rtx_target(trt, cc)
         config.num_compute_capabilities = 1
-        config.set_compute_capability(target, 0)
-    # TensorRT-RTX compiles kernels when the engine loads, so a build-time timing cache means nothing to it
-    cache = None if is_rtx(trt) else _load_timing_cache(config, cache_path)
-    for name, shapes in profiles.items():
+        config.set_compute_capability(_rtx_target(trt, str(cfg.get("compute_capability", "auto"))), 0)
+        # stream capture of an RTX engine needs user-managed allocation, fixed at build time
+        config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
+    cache = _load_timing_cache(config, cache_file) if cache_file else None
+    for index, (name, shapes) in enumerate(profiles.items()):
         profile = builder.create_optimization_profile()
         for tensor, (lo, opt, hi) in shapes.items():
             profile.set_shape(tensor, lo, opt, hi)
+        if index > 0 and hasattr(profile, "extra_memory_target"):
+            profile.extra_memory_target = 0.0  # later profiles may not get weight copies of their own
         if config.add_optimization_profile(profile) < 0:
-            raise EngineBuildError(f"{onnx_path.name}: profile '{name}' was rejected: {shapes}")
+            raise EngineError(f"{onnx_path.name}: profile '{name}' was rejected: {shapes}. {log.take_errors()}")
     io = {}
     for i in range(network.num_inputs):
         t = network.get_input(i)
@@ -143,42 +186,66 @@ def _build_one(trt, logger, onnx_path: Path, profiles: dict, cfg: dict, cache_pa
     for i in range(network.num_outputs):
         t = network.get_output(i)
         io[t.name] = {"mode": "output", "dtype": dtype_name(t.dtype), "shape": list(t.shape)}
-    missing = set().union(*[set(s) for s in profiles.values()]) - {k for k, v in io.items() if v["mode"] == "input"}
-    if missing:
-        raise EngineBuildError(f"{onnx_path.name}: profile names inputs the network lacks: {sorted(missing)}")
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise EngineBuildError(f"building an engine from {onnx_path.name} failed; the TensorRT log above says why")
-    if cache is not None and cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(memoryview(cache.serialize()))
-        os.replace(tmp, cache_path)
-    return bytes(memoryview(plan)), io
+        raise EngineError(f"building an engine from {onnx_path.name} failed: {log.take_errors() or 'no reason given'}")
+    if cache is not None:
+        write_atomic(cache_file, bytes(memoryview(cache.serialize())))
+    weights = [int(m.group(1)) for line in log.info for m in [_WEIGHTS_LOG.search(line)] if m]
+    return bytes(memoryview(plan)), io, (weights[-1] if weights else None)
+
+
+def _have_gpu() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
 
 
 def _rtx_target(trt, cc: str):
     if cc == "auto":
-        try:
-            import torch
-            if torch.cuda.is_available():
-                return trt.ComputeCapability.CURRENT
-        except ImportError:
-            pass
-        raise EngineBuildError("engine.compute_capability=auto needs a GPU to read; on a CPU-only machine name the "
-                               "target GPU, e.g. engine.compute_capability=SM89 (Ada) or SM86 / SM80 / SM120")
+        if _have_gpu():
+            return trt.ComputeCapability.CURRENT
+        raise EngineError("engine.compute_capability=auto needs a GPU to read; on a CPU-only machine name the "
+                          "target GPU, e.g. engine.compute_capability=SM89 (Ada) or SM86 / SM80 / SM120")
     try:
         return getattr(trt.ComputeCapability, cc.upper())
     except AttributeError:
         options = [n for n in dir(trt.ComputeCapability) if n.startswith("SM") or n == "CURRENT"]
-        raise EngineBuildError(f"engine.compute_capability={cc!r}: TensorRT-RTX knows {options}") from None
+        raise ValueError(f"engine.compute_capability={cc!r}: TensorRT-RTX knows {options}") from None
 
 
-def _load_timing_cache(config, cache_path: Path | None):
-    data = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
+def _target_description(trt, cfg) -> str:
+    if is_rtx(trt) and str(cfg.get("compute_capability", "auto")) != "auto":
+        return str(cfg["compute_capability"]).upper()
+    import torch
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return f"{torch.cuda.get_device_name()} (compute capability {major}.{minor})"
+    return "unknown"
+
+
+def timing_cache_file(trt, cfg: dict) -> Path | None:
+    """Full TensorRT's timing cache, one file per TensorRT version and GPU: a cache is only valid for the device
+    properties and exact version it was made with. TensorRT-RTX has no build-time timing cache."""
+    directory = cfg.get("timing_cache")
+    if not directory or is_rtx(trt) or not _have_gpu():
+        return None
+    import torch
+    major, minor = torch.cuda.get_device_capability()
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-")
+    path = Path(os.path.expanduser(directory)) / f"timing-{trt.__version__}-{gpu}-sm{major}{minor}.cache"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _load_timing_cache(config, path: Path):
+    data = path.read_bytes() if path.is_file() else b""
     cache = config.create_timing_cache(data)
-    if cache is None and data:  # an unreadable cache (other version) is rebuilt, not fatal
+    if cache is None and data:  # unreadable: start a new one
         cache = config.create_timing_cache(b"")
-    if cache is not None:
-        config.set_timing_cache(cache, ignore_mismatch=True)
+    if cache is not None and not config.set_timing_cache(cache, ignore_mismatch=False):
+        cache = config.create_timing_cache(b"")  # made elsewhere after all: never mix device properties
+        config.set_timing_cache(cache, ignore_mismatch=False)
     return cache

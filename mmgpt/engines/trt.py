@@ -1,22 +1,31 @@
-"""One code path over `tensorrt` (datacenter GPUs) and `tensorrt_rtx` (RTX / Ampere-class GPUs; builds on a CPU)."""
+"""One code path over `tensorrt` (datacenter GPUs) and `tensorrt_rtx` (RTX / Ampere-class GPUs; builds on a CPU):
+importing either, its logger, and the names both the builder and the runtime use."""
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from types import ModuleType
 
 RUNTIMES = ("tensorrt", "tensorrt_rtx")
+
+# TensorRT warns about every int64 input of a strongly typed network ("Make sure input ... has Int64 binding");
+# mmgpt's graphs declare int64 ids on purpose and bind int64 tensors, so the line says nothing to act on.
+_EXPECTED_WARNINGS = ("has Int64 binding",)
 
 
 class TensorRTUnavailable(RuntimeError):
     pass
 
 
+class EngineError(RuntimeError):
+    """An engine cannot be built, loaded or run; the message carries TensorRT's own error lines."""
+
+
 def import_runtime(name: str = "auto") -> ModuleType:
     """`auto`: full TensorRT where installed, else TensorRT-RTX."""
-    names = RUNTIMES if name == "auto" else (name,)
     if name not in ("auto", *RUNTIMES):
         raise ValueError(f"engine runtime {name!r}: choose auto, tensorrt, tensorrt_rtx or none")
-    for n in names:
+    for n in RUNTIMES if name == "auto" else (name,):
         try:
             return importlib.import_module(n)
         except ImportError:
@@ -38,3 +47,38 @@ def is_rtx(trt: ModuleType) -> bool:
 def dtype_name(dt) -> str:
     """trt.DataType.HALF -> 'half': how build records and inspection spell a tensor dtype."""
     return str(dt).split(".")[-1].lower()
+
+
+def record_path(engine_path: Path) -> Path:
+    """The build record written beside each engine: what it was built from and with."""
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+class TrtLog:
+    """A TensorRT logger that keeps what was said, so every error raised can carry TensorRT's own lines.
+    Warnings and errors are printed as they come (minus the ones listed above); INFO lines are only kept."""
+
+    def __init__(self, trt: ModuleType, echo=True):
+        self.errors: list[str] = []
+        self.info: list[str] = []
+        severity = trt.ILogger.Severity
+        outer = self
+
+        class Logger(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+
+            def log(self, level, msg):
+                if level <= severity.ERROR:
+                    outer.errors.append(msg)
+                if level <= severity.WARNING and echo and not any(w in msg for w in _EXPECTED_WARNINGS):
+                    print(f"[{runtime_name(trt)}] {msg}")
+                elif level == severity.INFO:
+                    outer.info.append(msg)
+        self.logger = Logger()  # TensorRT holds only a reference: keep it alive with this object
+
+    def take_errors(self) -> str:
+        """The error lines since the last call, joined; empties the list."""
+        text = " | ".join(self.errors[-5:])
+        self.errors.clear()
+        return text

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from mmgpt.export.artifacts import Artifacts
-from mmgpt.export.graphs import TRACE_BATCH, TRACE_CACHE, TRACE_PREFIX, TRACE_TEXT, interleave, past_names
+from mmgpt.contract.artifacts import Artifacts
+from mmgpt.contract.graphs import BATCH, CACHE, PREFIX, TEXT, interleave, past_names
+from mmgpt.export.onnx_graphs import TRACE_SIZES
 from mmgpt.model import MultimodalGPT
-from mmgpt.runtime.backends import TorchBackend
+from mmgpt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from mmgpt.runtime.backends.torch import TorchBackend
 from mmgpt.runtime.generator import Generator
-from mmgpt.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
 # Bounds on max |ORT - PyTorch| over logits and KV outputs. fp32 is the bound; fp16 is relative to the
 # largest logit magnitude, since fp16 keeps ~3 significant digits and both sides round differently.
@@ -17,7 +18,7 @@ CHAIN_STEPS = 32
 
 
 def run_parity(model: MultimodalGPT, artifacts: Artifacts, prefix_len: int, seed: int = 0) -> dict:
-    dtype = artifacts.meta["dtype"]
+    dtype = artifacts.manifest.dtype
     if dtype == "bfloat16":
         return {"skipped": "ONNX Runtime's CPU provider has no bfloat16 kernels; parity is checked for fp32 / fp16"}
     cfg = model.config
@@ -33,14 +34,14 @@ def run_parity(model: MultimodalGPT, artifacts: Artifacts, prefix_len: int, seed
         rows.append({"graph": graph, "shape": shape, "max_abs_diff": diff, "max_abs_logit": scale})
 
     with torch.no_grad():
-        prefix_lens = sorted({prefix_len, max(1, prefix_len - 3), prefix_len + 2} - {TRACE_PREFIX})
+        prefix_lens = sorted({prefix_len, max(1, prefix_len - 3), prefix_len + 2} - {TRACE_SIZES[PREFIX]})
         for B in (1, 3):
             for P in prefix_lens:
                 for T in (1, 4, 9):
-                    if (B, T) == (TRACE_BATCH, TRACE_TEXT):
+                    if (B, T) == (TRACE_SIZES[BATCH], TRACE_SIZES[TEXT]):
                         continue
                     prefix = torch.randn(B, P, cfg.prefix_dim, generator=g).to(torch_dtype)
-                    ids = torch.randint(0, 256, (B, T), generator=g)
+                    ids = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
                     lengths = torch.randint(1, T + 1, (B,), generator=g)
                     lengths[0] = T  # at least one row unpadded
                     logits, k, v = model.forward_cached(prefix, ids, lengths, torch.zeros_like(lengths), None, None)
@@ -48,10 +49,10 @@ def run_parity(model: MultimodalGPT, artifacts: Artifacts, prefix_len: int, seed
                                              "input_lengths": lengths.numpy()})
                     record("prefill", {"batch": B, "prefix_len": P, "text_len": T}, [logits, *interleave(k, v)], got)
             for S in (16, 40):
-                if S == TRACE_CACHE:
+                if S == TRACE_SIZES[CACHE]:
                     continue
                 positions = torch.randint(1, S, (B, 1), generator=g)
-                ids = torch.randint(0, 256, (B, 1), generator=g)
+                ids = torch.randint(0, cfg.vocab_size, (B, 1), generator=g)
                 past = [torch.randn(B, cfg.n_head, S, cfg.head_dim, generator=g).to(torch_dtype)
                         for _ in range(2 * cfg.n_layer)]
                 logits, k, v = model.forward_cached(None, ids, torch.ones(B, dtype=torch.long), positions[:, 0],

@@ -1,9 +1,12 @@
-"""export.py's work: checkpoint -> graphs -> cleanup -> shared weights -> model.json -> parity -> engines,
-all in a staging directory that replaces artifacts/<name> only once everything succeeded."""
+"""export.py's work.
+
+From a checkpoint: graphs -> cleanup -> weights.bin (shared) -> manifest -> hf/ -> parity, all in a staging
+directory that replaces artifacts/<name> only once everything succeeded; then engines, if asked for.
+From existing artifacts (`artifacts=<dir>`): engines only, without the checkpoint and without re-tracing.
+"""
 from __future__ import annotations
 
 import datetime
-import json
 import time
 from pathlib import Path
 
@@ -11,16 +14,19 @@ import onnx
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mmgpt.checkpoint import CheckpointError, find_latest, load_checkpoint, weights_hash
-from mmgpt.export.artifacts import MODEL_JSON, Artifacts, staging_dir, write_json_atomic
-from mmgpt.export.graphs import graph_specs
-from mmgpt.export.onnx_export import OPSET, ExportError, check_contract, cleanup, io_dims, save_with_shared_weights, \
-    trace
+from mmgpt.checkpoint import CheckpointError, find_latest, load_checkpoint
+from mmgpt.contract.artifacts import Artifacts
+from mmgpt.contract.files import remove_stale_staging, staging_dir, write_json
+from mmgpt.contract.graphs import ModelDims, declare_graphs
+from mmgpt.contract.manifest import GraphFile, Limits, Manifest, WeightsFile
+from mmgpt.contract.weights import index_state_dict, tree_hash
+from mmgpt.engines.build import build_engines, check_engine_config
+from mmgpt.engines.trt import EngineError
+from mmgpt.export.onnx_graphs import OPSET, WEIGHTS_FILE, ExportError, check_against_declaration, cleanup, \
+    save_with_shared_weights, trace
 from mmgpt.export.parity import format_table, run_parity
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_ONNX_DTYPE_NAME = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-                    onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT64: "int64"}
 
 
 def resolve_checkpoint(cfg: DictConfig) -> Path:
@@ -34,71 +40,113 @@ def resolve_checkpoint(cfg: DictConfig) -> Path:
 
 
 def export(cfg: DictConfig) -> Path:
+    engine_cfg = OmegaConf.to_container(cfg.engine, resolve=True)
+    check_engine_config(engine_cfg)  # a bad engine option fails in the first second, not after the tracing
+    if cfg.artifacts:
+        return build_from_artifacts(Path(cfg.artifacts), engine_cfg)
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype={cfg.dtype!r}: choose one of {sorted(DTYPES)}")
+    buckets = [int(s) for s in cfg.capacity_buckets]
+    if not buckets or min(buckets) < 1:
+        raise ValueError(f"capacity_buckets={list(cfg.capacity_buckets)} must be a non-empty list of sizes >= 1")
     t_start = time.perf_counter()
     ckpt = resolve_checkpoint(cfg)
     loaded = load_checkpoint(ckpt)
+    check_finite(loaded.model, f"{ckpt}", "the training diverged or the checkpoint is damaged")
     model = loaded.model.to(DTYPES[cfg.dtype])
-    mc = model.config
+    check_finite(model, f"{ckpt} in {cfg.dtype}", "a weight exceeds the range of the dtype: export with dtype=bf16 "
+                 "or fp32")
+    config = model.config
+    limits = export_limits(cfg, config.block_size)
     name = cfg.name or ckpt.parent.parent.name  # outputs/train/<run>/checkpoints/last.ckpt -> <run>
-    final = Path(cfg.output_root) / name
-    limits = {"max_batch": cfg.limits.max_batch, "max_prefix": cfg.limits.max_prefix,
-              "max_text": cfg.limits.max_text, "max_cache": cfg.limits.max_cache or mc.block_size}
-    if limits["max_cache"] > mc.block_size:
-        raise ValueError(f"limits.max_cache={limits['max_cache']} exceeds the model's {mc.block_size} positions")
+    root = Path(cfg.output_root)
+    for stale in remove_stale_staging(root):
+        print(f"removed {stale}, left by an export that was killed")
+    final = root / name
+    dtype_name = str(DTYPES[cfg.dtype]).removeprefix("torch.")
     print(f"exporting {ckpt} ({model.num_params() / 1e6:.2f}M params, {cfg.dtype}) -> {final}")
 
-    with staging_dir(final) as out:
-        specs = graph_specs(model, DTYPES[cfg.dtype], **limits)
-        models, graphs, stats = {}, {}, {}
-        for spec in specs.values():
-            t0 = time.perf_counter()
-            proto, stats[spec.name] = cleanup(trace(spec))
-            check_contract(proto, spec)
-            models[spec.name] = proto
-            graphs[spec.name] = {"file": f"{spec.name}.onnx", **_io_contract(proto)}
-            print(f"  {spec.name:<19} {stats[spec.name]['nodes_before']:>4} -> {stats[spec.name]['nodes_after']:>4}"
-                  f" nodes  ({time.perf_counter() - t0:.1f}s)")
-        sizes = save_with_shared_weights(models, out)
-        for spec_name in models:
-            onnx.checker.check_model(str(out / f"{spec_name}.onnx"))
-        meta = {
-            "format": 1, "name": name, "created": datetime.datetime.now().isoformat(timespec="seconds"),
-            "checkpoint": str(ckpt.resolve()), "model_config": mc.to_dict(), "tokenizer": loaded.tokenizer.to_dict(),
-            "prefix_len": loaded.prefix_len, "data": loaded.data_config, "dtype": str(DTYPES[cfg.dtype]).removeprefix("torch."),
-            "opset": OPSET, "weights_sha256": weights_hash(model), "limits": limits,
-            "kv_cache": {"layout": "per layer (B, H, S, D); the runtime keeps one (L, B, H, S, D) buffer per bucket",
-                         "capacity_buckets": [int(s) for s in cfg.capacity_buckets]},
-            "graphs": graphs, "cleanup": stats, "sizes": sizes, "engines": {},
-        }
-        write_json_atomic(out / MODEL_JSON, meta)
-        artifacts = Artifacts(out)
-        if cfg.parity.enabled:
-            parity = run_parity(model, artifacts, loaded.prefix_len or 8, seed=cfg.parity.seed)
-            write_json_atomic(out / "parity.json", parity)
-            print(format_table(parity))
-            if cfg.parity.enforce and not parity.get("passed", True):
-                raise ExportError(f"parity failed (see the table above); nothing was written to {final}. "
-                                  "Set parity.enforce=false to keep the artifacts anyway")
-        if cfg.engine.runtime != "none":
-            from mmgpt.engines.build import build_engines
-            build_engines(artifacts, OmegaConf.to_container(cfg.engine, resolve=True))
+    try:
+        with staging_dir(final) as out:
+            graphs = declare_graphs(ModelDims.of(config))
+            protos, stats = {}, {}
+            for graph in graphs.values():
+                t0 = time.perf_counter()
+                proto, stats[graph.name] = cleanup(trace(model, graph, DTYPES[cfg.dtype], limits))
+                check_against_declaration(proto, graph, dtype_name)
+                protos[graph.name] = proto
+                print(f"  {graph.name:<19} {stats[graph.name]['nodes_before']:>4} -> "
+                      f"{stats[graph.name]['nodes_after']:>4} nodes  ({time.perf_counter() - t0:.1f}s)")
+            with open(out / WEIGHTS_FILE, "wb") as blob:
+                offsets: dict[bytes, int] = {}
+                sizes = save_with_shared_weights(protos, out, blob, offsets)
+                index = index_state_dict(model.state_dict(), blob, offsets)  # the PyTorch backends read these
+            for graph_name in protos:
+                onnx.checker.check_model(str(out / f"{graph_name}.onnx"))
+            weights_path = out / WEIGHTS_FILE
+            manifest = Manifest(
+                name=name, created=datetime.datetime.now().isoformat(timespec="seconds"), source=str(ckpt.resolve()),
+                model_config=config.to_dict(), tokenizer=loaded.tokenizer.save(out), prefix_len=loaded.prefix_len,
+                data=loaded.data_config, dtype=dtype_name, opset=OPSET, limits=limits, capacity_buckets=buckets,
+                weights=WeightsFile(file=WEIGHTS_FILE, nbytes=weights_path.stat().st_size,
+                                    sha256_tree=tree_hash(weights_path), tensors=index),
+                graphs={g.name: GraphFile(file=f"{g.name}.onnx", **g.io(dtype_name)) for g in graphs.values()},
+                stats={"cleanup": stats, "sizes": sizes})
+            manifest.write(out)
+            artifacts = Artifacts.open(out)
+            if cfg.hf.enabled:
+                from mmgpt.hf import save_hf_gpt2
+                save_hf_gpt2(model, loaded.tokenizer, out / "hf")
+            if cfg.parity.enabled:
+                parity = run_parity(model, artifacts, loaded.prefix_len or 8, seed=cfg.parity.seed)
+                write_json(out / "parity.json", parity)
+                print(format_table(parity))
+                if cfg.parity.enforce and not parity.get("passed", True):
+                    raise ExportError(f"parity failed (see the table above); nothing was written to {final}. "
+                                      "Set parity.enforce=false to keep the artifacts anyway")
+    except PermissionError as e:
+        raise ExportError(f"cannot write under output_root={root} ({e.strerror}: {e.filename}); pass a writable "
+                          "output_root=...") from None
     mb = sizes["weights_bytes"] / 2**20
-    print(f"weights: {mb:.1f} MiB stored once in {sizes['weights_file']} "
+    print(f"weights: {mb:.1f} MiB stored once in {WEIGHTS_FILE} "
           f"({sizes['bytes_if_not_shared'] / 2**20:.1f} MiB if each graph kept its own)")
     print(f"wrote {final}  ({time.perf_counter() - t_start:.0f}s)")
+    if engine_cfg.get("runtime", "auto") != "none":
+        build_from_artifacts(final, engine_cfg)
     return final
 
 
-def _io_contract(model: onnx.ModelProto) -> dict:
-    dims = io_dims(model)
+def build_from_artifacts(path: Path, engine_cfg: dict) -> Path:
+    """Engines into an existing artifacts directory (the TensorRT samples' build step). A failure leaves the
+    artifacts as they were and says how to retry."""
+    artifacts = Artifacts.open(path)
+    if engine_cfg.get("runtime", "auto") == "none":
+        raise ValueError("artifacts=... builds engines: pass engine=tensorrt or engine=tensorrt_rtx (or auto)")
+    try:
+        build_engines(artifacts, engine_cfg)
+    except EngineError as e:
+        raise EngineError(f"{e}\nThe artifacts in {path} are complete without engines; retry with "
+                          f"`python export.py artifacts={path} engine=...`") from None
+    return path
 
-    def describe(vis):
-        return {vi.name: {"dtype": _ONNX_DTYPE_NAME.get(vi.type.tensor_type.elem_type, str(vi.type.tensor_type.elem_type)),
-                          "shape": dims[vi.name]} for vi in vis}
-    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+
+def export_limits(cfg: DictConfig, block_size: int) -> Limits:
+    """The largest size of each dynamic dim: unset ones default to the model's context."""
+    raw = {k: cfg.limits.get(k) for k in ("max_batch", "max_prefix", "max_text", "max_cache")}
+    limits = Limits(**{k: int(v) if v is not None else block_size for k, v in raw.items()})
+    for k, v in vars(limits).items():
+        if v < 1:
+            raise ValueError(f"limits.{k}={v} must be >= 1")
+    for k in ("max_prefix", "max_text", "max_cache"):
+        if getattr(limits, k) > block_size:
+            raise ValueError(f"limits.{k}={getattr(limits, k)} exceeds the model's {block_size} positions")
+    return limits
 
 
-def print_json(path: Path) -> None:
-    print(json.dumps(json.loads(Path(path).read_text()), indent=2))
+def check_finite(model: torch.nn.Module, where: str, why: str) -> None:
+    """NaN or infinite weights give NaN logits whatever the graphs do: refuse them, naming the tensor."""
+    for name, t in model.state_dict().items():
+        bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+        if bad:
+            raise ExportError(f"{where}: weight {name} holds {bad} NaN or infinite value(s) of {t.numel()}; {why}. "
+                              "Export refuses it whatever parity.enforce says")

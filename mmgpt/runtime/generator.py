@@ -8,12 +8,13 @@ on a GPU it is captured once per bucket and replayed. The host looks at the fini
 from __future__ import annotations
 
 import time
+import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from mmgpt.runtime.sampling import SamplingConfig, sample
-from mmgpt.tokenizer import ByteTokenizer
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024)
 
@@ -54,11 +55,11 @@ class _Bucket:
     finished: torch.Tensor  # (B,) bool
     out: torch.Tensor  # (B, S) generated tokens
     step: torch.Tensor  # (1,) index into out
-    graphs: dict = field(default_factory=dict)  # SamplingConfig-shape key -> torch.cuda.CUDAGraph
+    graphs: dict = field(default_factory=dict)  # sampling key -> torch.cuda.CUDAGraph, or None: runs un-captured
 
 
 class Generator:
-    def __init__(self, backend, tokenizer: ByteTokenizer, capacity_buckets=DEFAULT_BUCKETS,
+    def __init__(self, backend, tokenizer, capacity_buckets=DEFAULT_BUCKETS,
                  max_positions: int | None = None, cuda_graph: bool | None = None, eos_check_interval: int = 8):
         self.backend, self.tok = backend, tokenizer
         self.device = torch.device(backend.device)
@@ -68,6 +69,8 @@ class Generator:
         if self.use_graph and self.device.type != "cuda":
             raise ValueError("cuda_graph=True needs a CUDA backend device")
         self.eos_check_interval = eos_check_interval
+        # all device work on a stream of our own: engines must not run on the legacy default stream
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._state: dict[tuple[int, int], _Bucket] = {}
         self._rng = torch.Generator(device=self.device)
         self.graph_captures = 0  # how many CUDA graphs were captured over this generator's life
@@ -87,18 +90,18 @@ class Generator:
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
         return ids.to(self.device), lengths.to(self.device)
 
-    def check(self, prefix: torch.Tensor, prompt_len: int, max_new_tokens: int) -> int:
+    def capacity_for(self, prefix: torch.Tensor, prompt_len: int, max_new_tokens: int) -> int:
         """Validate shapes before anything runs; returns the capacity bucket to use."""
         be = self.backend
         check_prefix(prefix)
         B, P, F = prefix.shape
-        if F != be.prefix_dim:
-            raise ValueError(f"prefix feature size F={F}, but the model expects F={be.prefix_dim}")
+        if F != be.dims.prefix_dim:
+            raise ValueError(f"prefix feature size F={F}, but the model expects F={be.dims.prefix_dim}")
         if be.prefix_len is not None and P != be.prefix_len:
             raise ValueError(f"prefix length P={P}, but the exported graphs expect P={be.prefix_len}")
         if be.max_batch is not None and B > be.max_batch:
-            raise ValueError(f"batch {B} exceeds the engine profile's max batch {be.max_batch}; "
-                             "split the batch or rebuild the engine with a larger max batch")
+            raise ValueError(f"batch {B} exceeds the {be.name} backend's max batch {be.max_batch}; split the "
+                             "batch (infer.py does) or, for engines, rebuild with a larger engine.profiles.batch")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
         need = P + prompt_len + max_new_tokens
@@ -114,7 +117,7 @@ class Generator:
         key = (B, S)
         if key not in self._state:
             be, dev = self.backend, self.device
-            shape = (be.n_layer, B, be.n_head, S, be.head_dim)
+            shape = (be.dims.n_layer, B, be.dims.n_head, S, be.dims.head_dim)
             self._state[key] = _Bucket(
                 k=torch.zeros(shape, dtype=be.dtype, device=dev), v=torch.zeros(shape, dtype=be.dtype, device=dev),
                 token=torch.zeros(B, 1, dtype=torch.long, device=dev),
@@ -136,26 +139,40 @@ class Generator:
         st.step.add_(1)
 
     def _graph(self, st: _Bucket, sampling: SamplingConfig):
+        """The bucket's captured decode step for this sampling setup, capturing it on first use; None where the
+        backend cannot be captured (the step then runs un-captured, with a warning saying why)."""
         key = (sampling.temperature == 0, sampling.temperature, sampling.top_k, sampling.top_p)
         if key not in st.graphs:
-            # Warm up on a side stream (lazy init, compilation, cuBLAS handles), then capture. Both run on dummy
-            # state: the next prefill overwrites everything the step reads. Position 0 keeps writes in range.
+            # Warm up first (lazy init, compilation, cuBLAS handles, TensorRT's shape-dependent setup), then
+            # capture. Both run on dummy state: the next prefill overwrites everything the step reads.
+            # Position 0 keeps writes in range.
             st.position.zero_()
             st.step.zero_()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self._decode_step(st, sampling)
-            torch.cuda.current_stream().wait_stream(stream)
+            self._decode_step(st, sampling)
+            torch.cuda.synchronize(self.device)
             st.position.zero_()
             st.step.zero_()
-            graph = torch.cuda.CUDAGraph()
-            if not sampling.greedy:
-                graph.register_generator_state(self._rng)
-            with torch.cuda.graph(graph):
-                self._decode_step(st, sampling)
+            blocker = getattr(self.backend, "capture_blocker", None)
+            reason = blocker(st.token, st.position, st.k, st.v) if blocker else None
+            graph = None
+            if reason is None:
+                graph = torch.cuda.CUDAGraph()
+                if not sampling.greedy:
+                    graph.register_generator_state(self._rng)
+                try:
+                    with torch.cuda.graph(graph, stream=self.stream):
+                        self._decode_step(st, sampling)
+                    self.graph_captures += 1
+                except Exception as e:  # noqa: BLE001 -- reported; the step runs un-captured instead
+                    reason = f"{type(e).__name__}: {e}"
+                    if e.__context__ is not None:
+                        reason += f" (during capture: {e.__context__})"
+                    graph = None
+                    torch.cuda.synchronize(self.device)
+            if reason is not None:
+                warnings.warn(f"decode step for batch {st.k.shape[1]}, capacity {st.k.shape[3]} runs without a "
+                              f"CUDA graph (slower, same tokens): {reason}", RuntimeWarning, stacklevel=3)
             st.graphs[key] = graph
-            self.graph_captures += 1
         return st.graphs[key]
 
     # ---------------------------------------------------------------- generate
@@ -164,10 +181,14 @@ class Generator:
                  sampling: SamplingConfig = SamplingConfig()) -> GenerationResult:
         B = check_prefix(prefix).shape[0]
         input_ids, input_lengths = self.prepare(prompts, B)
-        S = self.check(prefix, input_ids.shape[1], max_new_tokens)
+        S = self.capacity_for(prefix, input_ids.shape[1], max_new_tokens)
+        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+            return self._generate(prefix.to(self.device), input_ids, input_lengths, S, max_new_tokens, sampling)
+
+    def _generate(self, prefix, input_ids, input_lengths, S, max_new_tokens, sampling) -> GenerationResult:
+        B = prefix.shape[0]
         st = self._bucket(B, S)
         graph = self._graph(st, sampling) if self.use_graph else None
-        prefix = prefix.to(self.device)
         self._rng.manual_seed(sampling.seed)
 
         self._sync()

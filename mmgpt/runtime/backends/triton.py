@@ -13,7 +13,7 @@ import triton
 
 from mmgpt.kernels.decode_step import attention_kernel, embed_kernel, ln_gemv_kernel, ln_gemv_row_kernel
 from mmgpt.model import MultimodalGPT
-from mmgpt.runtime.backends import TorchBackend
+from mmgpt.runtime.backends.torch import TorchBackend
 
 MAX_BATCH = 64
 

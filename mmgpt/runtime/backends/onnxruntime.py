@@ -9,31 +9,27 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from mmgpt.export.artifacts import Artifacts
-from mmgpt.export.graphs import interleave, past_names
-from mmgpt.runtime.backends import write_kv
+from mmgpt.contract.artifacts import Artifacts
+from mmgpt.contract.graphs import interleave, past_names
+from mmgpt.runtime.backends import Backend, write_kv
 
-class OnnxRuntimeBackend:
+
+class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, artifacts: Artifacts, threads: int = 0):
-        meta = artifacts.meta
-        if meta["dtype"] == "bfloat16":
+        m = artifacts.manifest
+        if m.dtype == "bfloat16":
             raise ValueError("ONNX Runtime's CPU provider has no bfloat16 kernels; export with dtype=fp32 or fp16 "
                              "for backend=onnxruntime")
+        super().__init__(m.dims, "cpu", m.torch_dtype, prefix_len=m.prefix_len)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
         providers = ["CPUExecutionProvider"]
         self.prefill_session = ort.InferenceSession(str(artifacts.graph_path("prefill")), opts, providers=providers)
         self.decode_session = ort.InferenceSession(str(artifacts.graph_path("decode")), opts, providers=providers)
-        cfg = meta["model_config"]
-        self.device, self.dtype = torch.device("cpu"), artifacts.torch_dtype
-        self.n_layer, self.n_head = cfg["n_layer"], cfg["n_head"]
-        self.head_dim = cfg["n_embd"] // cfg["n_head"]
-        self.prefix_len, self.prefix_dim = meta.get("prefix_len"), cfg["prefix_dim"]
-        self.max_batch = None
-        self._past_names = past_names(self.n_layer)
+        self._past_names = past_names(self.dims.n_layer)
 
     def prefill(self, prefix, input_ids, input_lengths):
         outs = self.prefill_session.run(None, {

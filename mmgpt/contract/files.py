@@ -1,0 +1,104 @@
+"""Writing files so that no reader ever sees half of one: atomic file writes, and whole directories staged beside
+their final place and swapped in only once complete."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+STAGING = ".partial-"  # marks a directory being written; never a result
+
+
+def write_atomic(path, data: bytes | str) -> None:
+    """Write `data` to a temporary sibling, then rename it over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every `finally` and `except BaseException` runs."""
+
+
+@contextmanager
+def sigterm_raises():
+    """Within this block SIGTERM unwinds the stack like SIGINT does (the default handler would kill the process
+    without cleaning up). Only the main thread can install handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated(f"terminated by signal {signum}")
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(root: Path) -> list[Path]:
+    """Remove staging directories under `root` left by processes that no longer run (killed with SIGKILL, or a
+    machine that went down). Returns what was removed."""
+    removed = []
+    for p in Path(root).glob(f".*{STAGING}*") if Path(root).is_dir() else []:
+        try:
+            pid = int(p.name.split(STAGING, 1)[1].split("-", 1)[0])
+        except ValueError:
+            continue
+        if p.is_dir() and not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+@contextmanager
+def staging_dir(final: Path):
+    """Yield an empty sibling directory of `final`; when the block succeeds it replaces `final` whole, when it fails
+    (an exception, Ctrl-C or SIGTERM) it is removed and `final` stays as it was."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{STAGING}{os.getpid()}-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the result private to this user
+    old = final.with_name(f".{final.name}.old{STAGING}{os.getpid()}")
+    try:
+        with sigterm_raises():
+            yield tmp
+            if final.exists():
+                os.replace(final, old)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                if old.exists():
+                    os.replace(old, final)
+                raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,122 @@
+"""The exported graphs, each tensor declared once: name, dtype and dims.
+
+A dim is a symbol (dynamic: batch, prefix_len, text_len, cache_len, or a sum of them) or a model constant.
+Everything that needs a graph's shapes derives from these declarations: torch.export's dynamic dims, the check of
+the saved ONNX file, the TensorRT optimization profiles, and the TensorRT backend's output buffers.
+
+  prefill             prefix (B, P, F), input_ids (B, T) right-padded, input_lengths (B,)
+                      -> logits (B, V) at each row's last real token, present.{i}.key/value (B, H, P+T, D)
+  decode              input_ids (B, 1), position_ids (B, 1), past_key_values.{i}.key/value (B, H, S, D)
+                      -> logits (B, V), present.{i}.key/value (B, H, 1, D): the NEW slot only
+  context_generation  both flows' inputs, for one engine with two optimization profiles: the context profile
+                      sets S = 0, the generation profile P = 0 and T = 1.
+
+Names follow Hugging Face optimum, with one difference in meaning: optimum's `present` is past + new, mmgpt's
+decode `present` is the new slot alone, which the runtime writes into its fixed-capacity cache at `position_ids`
+(returning the whole cache would copy it every step).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+BATCH, PREFIX, TEXT, CACHE = "batch", "prefix_len", "text_len", "cache_len"
+SEQUENCE = f"{PREFIX} + {TEXT}"
+SYMBOLS = (BATCH, PREFIX, TEXT, CACHE)
+MODEL_DTYPE = "model"  # the export dtype (float32 / float16 / bfloat16)
+
+Dim = str | int
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The model dimensions every stage after training needs."""
+    n_layer: int
+    n_head: int
+    head_dim: int
+    prefix_dim: int
+    vocab_size: int
+    block_size: int
+
+    @classmethod
+    def of(cls, config) -> "ModelDims":
+        """From a GPTConfig (or anything with its fields)."""
+        return cls(config.n_layer, config.n_head, config.n_embd // config.n_head, config.prefix_dim,
+                   config.vocab_size, config.block_size)
+
+
+@dataclass(frozen=True)
+class TensorDecl:
+    name: str
+    dims: tuple[Dim, ...]
+    dtype: str  # MODEL_DTYPE or "int64"
+
+    def shape(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
+        """Concrete shape for the given symbol sizes."""
+        return tuple(d if isinstance(d, int) else sum(sizes[s.strip()] for s in d.split("+")) for d in self.dims)
+
+    def dtype_name(self, model_dtype: str) -> str:
+        return model_dtype if self.dtype == MODEL_DTYPE else self.dtype
+
+
+@dataclass(frozen=True)
+class GraphDecl:
+    name: str
+    inputs: tuple[TensorDecl, ...]
+    outputs: tuple[TensorDecl, ...]
+    min_sizes: Mapping[str, int]  # smallest legal size of each symbol in this graph (0 where a flow has none)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    @property
+    def symbols(self) -> list[str]:
+        """The input symbols, in first-use order (outputs only combine them)."""
+        return list(dict.fromkeys(d for t in self.inputs for d in t.dims if isinstance(d, str)))
+
+    def io(self, model_dtype: str) -> dict:
+        """The I/O contract as written into model.json: name -> dtype and dims."""
+        def describe(ts):
+            return {t.name: {"dtype": t.dtype_name(model_dtype), "shape": list(t.dims)} for t in ts}
+        return {"inputs": describe(self.inputs), "outputs": describe(self.outputs)}
+
+
+def past_names(n_layer: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+
+
+def present_names(n_layer: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+
+
+def interleave(keys, values) -> list:
+    """[k0, v0, k1, v1, ...]: the order of the present.* outputs and past_key_values.* inputs."""
+    return [t for kv in zip(keys, values) for t in kv]
+
+
+def declare_graphs(dims: ModelDims) -> dict[str, GraphDecl]:
+    L, H, D, F, V = dims.n_layer, dims.n_head, dims.head_dim, dims.prefix_dim, dims.vocab_size
+    prefix = TensorDecl("prefix", (BATCH, PREFIX, F), MODEL_DTYPE)
+    prompt = TensorDecl("input_ids", (BATCH, TEXT), "int64")
+    lengths = TensorDecl("input_lengths", (BATCH,), "int64")
+    token = TensorDecl("input_ids", (BATCH, 1), "int64")
+    positions = TensorDecl("position_ids", (BATCH, 1), "int64")
+    past = tuple(TensorDecl(n, (BATCH, H, CACHE, D), MODEL_DTYPE) for n in past_names(L))
+    logits = TensorDecl("logits", (BATCH, V), MODEL_DTYPE)
+
+    def present(length):
+        return tuple(TensorDecl(n, (BATCH, H, length, D), MODEL_DTYPE) for n in present_names(L))
+
+    graphs = (
+        GraphDecl("prefill", (prefix, prompt, lengths), (logits, *present(SEQUENCE)),
+                  {BATCH: 1, PREFIX: 0, TEXT: 1}),
+        GraphDecl("decode", (token, positions, *past), (logits, *present(1)), {BATCH: 1, CACHE: 1}),
+        GraphDecl("context_generation", (prefix, prompt, lengths, positions, *past), (logits, *present(SEQUENCE)),
+                  {BATCH: 1, PREFIX: 0, TEXT: 1, CACHE: 0}),
+    )
+    return {g.name: g for g in graphs}

@@ -1,0 +1,173 @@
+"""model.json: the typed, versioned manifest of an artifacts directory, written and validated here only.
+
+Every reader (backends, engine build, inspection, infer) gets a `Manifest`, never the raw dict. A manifest from
+another schema version, or one whose fields are missing or mistyped, is refused with "re-export".
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mmgpt.contract.graphs import BATCH, CACHE, PREFIX, TEXT, ModelDims
+from mmgpt.model import GPTConfig
+
+SCHEMA_VERSION = 2
+MANIFEST_FILE = "model.json"
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ArtifactsError(ValueError):
+    """An artifacts directory is missing, incomplete, damaged or from another version; the message says which
+    file and what to do."""
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """One parameter inside weights.bin: raw little-endian bytes at `offset`."""
+    offset: int
+    shape: list[int]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    file: str
+    nbytes: int
+    sha256_tree: str  # see contract.weights.tree_hash: sha256 over per-chunk sha256s, fast on multi-GB files
+    tensors: dict[str, TensorLocation]  # every parameter of the model, by its PyTorch name
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Largest size of each dynamic dim the graphs were exported for (and engine profiles may use)."""
+    max_batch: int
+    max_prefix: int
+    max_text: int
+    max_cache: int
+
+    def by_symbol(self) -> dict[str, int]:
+        return {BATCH: self.max_batch, PREFIX: self.max_prefix, TEXT: self.max_text, CACHE: self.max_cache}
+
+
+@dataclass(frozen=True)
+class GraphFile:
+    file: str
+    inputs: dict[str, dict]  # name -> {"dtype", "shape" (ints and symbols)}
+    outputs: dict[str, dict]
+
+
+@dataclass
+class Manifest:
+    name: str
+    created: str
+    source: str  # what was exported (a checkpoint path, for the record only: nothing reads it)
+    model_config: dict  # GPTConfig fields
+    tokenizer: dict  # mmgpt.tokenizer.tokenizer_from_dict's input; its files (if any) lie in the directory
+    prefix_len: int | None  # the prefix length the model was trained with (None: any)
+    data: dict | None  # the training data config (rebuilds the digits validation split)
+    dtype: str  # float32 | float16 | bfloat16
+    opset: int
+    limits: Limits
+    capacity_buckets: list[int]  # KV-cache capacities the decode loop may use
+    weights: WeightsFile
+    graphs: dict[str, GraphFile]
+    engines: dict[str, dict] = field(default_factory=dict)  # strategy -> build record (engines/build.py)
+    stats: dict = field(default_factory=dict)  # export statistics: node counts, sizes, timings
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def config(self) -> GPTConfig:
+        return GPTConfig.from_dict(self.model_config)
+
+    @property
+    def dims(self) -> ModelDims:
+        return ModelDims.of(self.config)
+
+    @property
+    def torch_dtype(self):
+        import torch
+        return getattr(torch, self.dtype)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def write(self, directory: Path) -> None:
+        from mmgpt.contract.files import write_json
+        write_json(Path(directory) / MANIFEST_FILE, self.to_dict())
+
+    @classmethod
+    def read(cls, directory: Path) -> "Manifest":
+        path = Path(directory) / MANIFEST_FILE
+        if not path.is_file():
+            raise ArtifactsError(f"{directory}: no {MANIFEST_FILE} here; run `python export.py` first, or point "
+                                 "artifacts= at a directory export.py wrote")
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ArtifactsError(f"{path}: not valid JSON ({e}); re-run `python export.py`") from None
+        version = raw.get("schema_version", 1) if isinstance(raw, dict) else None
+        if version != SCHEMA_VERSION:
+            raise ArtifactsError(f"{path}: written by another mmgpt version (schema {version}, this one reads "
+                                 f"{SCHEMA_VERSION}); re-export: `python export.py ckpt=<its checkpoint>`")
+        try:
+            manifest = _build(cls, raw, "")
+            manifest.validate()
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactsError(f"{path}: {e}; it was edited or damaged: re-run `python export.py`") from None
+        return manifest
+
+    def validate(self) -> None:
+        config = self.config  # GPTConfig validates its own fields
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {DTYPES}")
+        for n, v in asdict(self.limits).items():
+            if v < 1:
+                raise ValueError(f"limits.{n}={v} must be >= 1")
+        if self.limits.max_cache > config.block_size:
+            raise ValueError(f"limits.max_cache={self.limits.max_cache} exceeds block_size={config.block_size}")
+        if not self.capacity_buckets or min(self.capacity_buckets) < 1:
+            raise ValueError(f"capacity_buckets={self.capacity_buckets} must be a non-empty list of sizes >= 1")
+        if self.prefix_len is not None and not 0 <= self.prefix_len <= self.limits.max_prefix:
+            raise ValueError(f"prefix_len={self.prefix_len} lies outside [0, limits.max_prefix]")
+
+
+def _build(cls, raw, where: str):
+    """A dataclass from its asdict() form, checking every field's presence and type on the way."""
+    if not isinstance(raw, dict):
+        raise TypeError(f"{where or 'the manifest'} must be an object, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{where}.{f.name}" if where else f.name
+        if f.name not in raw:
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                continue
+            raise KeyError(f"missing field '{key}'")
+        kwargs[f.name] = _convert(hints[f.name], raw[f.name], key)
+    return cls(**kwargs)
+
+
+def _convert(hint, value, key):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+        if value is None and type(None) in args:
+            return None
+        return _convert(next(a for a in args if a is not type(None)), value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"'{key}' must be an object")
+        return {k: _convert(args[1], v, f"{key}.{k}") for k, v in value.items()} if args else value
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError(f"'{key}' must be a list")
+        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if hint is int and (not isinstance(value, int) or isinstance(value, bool)):
+        raise TypeError(f"'{key}' must be an integer, got {value!r}")
+    if hint is str and not isinstance(value, str):
+        raise TypeError(f"'{key}' must be a string, got {value!r}")
+    return value

@@ -1,0 +1,1 @@
+"""TensorRT engines built from an artifacts directory, and their inspection."""

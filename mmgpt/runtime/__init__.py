@@ -1,0 +1,1 @@
+"""The decode loop: backends (built from an artifacts directory), sampling, and the generator."""

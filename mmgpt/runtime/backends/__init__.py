@@ -1,0 +1,85 @@
+"""Backends: what runs the two flows of the exported model. Every backend is built from an artifacts directory
+(`open_backend`), so artifacts copied to another machine serve on all of them.
+
+    prefill(prefix (B, P, F), input_ids (B, T), input_lengths (B,)) -> logits (B, V), keys / values per layer
+        (B, H, P+T, D)
+    decode(input_ids (B, 1), position_ids (B, 1), k_cache, v_cache) -> logits (B, V)
+
+The caches are (L, B, H, S, D) buffers owned by the generator; decode writes the new token's key and value into
+them at position_ids (inside the backend, so a backend can fuse the write into its step).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mmgpt.contract.artifacts import Artifacts
+from mmgpt.contract.graphs import ModelDims
+
+BACKENDS = ("auto", "tensorrt", "torch", "torch-triton", "onnxruntime")
+
+
+class Backend:
+    """What the generator needs to know of a backend, set once by every backend's constructor."""
+
+    name = "backend"
+
+    def __init__(self, dims: ModelDims, device, dtype: torch.dtype, prefix_len: int | None = None,
+                 max_batch: int | None = None):
+        self.dims = dims
+        self.device = torch.device(device)
+        self.dtype = dtype  # of the KV cache
+        self.prefix_len = prefix_len  # the only prefix length this backend takes, or None for any
+        self.max_batch = max_batch  # the largest batch this backend takes (an engine profile's), or None
+
+    def prefill(self, prefix, input_ids, input_lengths):
+        raise NotImplementedError
+
+    def decode(self, input_ids, position_ids, k_cache, v_cache) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def write_kv(cache: torch.Tensor, new: list[torch.Tensor] | torch.Tensor, position_ids: torch.Tensor) -> None:
+    """cache (L, B, H, S, D) <- new entries (L x (B, H, 1, D)) at each row's position (B, 1), in place."""
+    new = torch.stack(list(new)) if not torch.is_tensor(new) else new  # (L, B, H, 1, D)
+    L, B, H, _, D = new.shape
+    index = position_ids.view(1, B, 1, 1, 1).expand(L, B, H, 1, D)
+    cache.scatter_(3, index, new.to(cache.dtype))
+
+
+def resolve_device(device: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
+def open_backend(name: str, artifacts: Artifacts, device: str = "auto", compile: bool = False,
+                 strategy: str | None = None) -> Backend:
+    """`auto`: TensorRT where an engine can run here, else the fused Triton kernels on a GPU, else ONNX Runtime on
+    the CPU. Returns the backend and, for auto, says why a preferred one was passed over."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r}: choose one of {BACKENDS}")
+    dev = resolve_device(device)
+    if name == "auto":
+        if dev.type == "cuda" and artifacts.manifest.engines:
+            try:
+                return open_backend("tensorrt", artifacts, device, strategy=strategy)
+            except Exception as e:  # noqa: BLE001 -- reported, then the next backend is tried
+                print(f"backend=auto: the TensorRT engines cannot run here ({str(e).splitlines()[0][:200]}); "
+                      "using torch-triton")
+        return open_backend("torch-triton" if dev.type == "cuda" else "onnxruntime", artifacts, device, compile)
+    if name == "tensorrt":
+        from mmgpt.runtime.backends.tensorrt import TensorRTBackend
+        return TensorRTBackend(artifacts, strategy)
+    if name == "onnxruntime":
+        from mmgpt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+        return OnnxRuntimeBackend(artifacts)
+    model = artifacts.load_model(dev)
+    prefix_len = artifacts.manifest.prefix_len
+    if name == "torch-triton":
+        if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("backend=torch-triton needs a CUDA GPU (or TRITON_INTERPRET=1 to emulate it, slowly); "
+                             "on a CPU use backend=torch or backend=onnxruntime")
+        from mmgpt.runtime.backends.triton import TritonBackend
+        return TritonBackend(model, prefix_len=prefix_len)
+    from mmgpt.runtime.backends.torch import TorchBackend
+    return TorchBackend(model, compile=compile, prefix_len=prefix_len)

@@ -1,0 +1,38 @@
+"""The PyTorch model itself as a backend; `compile=True` fuses each decode step (KV write included) with
+torch.compile. Training validation and every exported graph run the same `forward_cached`."""
+from __future__ import annotations
+
+import torch
+
+from mmgpt.contract.graphs import ModelDims
+from mmgpt.model import MultimodalGPT
+from mmgpt.runtime.backends import Backend, write_kv
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, model: MultimodalGPT, compile: bool = False, prefix_len: int | None = None):
+        p = next(model.parameters())
+        super().__init__(ModelDims.of(model.config), p.device, p.dtype, prefix_len=prefix_len)
+        self.model = model.eval()
+        self._decode = torch.compile(self._decode_step, fullgraph=True, dynamic=False) if compile else self._decode_step
+        if compile:
+            self.name = "torch-compile"
+
+    @torch.no_grad()
+    def prefill(self, prefix, input_ids, input_lengths):
+        start = torch.zeros_like(input_lengths)
+        return self.model.forward_cached(prefix.to(self.dtype), input_ids, input_lengths, start, None, None)
+
+    def decode(self, input_ids, position_ids, k_cache, v_cache):
+        with torch.no_grad():
+            return self._decode(input_ids, position_ids, k_cache, v_cache)
+
+    def _decode_step(self, input_ids, position_ids, k_cache, v_cache):
+        ones = torch.ones_like(position_ids[:, 0])
+        logits, new_k, new_v = self.model.forward_cached(
+            None, input_ids, ones, position_ids[:, 0], k_cache.unbind(0), v_cache.unbind(0))
+        write_kv(k_cache, new_k, position_ids)
+        write_kv(v_cache, new_v, position_ids)
+        return logits
