@@ -1,17 +1,20 @@
-"""python export.py [ckpt=...] [dtype=fp16] [engine=tensorrt_rtx] [engine.strategy=shared] [inspect=path.engine]"""
+"""python export.py [ckpt=...] [dtype=fp16] [engine=tensorrt_rtx] [engine.strategy=shared]
+python export.py artifacts=artifacts/<name> engine=tensorrt   (engines only, on the machine that runs them)
+python export.py inspect=artifacts/<name>/shared.engine"""
 import hydra
 from omegaconf import DictConfig
 
-from mmgpt.export.pipeline import export
+from mmgpt.cli import run_command
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     if cfg.inspect:
-        from mmgpt.engines.inspect import print_inspection
-        print_inspection(cfg.inspect)
+        from mmgpt.engines.inspection import format_inspection, inspect_engine
+        run_command(lambda: print(format_inspection(inspect_engine(cfg.inspect))))
         return
-    export(cfg)
+    from mmgpt.export.pipeline import export
+    run_command(lambda: export(cfg))
 
 
 if __name__ == "__main__":

@@ -2,12 +2,14 @@
 import hydra
 from omegaconf import DictConfig
 
-from mmgpt.training import train
+from mmgpt.cli import run_command
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> None:
-    train(cfg)
+def main(cfg: DictConfig) -> float | None:
+    from mmgpt.training import train
+    result = run_command(lambda: train(cfg))
+    return result["metrics"].get("val/exact_match")  # what a Hydra sweeper optimises
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from mmgpt.bench.decode import build_model, versions
-from mmgpt.runtime.backends import TorchBackend
+from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
 from mmgpt.runtime.sampling import SamplingConfig
 from mmgpt.tokenizer import ByteTokenizer
@@ -30,7 +30,7 @@ def main():
     model = build_model("124m", torch.float16, dev)
     tok = ByteTokenizer(bos_id=50256, eos_id=50256, pad_id=50256)
     checks = []
-    from mmgpt.runtime.triton_backend import TritonBackend
+    from mmgpt.runtime.backends.fused_triton import TritonBackend
     for variant in ("torch", "torch-compile", "torch-triton"):
         backend = TritonBackend(model) if variant == "torch-triton" else TorchBackend(model, compile=variant != "torch")
         eager = Generator(backend, tok, max_positions=1024, cuda_graph=False, eos_check_interval=1000)

@@ -8,7 +8,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mmgpt.bench.decode import build_model
-from mmgpt.runtime.backends import TorchBackend
+from mmgpt.runtime.backends.torch_model import TorchBackend
 
 
 def main():
@@ -22,7 +22,7 @@ def main():
     dev = torch.device("cuda")
     model = build_model(args.model, torch.float16, dev)
     if args.backend == "torch-triton":
-        from mmgpt.runtime.triton_backend import TritonBackend
+        from mmgpt.runtime.backends.fused_triton import TritonBackend
         be = TritonBackend(model)
     else:
         be = TorchBackend(model, compile=args.backend == "torch-compile")

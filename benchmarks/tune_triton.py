@@ -8,7 +8,7 @@ import json
 import torch
 
 from mmgpt.bench.decode import bench_mmgpt, build_model
-from mmgpt.runtime.triton_backend import GemvConfig, TritonBackend
+from mmgpt.runtime.backends.fused_triton import GemvConfig, TritonBackend
 
 
 def main():

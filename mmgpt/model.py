@@ -30,12 +30,16 @@ class GPTConfig:
     tie_weights: bool = True
     prefix_dim: int = 16  # F: features per prefix element (a flattened image patch, a CLIP vector, ...)
     prefix_encoder: str = "linear"  # "linear" (patch embedding) | "mlp" (feature projector, LLaVA-style)
+    layer_norm_epsilon: float = 1e-5  # of the decoder's LayerNorms (ln_1, ln_2, ln_f), as in a GPT-2 config.json
+    activation: str = "gelu_tanh"  # the MLP's GELU: "gelu_tanh" (GPT-2's gelu_new) | "gelu" (exact, erf)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.prefix_encoder not in ("linear", "mlp"):
             raise ValueError(f"prefix_encoder={self.prefix_encoder!r}: choose 'linear' or 'mlp'")
+        if self.activation not in ("gelu_tanh", "gelu"):
+            raise ValueError(f"activation={self.activation!r}: choose 'gelu_tanh' or 'gelu'")
 
     @property
     def head_dim(self) -> int:
@@ -120,17 +124,18 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
     def forward(self, x):
@@ -153,7 +158,7 @@ class MultimodalGPT(nn.Module):
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
-            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+            ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, bias=cfg.bias),
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_weights:

@@ -1,6 +1,13 @@
-"""Training: the LightningModule and `train(cfg)`, the plain function train.py and the tests call."""
+"""Training: the LightningModule and `train(cfg)`, the plain function train.py and the tests call.
+
+From scratch (the model shape from conf/model/*.yaml, the byte-level tokenizer) or from a pretrained GPT-2
+(`model.init_from=<Hugging Face directory>`: its shape, weights and tokenizer; the prefix encoder starts fresh).
+Every run validates and saves at its last step, saves a resumable checkpoint every `checkpoint.every_minutes`, and
+on SIGTERM saves one before it exits.
+"""
 from __future__ import annotations
 
+import datetime
 import math
 import os
 from pathlib import Path
@@ -8,12 +15,16 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from mmgpt.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from mmgpt.model import GPTConfig, MultimodalGPT
-from mmgpt.runtime.backends import TorchBackend
+from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
-from mmgpt.tokenizer import ByteTokenizer
+from mmgpt.tokenizer import check_tokenizer_fits, tokenizer_from_dict
+
+FREEZE = ("none", "lm")  # lm: only the prefix encoder learns (LLaVA's first stage); the LM stays bit-identical
 
 
 class MultimodalGPTModule(L.LightningModule):
@@ -21,14 +32,24 @@ class MultimodalGPTModule(L.LightningModule):
 
     def __init__(self, model_config: dict, tokenizer: dict, optimizer=None, warmup_steps: int = 100,
                  min_lr_ratio: float = 0.1, max_new_tokens: int = 32, prefix_len: int | None = None,
-                 data_config: dict | None = None):
+                 data_config: dict | None = None, freeze: str = "none", lr_prefix: float | None = None,
+                 lr_lm: float | None = None):
         super().__init__()
-        # plain dicts only: the checkpoint loads with torch.load(weights_only=True) and rebuilds the model
-        self.save_hyperparameters(ignore=["optimizer"])
+        if freeze not in FREEZE:
+            raise ValueError(f"module.freeze={freeze!r}: choose one of {FREEZE}")
+        # plain values only, and not the tokenizer (a GPT-2 one is megabytes): the checkpoint's "mmgpt" entry
+        # carries it, and loads with torch.load(weights_only=True)
+        self.save_hyperparameters(ignore=["optimizer", "tokenizer"])
         self.model = MultimodalGPT(GPTConfig.from_dict(model_config))
-        self.tokenizer = ByteTokenizer.from_dict(tokenizer)
+        self.tokenizer = tokenizer_from_dict(tokenizer)
         self.optimizer_factory = optimizer
         self._val_hits = self._val_total = 0
+        self._val_generator = None
+        self.validated_at_step = -1
+        self._resumed_schedule = None  # (step, total steps) of the checkpoint this run resumes
+        if freeze == "lm":
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(name.startswith("prefix_encoder."))
 
     def training_step(self, batch, batch_idx):
         _, loss = self.model(batch["prefix"], batch["input_ids"], batch["targets"])
@@ -52,73 +73,196 @@ class MultimodalGPTModule(L.LightningModule):
         counts = torch.tensor([self._val_hits, self._val_total], dtype=torch.float64, device=self.device)
         counts = self.all_gather(counts).reshape(-1, 2).sum(0)  # exact over every rank's samples
         self.log("val/exact_match", (counts[0] / counts[1].clamp(min=1)).item(), prog_bar=True, rank_zero_only=True)
+        if not self.trainer.sanity_checking:
+            self.validated_at_step = self.trainer.global_step
+
+    def parameter_groups(self) -> list[dict]:
+        """AdamW groups: prefix encoder and language model may learn at different rates; no decay on biases and
+        norms; frozen parameters are left out (so weight decay cannot touch them either)."""
+        groups = []
+        for part, lr in (("prefix_encoder.", self.hparams.lr_prefix), ("", self.hparams.lr_lm)):
+            named = [(n, p) for n, p in self.model.named_parameters()
+                     if p.requires_grad and (n.startswith("prefix_encoder.") == (part != ""))]
+            for decay in (True, False):
+                params = [p for n, p in named if (p.dim() >= 2) == decay]
+                if params:
+                    group = {"params": params, **({} if decay else {"weight_decay": 0.0})}
+                    if lr is not None:
+                        group["lr"] = lr
+                    groups.append(group)
+        return groups
 
     def configure_optimizers(self):
         factory = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=1e-3))
-        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
-        no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
-        opt = factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        opt = factory(self.parameter_groups())
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor_fn(int(self.trainer.max_steps)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def lr_factor_fn(self, total: int):
+        """Linear warm-up, then cosine down to min_lr_ratio of the peak at `total`. A run resumed with another
+        total continues from the factor it had reached and decays from there to the new end (no jump)."""
         warmup, floor = min(self.hparams.warmup_steps, total), self.hparams.min_lr_ratio
 
-        def lr_lambda(step):  # linear warm-up, then cosine down to min_lr_ratio of the peak
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        def cosine(step, start, start_factor, end):
+            progress = min(1.0, (step - start) / max(1, end - start))
+            return floor + (start_factor - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        def planned(step, end):
+            return (step + 1) / warmup if step < warmup else cosine(step, warmup, 1.0, end)
+
+        if self._resumed_schedule is None or self._resumed_schedule[1] == total:
+            return lambda step: planned(step, total)
+        at, old_total = self._resumed_schedule
+        reached = planned(at, old_total)
+        L.pytorch.utilities.rank_zero_info(
+            f"resuming at step {at} of a {old_total}-step schedule with trainer.max_steps={total}: the learning rate "
+            f"continues from {reached:.3g} x its peak and decays (cosine) to {floor:g} x at step {total}")
+        return lambda step: planned(step, old_total) if step < at else cosine(step, at, reached, total)
 
     def on_save_checkpoint(self, checkpoint):
         # Everything needed to rebuild the model without this repo's config files.
         checkpoint["mmgpt"] = {"model_config": self.model.config.to_dict(), "tokenizer": self.tokenizer.to_dict(),
-                               "prefix_len": self.hparams.prefix_len, "data": self.hparams.data_config, "format": 1}
+                               "prefix_len": self.hparams.prefix_len, "data": self.hparams.data_config,
+                               "schedule": {"total_steps": int(self.trainer.max_steps)}, "format": 2}
+
+    def on_load_checkpoint(self, checkpoint):
+        total = checkpoint.get("mmgpt", {}).get("schedule", {}).get("total_steps")
+        if total is not None:
+            self._resumed_schedule = (int(checkpoint["global_step"]), int(total))
 
 
-def build_module(cfg: DictConfig, datamodule) -> MultimodalGPTModule:
-    model_config = OmegaConf.to_container(cfg.model, resolve=True)
-    model_config.update(vocab_size=max(model_config.get("vocab_size", 0), datamodule.tokenizer.vocab_size),
-                        prefix_dim=datamodule.prefix_dim)
-    return MultimodalGPTModule(model_config=model_config, tokenizer=datamodule.tokenizer.to_dict(),
-                               optimizer=hydra.utils.instantiate(cfg.optimizer), prefix_len=datamodule.prefix_len,
-                               data_config=OmegaConf.to_container(cfg.data, resolve=True),
-                               **OmegaConf.to_container(cfg.module, resolve=True))
+class FinalValidation(L.Callback):
+    """Validate (and so checkpoint) at the last step whatever val_check_interval says: Lightning validates there
+    when asked to stop, so ask at max_steps."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
+
+
+class SaveOnTerminate(L.Callback):
+    """On SIGTERM (a cluster's preemption, `kill`), Lightning stops at the next step boundary; save there so the
+    run resumes with ckpt_path=... having lost nothing."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, SIGTERMException) and trainer.global_step > 0:
+            trainer.save_checkpoint(self.path)
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """What the config can get wrong, before any data is read or any weight allocated."""
+    steps, every = cfg.trainer.get("max_steps"), cfg.trainer.get("val_check_interval")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"trainer.max_steps={steps!r} must be a positive number of optimizer steps")
+    if isinstance(every, (int, float)) and every <= 0:
+        raise ValueError(f"trainer.val_check_interval={every!r} must be > 0")
+    minutes = cfg.checkpoint.every_minutes
+    if not isinstance(minutes, (int, float)) or minutes <= 0:
+        raise ValueError(f"checkpoint.every_minutes={minutes!r} must be a positive number of minutes")
+    if cfg.module.freeze not in FREEZE:
+        raise ValueError(f"module.freeze={cfg.module.freeze!r}: choose one of {FREEZE}")
+    if cfg.module.freeze != "none" and not cfg.model.get("init_from"):
+        raise ValueError(f"module.freeze={cfg.module.freeze} keeps the language model as it is, which only makes "
+                         "sense for a pretrained one: set model.init_from=<Hugging Face GPT-2 directory>")
+    if cfg.get("ckpt_path"):
+        ckpt = read_checkpoint(cfg.ckpt_path)  # a clear message for an empty or foreign file, before any setup
+        done = int(ckpt.get("global_step", 0))
+        if done >= steps:
+            raise CheckpointError(f"{cfg.ckpt_path} is at step {done}; trainer.max_steps={steps} leaves nothing to "
+                                  f"train: raise trainer.max_steps above {done}")
+
+
+def load_pretrained(cfg: DictConfig, datamodule):
+    """model.init_from, checked before any training: a Hugging Face GPT-2 directory (its config, weights and
+    tokenizer; the prefix encoder sized for the data, fresh) or an mmgpt checkpoint (every weight, e.g. a first
+    stage's; a fresh optimizer and schedule). None when training from scratch."""
+    source = cfg.model.get("init_from")
+    if not source:
+        return None
+    from mmgpt.hf import HFGPT2, load_hf_gpt2
+    if Path(source).is_file():
+        loaded = load_checkpoint(source)
+        if loaded.model.config.prefix_dim != datamodule.prefix_dim:
+            raise ValueError(f"model.init_from={source} reads prefixes of {loaded.model.config.prefix_dim} features, "
+                             f"but the data's have {datamodule.prefix_dim}")
+        return HFGPT2(loaded.model.config, loaded.model.state_dict(), loaded.tokenizer)
+    free = {k: cfg.model[k] for k in ("prefix_encoder", "dropout") if k in cfg.model}
+    return load_hf_gpt2(source, prefix_dim=datamodule.prefix_dim, **free)
+
+
+def build_module(cfg: DictConfig, datamodule, pretrained=None) -> MultimodalGPTModule:
+    """The model config, tokenizer and initial weights: from conf/model/ or from a pretrained GPT-2."""
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.pop("init_from", None)
+    if model_cfg.get("prefix_dim", datamodule.prefix_dim) != datamodule.prefix_dim:
+        raise ValueError(f"model.prefix_dim={model_cfg['prefix_dim']}, but the data's prefix elements have "
+                         f"{datamodule.prefix_dim} features; drop model.prefix_dim (the data sets it)")
+    common = dict(optimizer=hydra.utils.instantiate(cfg.optimizer), prefix_len=datamodule.prefix_len,
+                  data_config=OmegaConf.to_container(cfg.data, resolve=True),
+                  **OmegaConf.to_container(cfg.module, resolve=True))
+    if pretrained is not None:
+        from mmgpt.hf import load_language_model
+        module = MultimodalGPTModule(model_config=pretrained.config.to_dict(),
+                                     tokenizer=pretrained.tokenizer.to_dict(), **common)
+        load_language_model(module.model, pretrained.state_dict)
+        return module
+    model_cfg.update(vocab_size=max(model_cfg.get("vocab_size", 0), datamodule.tokenizer.vocab_size),
+                     prefix_dim=datamodule.prefix_dim)
+    return MultimodalGPTModule(model_config=model_cfg, tokenizer=datamodule.tokenizer.to_dict(), **common)
 
 
 def train(cfg: DictConfig) -> dict:
     """Train (and validate) from a composed config. Returns the final metrics and where things were written."""
+    check_train_config(cfg)
     os.environ.setdefault("WANDB_MODE", "offline")  # no network needed; an explicit WANDB_MODE wins
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
+    pretrained = load_pretrained(cfg, datamodule)
+    if pretrained is not None:
+        datamodule.tokenizer = pretrained.tokenizer
     datamodule.setup("fit")
-    block = cfg.model.block_size
-    if datamodule.prefix_len + datamodule.max_caption_tokens > block:
-        raise ValueError(f"prefix ({datamodule.prefix_len}) + longest caption ({datamodule.max_caption_tokens}) "
-                         f"exceeds model.block_size={block}; raise model.block_size")
-    module = build_module(cfg, datamodule)
+    module = build_module(cfg, datamodule, pretrained)
+    config = module.model.config
+    check_tokenizer_fits(datamodule.tokenizer, config)
+    if datamodule.prefix_len + datamodule.max_caption_tokens > config.block_size:
+        raise ValueError(f"prefix ({datamodule.prefix_len}) + longest caption ({datamodule.max_caption_tokens} "
+                         f"tokens) exceeds the model's {config.block_size} positions; raise model.block_size or "
+                         "shorten the captions")
 
     out_dir = Path(cfg.paths.output_dir)
-    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="best-{step}",
-                                                  monitor="val/exact_match", mode="max", save_last=True,
-                                                  auto_insert_metric_name=False)
-    callbacks = [ckpt_cb, L.pytorch.callbacks.LearningRateMonitor(logging_interval="step")]
+    ckpt_dir = out_dir / "checkpoints"
+    best = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="best-{step}", monitor="val/exact_match",
+                                               mode="max", save_last=True, auto_insert_metric_name=False,
+                                               enable_version_counter=False)
+    periodic = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=ckpt_dir, save_top_k=0, save_last=True, enable_version_counter=False,
+        train_time_interval=datetime.timedelta(minutes=float(cfg.checkpoint.every_minutes)))
+    callbacks = [best, periodic, FinalValidation(), SaveOnTerminate(ckpt_dir / "last.ckpt"),
+                 L.pytorch.callbacks.LearningRateMonitor(logging_interval="step")]
     logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
                                                  default_root_dir=str(out_dir))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except SIGTERMException:
+        if trainer.is_global_zero:
+            print(f"\nstopped by SIGTERM at step {trainer.global_step}; saved {ckpt_dir / 'last.ckpt'}. Resume with "
+                  f"ckpt_path={ckpt_dir / 'last.ckpt'}")
+        raise SystemExit(143) from None  # 128 + SIGTERM: a stopped run is not a finished one
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result = {"metrics": metrics, "global_step": trainer.global_step, "output_dir": str(out_dir),
-              "last_ckpt": ckpt_cb.last_model_path, "best_ckpt": ckpt_cb.best_model_path,
-              "wandb_dir": None}
+              "last_ckpt": best.last_model_path, "best_ckpt": best.best_model_path, "wandb_dir": None}
     if trainer.is_global_zero:
         if isinstance(logger, L.pytorch.loggers.WandbLogger):
             result["wandb_dir"] = str(Path(logger.experiment.dir).parent)
             logger.experiment.finish()
         print(f"\nval/exact_match = {metrics.get('val/exact_match', float('nan')):.4f}   "
               f"val/loss = {metrics.get('val/loss', float('nan')):.4f}   global_step = {trainer.global_step}")
-        print(f"checkpoint:  {ckpt_cb.last_model_path}  (best: {ckpt_cb.best_model_path})")
+        print(f"checkpoint:  {best.last_model_path}  (best: {best.best_model_path})")
         if result["wandb_dir"]:
             print(f"W&B run:     {result['wandb_dir']}  (offline: `wandb sync {result['wandb_dir']}` uploads it)")
     return result

@@ -9,6 +9,6 @@ PYTHON=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
-python -m pip install -q -e ".[dev,tensorrt-rtx]" 2>&1 | grep -v "^WARNING: Location" || true
+python -m pip install -q -e ".[train,export,dev,tensorrt-rtx]" 2>&1 | grep -v "^WARNING: Location" || true
 python -c "import torch, lightning, hydra, onnx, onnx_graphsurgeon, onnxruntime, wandb, sklearn, tensorrt_rtx" \
   || { echo "setup.sh: the install above failed; see its messages" >&2; exit 1; }

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from mmgpt.model import GPTConfig, MultimodalGPT
-from mmgpt.runtime.backends import TorchBackend
+from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
 from mmgpt.tokenizer import ByteTokenizer
 
@@ -183,7 +183,7 @@ def run(args) -> dict:
                 if args.compile:
                     backends["mmgpt-graph+compile"] = TorchBackend(model, compile=True)
                 if args.triton:
-                    from mmgpt.runtime.triton_backend import TritonBackend
+                    from mmgpt.runtime.backends.fused_triton import TritonBackend
                     backends["mmgpt-graph+triton"] = TritonBackend(model)
             else:
                 backends = {"mmgpt-eager-cpu": TorchBackend(model)}

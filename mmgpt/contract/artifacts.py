@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from mmgpt.contract import weights as weights_file
-from mmgpt.contract.files import STAGING
+from mmgpt.files import STAGING
 from mmgpt.contract.manifest import MANIFEST_FILE, ArtifactsError, Manifest
 from mmgpt.model import MultimodalGPT
 

@@ -26,10 +26,12 @@ class ArtifactsError(ValueError):
 
 @dataclass(frozen=True)
 class TensorLocation:
-    """One parameter inside weights.bin: raw little-endian bytes at `offset`."""
+    """One parameter inside weights.bin: raw little-endian bytes at `offset`, stored as its transpose where the
+    graphs keep a matrix transposed (then the graphs' copy is the only one)."""
     offset: int
     shape: list[int]
     dtype: str
+    transposed: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ class Manifest:
         return asdict(self)
 
     def write(self, directory: Path) -> None:
-        from mmgpt.contract.files import write_json
+        from mmgpt.files import write_json
         write_json(Path(directory) / MANIFEST_FILE, self.to_dict())
 
     @classmethod

@@ -48,16 +48,26 @@ def verify(directory: Path, weights: WeightsFile) -> None:
     _verified[key] = weights.sha256_tree
 
 
+def _raw(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+
 def index_state_dict(state: dict[str, torch.Tensor], blob, offsets: dict[bytes, int]) -> dict[str, TensorLocation]:
-    """Locate every tensor of `state` in the open weights file `blob`: where the same bytes were already written
-    (by the graphs' external data) reuse them, else append them. `offsets` maps content digests to offsets."""
+    """Locate every tensor of `state` in the open weights file `blob`: where the same bytes, or the matrix's
+    transpose (the graphs fold nn.Linear's W into W^T), were already written by the graphs' external data, reuse
+    them; else append them. `offsets` maps content digests to offsets."""
     index = {}
     for name, t in state.items():
-        data = t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        dtype = str(t.dtype).removeprefix("torch.")
+        transposed_key = content_key(_raw(t.t())) if t.dim() == 2 else None
+        if transposed_key is not None and transposed_key in offsets and content_key(_raw(t)) not in offsets:
+            index[name] = TensorLocation(offsets[transposed_key], list(t.shape), dtype, transposed=True)
+            continue
+        data = _raw(t)
         key = content_key(data)
         if key not in offsets:
             offsets[key] = append_aligned(blob, data)
-        index[name] = TensorLocation(offset=offsets[key], shape=list(t.shape), dtype=str(t.dtype).removeprefix("torch."))
+        index[name] = TensorLocation(offsets[key], list(t.shape), dtype)
     return index
 
 
@@ -83,6 +93,6 @@ def load_state_dict(directory: Path, weights: WeightsFile) -> dict[str, torch.Te
         n = int(np.prod(loc.shape)) * torch.tensor([], dtype=dtype).element_size()
         if loc.offset + n > len(raw):
             raise ArtifactsError(f"{path}: tensor {name} lies past the end of the file; re-run `python export.py`")
-        buf = torch.from_numpy(np.array(raw[loc.offset: loc.offset + n]))
-        state[name] = buf.view(dtype).reshape(loc.shape)
+        buf = torch.from_numpy(np.array(raw[loc.offset: loc.offset + n])).view(dtype)
+        state[name] = buf.reshape(loc.shape[::-1]).t().contiguous() if loc.transposed else buf.reshape(loc.shape)
     return state

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from mmgpt.contract.artifacts import Artifacts
-from mmgpt.contract.files import write_atomic, write_json
+from mmgpt.files import write_atomic, write_json
 from mmgpt.contract.graphs import BATCH, CACHE, PREFIX, TEXT, GraphDecl, declare_graphs
 from mmgpt.engines.trt import EngineError, TensorRTUnavailable, TrtLog, dtype_name, import_runtime, is_rtx, \
     record_path, runtime_name
@@ -44,8 +44,9 @@ def check_engine_config(cfg: dict) -> None:
         if runtime == "auto":
             return
         raise
-    if is_rtx(trt):
-        _rtx_target(trt, str(cfg.get("compute_capability", "auto")))
+    cc = str(cfg.get("compute_capability", "auto"))
+    if is_rtx(trt) and (cc != "auto" or runtime != "auto"):  # auto without a GPU skips the build instead
+        _rtx_target(trt, cc)
 
 
 def _min_opt_max(mom, what) -> tuple[int, int, int]:

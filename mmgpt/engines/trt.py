@@ -6,6 +6,8 @@ import importlib
 from pathlib import Path
 from types import ModuleType
 
+from mmgpt.cli import UserError
+
 RUNTIMES = ("tensorrt", "tensorrt_rtx")
 
 # TensorRT warns about every int64 input of a strongly typed network ("Make sure input ... has Int64 binding");
@@ -13,11 +15,11 @@ RUNTIMES = ("tensorrt", "tensorrt_rtx")
 _EXPECTED_WARNINGS = ("has Int64 binding",)
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(UserError, RuntimeError):
     pass
 
 
-class EngineError(RuntimeError):
+class EngineError(UserError, RuntimeError):
     """An engine cannot be built, loaded or run; the message carries TensorRT's own error lines."""
 
 

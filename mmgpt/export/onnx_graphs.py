@@ -14,6 +14,7 @@ import torch
 from onnx import numpy_helper
 from torch.export import Dim
 
+from mmgpt.cli import UserError
 from mmgpt.contract.graphs import BATCH, CACHE, MODEL_DTYPE, PREFIX, TEXT, GraphDecl, interleave
 from mmgpt.contract.manifest import Limits
 from mmgpt.contract.weights import append_aligned, content_key
@@ -26,8 +27,8 @@ _EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inline, as onnx's own convert
 TRACE_SIZES = {BATCH: 2, PREFIX: 3, TEXT: 5, CACHE: 7}
 
 
-class ExportError(RuntimeError):
-    pass
+class ExportError(UserError, RuntimeError):
+    """The export cannot go on (a graph that does not match its declaration, failed parity, bad weights)."""
 
 
 # ------------------------------------------------------------------ the graphs as modules
@@ -95,8 +96,19 @@ def dynamic_shapes(graph: GraphDecl, limits: Limits) -> tuple:
     return tuple(fixed) + ((past,) if past else ())
 
 
+class _OptionalOperatorFilter(logging.Filter):
+    """torch.onnx announces, once per operator, that torchvision's operators are skipped when torchvision is not
+    installed; mmgpt's graphs use none of them, so the lines say nothing a user could act on."""
+
+    def filter(self, record):
+        return "torchvision is not installed" not in record.getMessage()
+
+
 def trace(model: MultimodalGPT, graph: GraphDecl, dtype: torch.dtype, limits: Limits) -> onnx.ModelProto:
     """torch.export -> ONNX ModelProto with weights inline (they are moved out later, shared)."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    if not any(isinstance(f, _OptionalOperatorFilter) for f in registration.filters):
+        registration.addFilter(_OptionalOperatorFilter())
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         for noisy in ("torch.onnx", "onnx_ir", "onnxscript"):  # their INFO lines drown the export summary

@@ -7,8 +7,8 @@ from mmgpt.contract.artifacts import Artifacts
 from mmgpt.contract.graphs import BATCH, CACHE, PREFIX, TEXT, interleave, past_names
 from mmgpt.export.onnx_graphs import TRACE_SIZES
 from mmgpt.model import MultimodalGPT
-from mmgpt.runtime.backends.onnxruntime import OnnxRuntimeBackend
-from mmgpt.runtime.backends.torch import TorchBackend
+from mmgpt.runtime.backends.onnx_runtime import OnnxRuntimeBackend
+from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
 
 # Bounds on max |ORT - PyTorch| over logits and KV outputs. fp32 is the bound; fp16 is relative to the

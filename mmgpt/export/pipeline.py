@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmgpt.checkpoint import CheckpointError, find_latest, load_checkpoint
 from mmgpt.contract.artifacts import Artifacts
-from mmgpt.contract.files import remove_stale_staging, staging_dir, write_json
+from mmgpt.files import remove_stale_staging, staging_dir, write_json
 from mmgpt.contract.graphs import ModelDims, declare_graphs
 from mmgpt.contract.manifest import GraphFile, Limits, Manifest, WeightsFile
 from mmgpt.contract.weights import index_state_dict, tree_hash

@@ -68,10 +68,10 @@ def open_backend(name: str, artifacts: Artifacts, device: str = "auto", compile:
                       "using torch-triton")
         return open_backend("torch-triton" if dev.type == "cuda" else "onnxruntime", artifacts, device, compile)
     if name == "tensorrt":
-        from mmgpt.runtime.backends.tensorrt import TensorRTBackend
+        from mmgpt.runtime.backends.tensorrt_engines import TensorRTBackend
         return TensorRTBackend(artifacts, strategy)
     if name == "onnxruntime":
-        from mmgpt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+        from mmgpt.runtime.backends.onnx_runtime import OnnxRuntimeBackend
         return OnnxRuntimeBackend(artifacts)
     model = artifacts.load_model(dev)
     prefix_len = artifacts.manifest.prefix_len
@@ -79,7 +79,7 @@ def open_backend(name: str, artifacts: Artifacts, device: str = "auto", compile:
         if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("backend=torch-triton needs a CUDA GPU (or TRITON_INTERPRET=1 to emulate it, slowly); "
                              "on a CPU use backend=torch or backend=onnxruntime")
-        from mmgpt.runtime.backends.triton import TritonBackend
+        from mmgpt.runtime.backends.fused_triton import TritonBackend
         return TritonBackend(model, prefix_len=prefix_len)
-    from mmgpt.runtime.backends.torch import TorchBackend
+    from mmgpt.runtime.backends.torch_model import TorchBackend
     return TorchBackend(model, compile=compile, prefix_len=prefix_len)

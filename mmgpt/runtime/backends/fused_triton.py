@@ -13,7 +13,7 @@ import triton
 
 from mmgpt.kernels.decode_step import attention_kernel, embed_kernel, ln_gemv_kernel, ln_gemv_row_kernel
 from mmgpt.model import MultimodalGPT
-from mmgpt.runtime.backends.torch import TorchBackend
+from mmgpt.runtime.backends.torch_model import TorchBackend
 
 MAX_BATCH = 64
 
@@ -57,6 +57,9 @@ class TritonBackend(TorchBackend):
             raise ValueError(f"the fused attention kernel needs a power-of-two head size, got {cfg.head_dim}")
         if not cfg.bias:
             raise ValueError("the fused kernels expect GPT-2's biases (model.bias=true)")
+        if cfg.activation != "gelu_tanh":
+            raise ValueError(f"the fused kernels compute GPT-2's tanh GELU, but this model uses {cfg.activation!r}; "
+                             "use backend=torch")
         self.max_batch = MAX_BATCH
         self.gemv, self.head_gemv, self.block_s, self.attn_num_warps = gemv, head_gemv, block_s, attn_num_warps
         t = model.transformer
