@@ -2,14 +2,10 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
+from helpers import compose_config, small_train_overrides
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 try:  # without a GPU, Triton's interpreter runs the fused decode kernels on the CPU (set before triton is imported)
@@ -18,18 +14,6 @@ try:  # without a GPU, Triton's interpreter runs the fused decode kernels on the
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:
     pass
-
-
-def compose_config(name: str, overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
-
-
-def small_train_overrides(out: Path, steps: int = 4) -> list[str]:
-    """Shrink any experiment to seconds on a CPU."""
-    return [f"paths.output_dir={out}", "logger=csv", "trainer.accelerator=cpu", "trainer.devices=1",
-            "trainer.precision=32-true", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
-            "trainer.enable_progress_bar=false", "data.batch_size=8"]
 
 
 @pytest.fixture(scope="session")

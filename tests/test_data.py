@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from mmgpt.data import DataFileError, DigitsDataModule, FeaturesDataModule, load_features_file
-from mmgpt.data.common import Collate
+from mmgpt.data.features import DataFileError, load_features_file
+from mmgpt.data.modules import DigitsDataModule, FeaturesDataModule
+from mmgpt.data.captions import Collate
 from mmgpt.data.digits import caption_for, patchify, split_images
 from mmgpt.tokenizer import ByteTokenizer
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from mmgpt.engines.build import build_engines, profile_shapes
-from mmgpt.engines.inspect import format_inspection, inspect_engine
+from mmgpt.engines.inspection import format_inspection, inspect_engine
 from mmgpt.engines.session import EngineError, TensorRTBackend, cannot_run_message
-from mmgpt.export.artifacts import Artifacts
+from mmgpt.contract.artifacts import Artifacts
 
 trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip install tensorrt-rtx-cu13)")
 
@@ -105,7 +105,7 @@ def test_cannot_run_message_names_the_alternative():
 @pytest.mark.parametrize("strategy", ["two_engines", "shared"])
 def test_engine_execution_matches_torch(built, trained, strategy):
     from mmgpt.checkpoint import load_checkpoint
-    from mmgpt.runtime.backends import TorchBackend
+    from mmgpt.runtime.backends.torch_model import TorchBackend
     from mmgpt.runtime.generator import Generator
     artifacts, _ = built
     try:

@@ -5,17 +5,17 @@ import onnx
 import pytest
 import torch
 
-from conftest import compose_config
+from helpers import compose_config
 from mmgpt.checkpoint import CheckpointError
-from mmgpt.export.artifacts import Artifacts
-from mmgpt.export.onnx_export import OPSET, io_dims
+from mmgpt.contract.artifacts import Artifacts
+from mmgpt.export.onnx_graphs import OPSET, io_dims
 from mmgpt.export.pipeline import export
 
 
 def test_artifacts_follow_the_contract(exported):
-    a = Artifacts(exported)
-    meta = a.meta
-    L, H, D = meta["model_config"]["n_layer"], meta["model_config"]["n_head"], 32
+    a = Artifacts.open(exported)
+    m = a.manifest
+    L, H, D = m.config.n_layer, m.config.n_head, 32
     prefill = onnx.load(a.graph_path("prefill"), load_external_data=False)
     decode = onnx.load(a.graph_path("decode"), load_external_data=False)
     assert prefill.opset_import[0].version == OPSET
@@ -30,14 +30,19 @@ def test_artifacts_follow_the_contract(exported):
     dims = io_dims(decode)
     assert dims[f"past_key_values.{L - 1}.value"] == ["batch", H, "cache_len", D]
     assert dims["present.0.key"] == ["batch", H, 1, D]
-    assert meta["graphs"]["decode"]["inputs"]["position_ids"]["dtype"] == "int64"
-    assert len(meta["weights_sha256"]) == 64 and meta["tokenizer"]["type"] == "byte"
+    assert m.graphs["decode"].inputs["position_ids"]["dtype"] == "int64"
+    assert m.graphs["decode"].outputs["present.0.key"]["shape"] == ["batch", H, 1, D]  # the new slot only
+    assert len(m.weights.sha256_tree) == 64 and m.tokenizer["type"] == "byte"
 
 
 def test_weights_are_stored_once(exported):
-    meta = Artifacts(exported).meta
-    sizes = meta["sizes"]
+    m = Artifacts.open(exported).manifest
+    sizes = m.stats["sizes"]
     assert (exported / "weights.bin").stat().st_size >= sizes["weights_bytes"]
+    # the PyTorch backends' index points into the graphs' copy (nn.Linear weights as their transposes): little
+    # beyond the graphs' weights is stored for them
+    assert (exported / "weights.bin").stat().st_size < 1.05 * sizes["weights_bytes"]
+    assert any(loc.transposed for loc in m.weights.tensors.values())
     assert sizes["bytes_if_not_shared"] >= 2.9 * sizes["weights_bytes"]  # three graphs, one copy
     for g in ("prefill", "decode"):
         assert sizes[f"{g}.onnx"] < 200_000  # graph structure only: the weights live in weights.bin

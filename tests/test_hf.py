@@ -8,10 +8,10 @@ import torch
 transformers = pytest.importorskip("transformers")  # a test / dev dependency only
 from tokenizers import ByteLevelBPETokenizer
 
-from mmgpt.data.common import IGNORE_INDEX, Collate
+from mmgpt.data.captions import IGNORE_INDEX, Collate
 from mmgpt.hf import HFFormatError, load_hf_gpt2, load_language_model, load_prefix_encoder, save_hf_gpt2
 from mmgpt.model import GPTConfig, MultimodalGPT
-from mmgpt.runtime.backends import TorchBackend
+from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
 from mmgpt.tokenizer import ByteTokenizer, TokenizerError, check_tokenizer_fits, load_hf_tokenizer, tokenizer_from_dict
 
@@ -374,6 +374,6 @@ def test_config_validates_activation():
 
 def test_fused_kernels_refuse_exact_gelu():
     pytest.importorskip("triton")
-    from mmgpt.runtime.triton_backend import TritonBackend
+    from mmgpt.runtime.backends.fused_triton import TritonBackend
     with pytest.raises(ValueError, match="tanh GELU"):
         TritonBackend(MultimodalGPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, activation="gelu")))

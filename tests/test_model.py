@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from mmgpt.model import GPTConfig, MultimodalGPT
-from mmgpt.runtime.backends import TorchBackend, write_kv
+from mmgpt.runtime.backends import write_kv
+from mmgpt.runtime.backends.torch_model import TorchBackend
 
 
 def tiny(**kw):

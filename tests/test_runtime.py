@@ -3,13 +3,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import compose_config
+from helpers import compose_config
 from mmgpt.checkpoint import load_checkpoint
-from mmgpt.export.artifacts import Artifacts
-from mmgpt.runtime.backends import TorchBackend
+from mmgpt.contract.artifacts import Artifacts
+from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
-from mmgpt.runtime.infer import infer
-from mmgpt.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from mmgpt.inference import infer
+from mmgpt.runtime.backends.onnx_runtime import OnnxRuntimeBackend
 from mmgpt.runtime.sampling import SamplingConfig
 
 MAX_NEW = 24

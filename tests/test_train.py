@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, compose_config, small_train_overrides
+from helpers import ROOT, compose_config, small_train_overrides
 from mmgpt.checkpoint import CheckpointError, load_checkpoint
 from mmgpt.training import train
 

@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from conftest import compose_config
+from helpers import compose_config
 from mmgpt.model import GPTConfig, MultimodalGPT
-from mmgpt.runtime.backends import TorchBackend
+from mmgpt.runtime.backends.torch_model import TorchBackend
 
 pytest.importorskip("triton", reason="triton is not installed (pip install -e .[dev])")
-from mmgpt.runtime.triton_backend import GemvConfig, TritonBackend  # noqa: E402
+from mmgpt.runtime.backends.fused_triton import GemvConfig, TritonBackend  # noqa: E402
 
 CONFIGS = {"tensor-core": GemvConfig(block_n=16, block_k=32, row_block_n=0),
            "split-k": GemvConfig(block_n=16, block_k=32, min_programs=64, row_block_n=8),
@@ -40,7 +40,7 @@ def test_rejects_what_the_kernels_cannot_do():
 
 
 def test_infer_with_fused_kernels_reports_training_accuracy(trained, exported):
-    from mmgpt.runtime.infer import infer
+    from mmgpt.inference import infer
     report = infer(compose_config("infer", [f"artifacts={exported}", "backend=torch-triton", "show=0", "limit=16"]))
     reference = infer(compose_config("infer", [f"artifacts={exported}", "backend=torch", "show=0", "limit=16"]))
     assert report["backend"] == "torch-triton"

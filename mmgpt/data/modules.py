@@ -26,6 +26,9 @@ class CaptionDataModule(L.LightningDataModule):
         self.train_set: CaptionDataset | None = None
         self.val_set: CaptionDataset | None = None
 
+    def setup(self, stage=None):
+        """Sources that read their data when constructed have nothing left to do here."""
+
     @property
     def max_caption_tokens(self) -> int:
         """Longest [BOS] caption [EOS] in either split."""
