@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from mmgpt.files import Terminated
+
 
 class UserError(Exception):
     """Base of the errors that are not bugs but a wrong input or environment (a failed parity check, an engine
@@ -20,3 +22,6 @@ def run_command(fn):
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    except Terminated:
+        print("terminated by SIGTERM; nothing half-written was left behind", file=sys.stderr)
+        raise SystemExit(143) from None  # 128 + SIGTERM, as if the signal had ended the process

@@ -30,7 +30,7 @@ def write_json(path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-class _Terminated(KeyboardInterrupt):
+class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that every `finally` and `except BaseException` runs."""
 
 
@@ -43,7 +43,7 @@ def sigterm_raises():
         return
 
     def handler(signum, frame):
-        raise _Terminated(f"terminated by signal {signum}")
+        raise Terminated(f"terminated by signal {signum}")
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -21,3 +23,42 @@ def small_train_overrides(out: Path, steps: int = 4) -> list[str]:
     return [f"paths.output_dir={out}", "logger=csv", "trainer.accelerator=cpu", "trainer.devices=1",
             "trainer.precision=32-true", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
             "trainer.enable_progress_bar=false", "data.batch_size=8"]
+
+
+# ---------------------------------------------------------------- tiny Hugging Face GPT-2 directories
+SENTENCES = ["the quick brown fox jumps over the lazy dog", "a digit seven, then a four and a nine",
+             "héllo wörld, 日本語のテキスト 🙂 and more emoji 🚀", "captions are short; the prefix carries the image"]
+EOT = "<|endoftext|>"
+
+
+def train_tokenizer(vocab_size=320, special=EOT):
+    """A byte-level BPE trained on a few sentences; the end-of-text token comes last, as in GPT-2."""
+    from tokenizers import ByteLevelBPETokenizer
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(SENTENCES * 4, vocab_size=vocab_size, min_frequency=1, show_progress=False)
+    if special:
+        bpe.add_special_tokens([special])
+    return bpe
+
+
+def write_gpt2(directory, activation="gelu_new", tokenizer_files="json", seed=0, **overrides):
+    """A tiny random GPT-2 saved by transformers, with the tokenizer in it. Weights are drawn wider than GPT-2's
+    init so that logits are far apart and greedy choices are not near-ties."""
+    directory.mkdir(parents=True, exist_ok=True)
+    bpe = train_tokenizer()
+    if tokenizer_files == "json":
+        bpe.save(str(directory / "tokenizer.json"))
+    elif tokenizer_files == "vocab+merges":  # as GPT-2's own vocab.json: the end-of-text token included
+        bpe.save_model(str(directory))
+        (directory / "vocab.json").write_text(json.dumps(bpe.get_vocab()))
+    eot = bpe.token_to_id(EOT)
+    cfg = dict(vocab_size=bpe.get_vocab_size(), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+               activation_function=activation, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+               initializer_range=0.3, bos_token_id=eot, eos_token_id=eot)
+    cfg.update(overrides)
+    import torch
+    import transformers
+    torch.manual_seed(seed)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg)).eval()
+    hf.save_pretrained(directory)
+    return hf

@@ -1,60 +1,76 @@
-"""Engines: TensorRT-RTX builds both strategies on this CPU; their I/O and profiles match the ONNX contract."""
+"""Engines: TensorRT-RTX builds both strategies on this CPU from an artifacts directory alone (no checkpoint, no
+re-tracing), with the stream-capture flag, and the one-masked-past-slot variant; their I/O and profiles match the
+graph declarations."""
 import json
 import shutil
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
-from mmgpt.engines.build import build_engines, profile_shapes
-from mmgpt.engines.inspection import format_inspection, inspect_engine
-from mmgpt.engines.session import EngineError, TensorRTBackend, cannot_run_message
+from helpers import compose_config
 from mmgpt.contract.artifacts import Artifacts
+from mmgpt.contract.graphs import declare_graphs, past_names
+from mmgpt.engines.build import build_engines, check_engine_config, profile_sizes
+from mmgpt.engines.inspection import format_inspection, inspect_engine
+from mmgpt.engines.trt import EngineError
+from mmgpt.export.pipeline import export
+from mmgpt.runtime.backends.tensorrt_engines import TensorRTBackend, cannot_run_message
 
 trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip install tensorrt-rtx-cu13)")
 
 ENGINE_CFG = {"runtime": "tensorrt_rtx", "profiles": {"batch": [1, 2, 8], "prompt": [1, 4, 32],
                                                       "capacity": [64, 128, 1024]},
-              "workspace_mib": 1024, "optimization_level": 3, "compute_capability": "SM89", "timing_cache": None}
+              "workspace_mib": 1024, "optimization_level": 3, "compute_capability": "SM89", "timing_cache": None,
+              "tf32": False, "context_past_slots": "auto"}
 
 
 @pytest.fixture(scope="module")
 def built(exported, tmp_path_factory):
+    """Both strategies built by the user's command, from a copy of the artifacts whose checkpoint is unknown."""
     path = tmp_path_factory.mktemp("engines") / "digits"
     shutil.copytree(exported, path)
-    artifacts = Artifacts(path)
-    entries = {s: build_engines(artifacts, {**ENGINE_CFG, "strategy": s}) for s in ("two_engines", "shared")}
-    return Artifacts(path), entries
+    for strategy in ("two_engines", "shared"):
+        export(compose_config("export", [f"artifacts={path}", "engine=tensorrt_rtx", f"engine.strategy={strategy}",
+                                         "engine.compute_capability=SM89", "ckpt=/nonexistent/last.ckpt",
+                                         "engine.profiles.batch=[1,2,8]", "engine.profiles.prompt=[1,4,32]",
+                                         "engine.profiles.capacity=[64,128,1024]"]))
+    artifacts = Artifacts.open(path)
+    return artifacts, artifacts.manifest.engines
 
 
 def test_shared_engine_is_smaller_than_two_engines(built):
     _, entries = built
     two, shared = entries["two_engines"]["total_bytes"], entries["shared"]["total_bytes"]
-    print(f"\nengine sizes: two_engines {two / 2**20:.2f} MiB "
-          f"(prefill {entries['two_engines']['engines']['prefill']['bytes'] / 2**20:.2f} + decode "
-          f"{entries['two_engines']['engines']['decode']['bytes'] / 2**20:.2f}), shared {shared / 2**20:.2f} MiB")
+    print(f"\nengine sizes: two_engines {two / 2**20:.2f} MiB, shared {shared / 2**20:.2f} MiB; builder weights "
+          f"{entries['two_engines']['builder_weights_bytes']} vs {entries['shared']['builder_weights_bytes']} bytes")
     assert shared < two
+    # the builder's own weights count: two engines hold two copies, the shared engine one
+    w2, w1 = entries["two_engines"]["builder_weights_bytes"], entries["shared"]["builder_weights_bytes"]
+    assert w2 and w1 and w2 >= 1.9 * w1
 
 
-def test_engine_io_matches_onnx_contract(built):
+def test_engine_io_matches_graph_declarations(built):
     artifacts, entries = built
-    graphs = artifacts.meta["graphs"]
-    for strategy, engine_names in (("two_engines", {"prefill": "prefill", "decode": "decode"}),
-                                   ("shared", {"shared": "context_generation"})):
-        for engine, graph in engine_names.items():
-            io = entries[strategy]["engines"][engine]["io"]
-            contract = {**graphs[graph]["inputs"], **graphs[graph]["outputs"]}
-            assert list(io) == list(contract)
-            for name, t in io.items():
-                want = {"float32": "float", "int64": "int64"}[contract[name]["dtype"]]
-                assert t["dtype"] == want, name
-                # symbolic ONNX dims are dynamic (-1) in the network; fixed dims stay as they are
-                assert t["shape"] == [-1 if isinstance(d, str) else d for d in contract[name]["shape"]], name
+    graphs = declare_graphs(artifacts.manifest.dims)
+    for strategy in ("two_engines", "shared"):
+        for engine in entries[strategy]["engines"].values():
+            record = json.loads((artifacts.path / (engine["file"] + ".json")).read_text())
+            graph = graphs[record["source"]]
+            assert list(record["io"]) == graph.input_names + graph.output_names
+            for t in (*graph.inputs, *graph.outputs):
+                assert record["io"][t.name]["dtype"] == {"float32": "float", "int64": "int64"}[
+                    t.dtype_name(artifacts.manifest.dtype)]
+                # symbolic dims are dynamic (-1) in the network; fixed dims stay as they are
+                assert record["io"][t.name]["shape"] == [-1 if isinstance(d, str) else d for d in t.dims], t.name
 
 
 def test_profiles_cover_both_flows(built):
     artifacts, entries = built
     shared = entries["shared"]["engines"]["shared"]["profiles"]
-    P, L = artifacts.meta["prefix_len"], artifacts.meta["model_config"]["n_layer"]
+    m = artifacts.manifest
+    P, L = m.prefix_len, m.config.n_layer
     assert list(shared) == ["context", "generation"]
     assert shared["context"]["past_key_values.0.key"] == [[1, 4, 0, 32], [2, 4, 0, 32], [8, 4, 0, 32]]
     assert shared["context"]["prefix"][2] == [8, P, 16]
@@ -64,57 +80,87 @@ def test_profiles_cover_both_flows(built):
     assert shared["generation"][f"past_key_values.{L - 1}.value"][2] == [8, 4, 128, 32]
     decode = entries["two_engines"]["engines"]["decode"]["profiles"]["generation"]
     assert decode["past_key_values.0.key"][0] == [1, 4, 64, 32]
+    assert entries["shared"]["context_past_slots"] == 0  # RTX builds the empty past; the fallback is not needed
 
 
-def test_inspection_and_model_json(built):
+def test_inspection_names_profiles_like_the_build_record(built):
     artifacts, _ = built
     info = inspect_engine(artifacts.path / "shared.engine")
     assert info["bytes"] == (artifacts.path / "shared.engine").stat().st_size
-    assert set(info["profiles"]) == {"context", "generation"}
-    assert "past_key_values.0.key" in format_inspection(info)
-    meta = json.loads((artifacts.path / "model.json").read_text())
-    assert set(meta["engines"]) == {"two_engines", "shared"}
-    assert meta["engines"]["shared"]["settings"]["compute_capability"] == "SM89"
+    assert list(info["profiles"]) == ["context", "generation"]  # the loaded-engine path uses the same names
+    text = format_inspection(info)
+    assert "past_key_values.0.key" in text and "profile generation:" in text
+    assert artifacts.manifest.engines["shared"]["settings"]["compute_capability"] == "SM89"
 
 
-def test_profile_outside_export_limits_is_refused(built):
+def test_build_records_the_capture_flag_and_checks_options_first(built, tmp_path):
     artifacts, _ = built
-    with pytest.raises(ValueError, match=r"profiles.batch=\[1, 1, 64\] must lie within \[1, 16\]"):
-        profile_shapes(artifacts.meta, {**ENGINE_CFG, "profiles": {**ENGINE_CFG["profiles"], "batch": [1, 1, 64]}})
+    record = json.loads((artifacts.path / "shared.engine.json").read_text())
+    assert record["target"] == "SM89" and record["runtime"] == "tensorrt_rtx"
+    for bad, match in (({"strategy": "bogus"}, "engine.strategy='bogus'"),
+                       ({"compute_capability": "SM999"}, "engine.compute_capability='SM999'"),
+                       ({"profiles": {**ENGINE_CFG["profiles"], "batch": [4, 2, 8]}}, r"min <= opt <= max"),
+                       ({"context_past_slots": 3}, "context_past_slots")):
+        with pytest.raises(ValueError, match=match):
+            check_engine_config({**ENGINE_CFG, "strategy": "shared", **bad})
+
+
+def test_one_masked_past_slot_variant_builds_and_keeps_parity(built, tmp_path):
+    """The fallback for runtimes that refuse a reduction over an empty past: one slot, masked (position 0 <= it),
+    computes what the empty past does (ONNX Runtime on the same graph), and TensorRT-RTX builds it."""
+    artifacts, _ = built
+    m = artifacts.manifest
+    sess = ort.InferenceSession(str(artifacts.graph_path("context_generation")), providers=["CPUExecutionProvider"])
+    g = np.random.default_rng(0)
+    B, P, T, H, D = 2, m.prefix_len, 5, m.config.n_head, m.dims.head_dim
+    feed = {"prefix": g.random((B, P, m.config.prefix_dim), dtype=np.float32),
+            "input_ids": g.integers(0, 256, (B, T)), "input_lengths": np.array([T, 3]),
+            "position_ids": np.zeros((B, 1), dtype=np.int64)}
+    empty = sess.run(None, {**feed, **{n: np.zeros((B, H, 0, D), np.float32) for n in past_names(m.config.n_layer)}})
+    masked = sess.run(None, {**feed, **{n: np.zeros((B, H, 1, D), np.float32) for n in past_names(m.config.n_layer)}})
+    assert max(float(np.abs(a - b).max()) for a, b in zip(empty, masked)) <= 1e-6
+    copy = tmp_path / "digits"
+    shutil.copytree(artifacts.path, copy)
+    one = Artifacts.open(copy)
+    entry = build_engines(one, {**ENGINE_CFG, "strategy": "shared", "context_past_slots": 1})
+    assert entry["context_past_slots"] == 1
+    assert entry["engines"]["shared"]["profiles"]["context"]["past_key_values.0.key"][0] == [1, 4, 1, 32]
+    sizes = profile_sizes(one, {**ENGINE_CFG}, context_past_slots=1)
+    assert sizes["context"]["cache_len"] == (1, 1, 1)
 
 
 def test_engine_from_other_weights_is_refused(built):
     artifacts, _ = built
     record = artifacts.path / "decode.engine.json"
     saved = record.read_text()
-    record.write_text(json.dumps({**json.loads(saved), "weights_sha256": "0" * 64}))
+    record.write_text(json.dumps({**json.loads(saved), "weights_sha256_tree": "0" * 64}))
     try:
         with pytest.raises(EngineError, match="built from other weights"):
-            TensorRTBackend(artifacts, "two_engines")
+            TensorRTBackend(artifacts, "two_engines", device="cpu", trt=trt)
     finally:
         record.write_text(saved)
 
 
 def test_cannot_run_message_names_the_alternative():
     msg = cannot_run_message("tensorrt_rtx", "unsupported SM")
-    assert "tensorrt-cu13" in msg and "backend=torch" in msg
+    assert "tensorrt-cu13" in msg and "backend=torch-triton" in msg and "unsupported SM" in msg
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="no CUDA GPU on this machine: TensorRT-RTX engines build here but cannot execute")
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: engines build here but cannot execute")
 @pytest.mark.parametrize("strategy", ["two_engines", "shared"])
-def test_engine_execution_matches_torch(built, trained, strategy):
-    from mmgpt.checkpoint import load_checkpoint
+def test_engine_execution_matches_torch(built, strategy):
     from mmgpt.runtime.backends.torch_model import TorchBackend
     from mmgpt.runtime.generator import Generator
     artifacts, _ = built
     try:
         backend = TensorRTBackend(artifacts, strategy)
-    except EngineError as e:  # e.g. TensorRT-RTX on an H100: the message names what to use instead
-        pytest.skip(str(e))
-    loaded = load_checkpoint(trained["last_ckpt"])
-    prefix = torch.rand(3, 8, 16)
+    except EngineError as e:
+        if torch.cuda.get_device_capability() >= (9, 0) and "TensorRT-RTX cannot run" in str(e):
+            pytest.skip("TensorRT-RTX does not run on compute capability 9.0+ (H100 / H200)")
+        raise
+    prefix = torch.rand(3, artifacts.manifest.prefix_len, 16)
     prompts = [[256], [256, 116], [256, 111, 110]]
-    runs = [Generator(b, loaded.tokenizer, max_positions=128).generate(prefix, prompts, max_new_tokens=24)
-            for b in (backend, TorchBackend(loaded.model.cuda()))]
+    runs = [Generator(b, artifacts.tokenizer, max_positions=128).generate(prefix, prompts, max_new_tokens=24)
+            for b in (backend, TorchBackend(artifacts.load_model("cuda")))]
     assert torch.equal(runs[0].tokens, runs[1].tokens)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")  # a test / dev dependency only
-from tokenizers import ByteLevelBPETokenizer
 
+from helpers import EOT, SENTENCES, train_tokenizer, write_gpt2
 from mmgpt.data.captions import IGNORE_INDEX, Collate
 from mmgpt.hf import HFFormatError, load_hf_gpt2, load_language_model, load_prefix_encoder, save_hf_gpt2
 from mmgpt.model import GPTConfig, MultimodalGPT
@@ -15,41 +15,8 @@ from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
 from mmgpt.tokenizer import ByteTokenizer, TokenizerError, check_tokenizer_fits, load_hf_tokenizer, tokenizer_from_dict
 
-SENTENCES = ["the quick brown fox jumps over the lazy dog", "a digit seven, then a four and a nine",
-             "héllo wörld, 日本語のテキスト 🙂 and more emoji 🚀", "captions are short; the prefix carries the image"]
 TEXT = "héllo 日本 🙂"
-EOT = "<|endoftext|>"
 PREFIX_DIM = 6
-
-
-def train_tokenizer(vocab_size=320, special=EOT):
-    """A byte-level BPE trained on a few sentences; the end-of-text token comes last, as in GPT-2."""
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(SENTENCES * 4, vocab_size=vocab_size, min_frequency=1, show_progress=False)
-    if special:
-        bpe.add_special_tokens([special])
-    return bpe
-
-
-def write_gpt2(directory, activation="gelu_new", tokenizer_files="json", seed=0, **overrides):
-    """A tiny random GPT-2 saved by transformers, with the tokenizer in it. Weights are drawn wider than GPT-2's
-    init so that logits are far apart and greedy choices are not near-ties."""
-    directory.mkdir(parents=True, exist_ok=True)
-    bpe = train_tokenizer()
-    if tokenizer_files == "json":
-        bpe.save(str(directory / "tokenizer.json"))
-    elif tokenizer_files == "vocab+merges":  # as GPT-2's own vocab.json: the end-of-text token included
-        bpe.save_model(str(directory))
-        (directory / "vocab.json").write_text(json.dumps(bpe.get_vocab()))
-    eot = bpe.token_to_id(EOT)
-    cfg = dict(vocab_size=bpe.get_vocab_size(), n_positions=64, n_embd=32, n_layer=2, n_head=2,
-               activation_function=activation, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-               initializer_range=0.3, bos_token_id=eot, eos_token_id=eot)
-    cfg.update(overrides)
-    torch.manual_seed(seed)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg)).eval()
-    hf.save_pretrained(directory)
-    return hf
 
 
 @pytest.fixture(scope="module")

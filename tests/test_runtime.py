@@ -22,7 +22,7 @@ def setup(trained, exported):
     prefix = torch.rand(3, 8, 16, generator=g)
     tok = loaded.tokenizer
     prompts = [[tok.bos_id], [tok.bos_id, *tok.encode("th", bos=False)], [tok.bos_id, *tok.encode("one ", bos=False)]]
-    return loaded, Artifacts(exported), prefix, prompts
+    return loaded, Artifacts.open(exported), prefix, prompts
 
 
 def reference_greedy(model, prefix, prompt, n, eos):
@@ -103,7 +103,7 @@ def test_bad_inputs_fail_before_anything_runs(setup):
     with pytest.raises(ValueError, match=r"prefix must be a \(B, P, F\) tensor, got shape \(8, 16\)"):
         gen.generate(prefix[0], prompts)
     backend.max_batch = 2
-    with pytest.raises(ValueError, match=r"batch 3 exceeds the engine profile's max batch 2"):
+    with pytest.raises(ValueError, match=r"batch 3 exceeds the torch backend's max batch 2"):
         gen.generate(prefix, prompts)
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=0.0)

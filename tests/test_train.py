@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, compose_config, small_train_overrides
+from helpers import ROOT, compose_config, small_train_overrides, write_gpt2
 from mmgpt.checkpoint import CheckpointError, load_checkpoint
-from mmgpt.training import train
+from mmgpt.training import MultimodalGPTModule, train
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 
@@ -25,12 +25,22 @@ def features_file(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    pytest.importorskip("transformers")
+    d = tmp_path_factory.mktemp("gpt2")
+    write_gpt2(d)
+    return d
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_composes_and_runs_fast_dev_run(experiment, tmp_path, features_file):
+def test_every_experiment_composes_and_runs_fast_dev_run(experiment, tmp_path, features_file, request):
     overrides = [f"+experiment={experiment}", *small_train_overrides(tmp_path), "trainer.fast_dev_run=true",
                  "data.val_samples=8", "module.max_new_tokens=4"]
-    if experiment == "features":
+    if "features" in experiment:
         overrides = [o for o in overrides if not o.startswith("data.val_samples")] + [f"data.path={features_file}"]
+    if experiment.startswith("gpt2_"):
+        overrides.append(f"model.init_from={request.getfixturevalue('gpt2_dir')}")
     cfg = compose_config("train", overrides)
     result = train(cfg)
     assert result["global_step"] == 1
@@ -49,6 +59,33 @@ def test_trained_model_learns_and_checkpoint_rebuilds_model(trained):
 def _logged_steps(out: Path) -> list[int]:
     rows = list(csv.DictReader(open(next(out.glob("csv/*/metrics.csv")))))
     return sorted({int(r["step"]) for r in rows if r.get("train/loss")})
+
+
+def test_a_short_run_validates_and_saves_at_its_last_step(tmp_path):
+    """val_check_interval beyond max_steps: still one validation, and last + best checkpoints, at the end."""
+    result = train(compose_config("train", ["+experiment=digits", *small_train_overrides(tmp_path, steps=5),
+                                            "trainer.val_check_interval=1000", "data.val_samples=8"]))
+    assert result["global_step"] == 5
+    assert 0.0 <= result["metrics"]["val/exact_match"] <= 1.0
+    assert torch.load(result["last_ckpt"], weights_only=True)["global_step"] == 5
+    assert Path(result["best_ckpt"]).name == "best-5.ckpt"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best-5.ckpt", "last.ckpt"]
+
+
+def test_resumed_schedule_continues_instead_of_jumping(caplog):
+    """A 3,000-step run resumed with max_steps=6,000: the learning rate goes on from where it was."""
+    module = MultimodalGPTModule({"n_layer": 1, "n_head": 1, "n_embd": 8, "block_size": 8}, {"type": "byte",
+                                 "bos_id": 256, "eos_id": 257, "pad_id": 258}, warmup_steps=100, min_lr_ratio=0.1)
+    module.on_load_checkpoint({"global_step": 3000, "mmgpt": {"schedule": {"total_steps": 3000}}})
+    with caplog.at_level("INFO"):
+        f = module.lr_factor_fn(6000)
+    assert f(3000) == pytest.approx(0.1, abs=1e-9)  # the first run had decayed to its floor: no jump to 0.55
+    assert f(2999) <= 0.1 + 1e-6 and f(6000) == pytest.approx(0.1)
+    assert "continues from 0.1 x its peak and decays (cosine) to 0.1 x at step 6000" in caplog.text
+    fresh = MultimodalGPTModule({"n_layer": 1, "n_head": 1, "n_embd": 8, "block_size": 8}, {"type": "byte",
+                                "bos_id": 256, "eos_id": 257, "pad_id": 258}, warmup_steps=100, min_lr_ratio=0.1)
+    g = fresh.lr_factor_fn(6000)
+    assert g(0) == pytest.approx(0.01) and g(99) == pytest.approx(1.0) and g(3000) > 0.5  # the plain schedule
 
 
 def test_resume_continues_global_step(tmp_path):

@@ -104,9 +104,9 @@ def export(cfg: DictConfig) -> Path:
                 if cfg.parity.enforce and not parity.get("passed", True):
                     raise ExportError(f"parity failed (see the table above); nothing was written to {final}. "
                                       "Set parity.enforce=false to keep the artifacts anyway")
-    except PermissionError as e:
-        raise ExportError(f"cannot write under output_root={root} ({e.strerror}: {e.filename}); pass a writable "
-                          "output_root=...") from None
+    except OSError as e:  # unwritable, not a directory, disk full: the staging directory is already gone
+        raise ExportError(f"cannot write the artifacts under output_root={root} ({e.strerror or e}: "
+                          f"{e.filename or root}); pass a writable output_root=... with room for them") from None
     mb = sizes["weights_bytes"] / 2**20
     print(f"weights: {mb:.1f} MiB stored once in {WEIGHTS_FILE} "
           f"({sizes['bytes_if_not_shared'] / 2**20:.1f} MiB if each graph kept its own)")

@@ -157,11 +157,12 @@ class TensorRTBackend(Backend):
 
     # ---------------------------------------------------------------- addresses
     def _address(self, name: str, t: torch.Tensor) -> int:
-        if t.numel() == 0:  # a distinct, non-null address per empty tensor, as the developer guide asks
+        if t.numel() == 0:  # a distinct, non-null, aligned address per empty tensor, as the developer guide asks
             if name not in self._empty_slots:
-                self._empty_slots[name] = torch.empty(ALIGNMENT, dtype=torch.uint8, device=self.device)
-            return self._empty_slots[name].data_ptr()
-        if t.data_ptr() % ALIGNMENT:
+                self._empty_slots[name] = torch.empty(2 * ALIGNMENT, dtype=torch.uint8, device=self.device)
+            ptr = self._empty_slots[name].data_ptr()
+            return ptr + (-ptr) % ALIGNMENT
+        if self.device.type == "cuda" and t.data_ptr() % ALIGNMENT:
             raise EngineError(f"tensor {name} is not {ALIGNMENT}-byte aligned (address {t.data_ptr():#x}); "
                               "TensorRT requires it: pass a tensor of its own, not a view at an offset")
         return t.data_ptr()

@@ -1,0 +1,70 @@
+"""The pretrained-GPT-2 flow end to end on a tiny model with GPT-2's 50,257-token vocabulary: train from a Hugging
+Face directory with the language model frozen, export (ONNX, parity, hf/), infer on ONNX Runtime."""
+import numpy as np
+import pytest
+import torch
+
+from helpers import SENTENCES, compose_config, small_train_overrides, write_gpt2
+from mmgpt.checkpoint import load_checkpoint
+from mmgpt.hf import load_hf_gpt2
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 50257  # GPT-2's: the tokenizer here is smaller, the model's rows cover GPT-2's ids
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory):
+    from mmgpt.export.pipeline import export
+    from mmgpt.training import train
+    root = tmp_path_factory.mktemp("pretrained")
+    write_gpt2(root / "gpt2", vocab_size=VOCAB, n_positions=64)
+    rng = np.random.default_rng(0)
+    captions = [" ".join(s.split()[:4]) for s in SENTENCES] * 6
+    np.savez(root / "features.npz", features=rng.random((len(captions), 5, 6)).astype(np.float32),
+             texts=np.array(captions))
+    result = train(compose_config("train", [
+        "+experiment=gpt2_features", f"model.init_from={root / 'gpt2'}", f"data.path={root / 'features.npz'}",
+        *small_train_overrides(root / "run", steps=6), "data.batch_size=4", "module.max_new_tokens=8"]))
+    artifacts = export(compose_config("export", [f"ckpt={result['last_ckpt']}", f"output_root={root / 'artifacts'}",
+                                                 "name=gpt2", "engine=none"]))
+    return root, result, artifacts
+
+
+def test_frozen_language_model_stays_bit_identical(flow):
+    root, result, _ = flow
+    pretrained = load_hf_gpt2(root / "gpt2", prefix_dim=6)
+    trained = load_checkpoint(result["last_ckpt"])
+    state = trained.model.state_dict()
+    assert trained.model.config.vocab_size == VOCAB and trained.tokenizer.vocab_size < VOCAB
+    for name, tensor in pretrained.state_dict.items():
+        assert torch.equal(state[name], tensor), name
+    assert result["global_step"] == 6
+
+
+def test_export_with_gpt2_vocabulary_keeps_parity_and_writes_hf(flow):
+    import json
+    root, _, artifacts = flow
+    parity = json.loads((artifacts / "parity.json").read_text())
+    assert parity["passed"] and parity["worst"] <= 1e-4 and parity["chained"]["tokens_match"]
+    manifest = json.loads((artifacts / "model.json").read_text())
+    assert manifest["model_config"]["vocab_size"] == VOCAB
+    assert manifest["tokenizer"]["type"] == "hf" and (artifacts / manifest["tokenizer"]["file"]).is_file()
+    assert manifest["graphs"]["prefill"]["outputs"]["logits"]["shape"] == ["batch", VOCAB]
+    # hf/ reloads in transformers, and its text-only logits are the original pretrained directory's
+    ids = torch.tensor([[5, 17, 42, 300]])
+    with torch.no_grad():
+        original = transformers.GPT2LMHeadModel.from_pretrained(root / "gpt2").eval()(ids).logits
+        exported = transformers.GPT2LMHeadModel.from_pretrained(artifacts / "hf").eval()(ids).logits
+    assert torch.equal(original, exported)
+    tok = transformers.AutoTokenizer.from_pretrained(artifacts / "hf")
+    assert tok.eos_token == "<|endoftext|>"
+
+
+def test_infer_on_onnxruntime_decodes_bpe_text(flow):
+    from mmgpt.inference import infer
+    root, _, artifacts = flow
+    report = infer(compose_config("infer", [f"artifacts={artifacts}", f"input={root / 'features.npz'}", "limit=4",
+                                            "max_new_tokens=8", "show=0"]))
+    assert report["backend"] == "onnxruntime" and report["samples"] == 4
+    assert all(isinstance(t, str) for t in report["texts"])
