@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from mmgpt.cli import USER_ERRORS
 from mmgpt.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from mmgpt.model import GPTConfig, MultimodalGPT
 from mmgpt.runtime.backends.torch_model import TorchBackend
@@ -214,12 +215,22 @@ def build_module(cfg: DictConfig, datamodule, pretrained=None) -> MultimodalGPTM
     return MultimodalGPTModule(model_config=model_cfg, tokenizer=datamodule.tokenizer.to_dict(), **common)
 
 
+def instantiate(node, **kwargs):
+    """hydra.utils.instantiate, with a bad value's own message instead of Hydra's wrapper around it."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except hydra.errors.InstantiationException as e:
+        if isinstance(e.__cause__, USER_ERRORS):
+            raise e.__cause__ from None
+        raise
+
+
 def train(cfg: DictConfig) -> dict:
     """Train (and validate) from a composed config. Returns the final metrics and where things were written."""
     check_train_config(cfg)
     os.environ.setdefault("WANDB_MODE", "offline")  # no network needed; an explicit WANDB_MODE wins
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = instantiate(cfg.data)
     pretrained = load_pretrained(cfg, datamodule)
     if pretrained is not None:
         datamodule.tokenizer = pretrained.tokenizer
@@ -242,8 +253,8 @@ def train(cfg: DictConfig) -> dict:
         train_time_interval=datetime.timedelta(minutes=float(cfg.checkpoint.every_minutes)))
     callbacks = [best, periodic, FinalValidation(), SaveOnTerminate(ckpt_dir / "last.ckpt"),
                  L.pytorch.callbacks.LearningRateMonitor(logging_interval="step")]
-    logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
                                                  default_root_dir=str(out_dir))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

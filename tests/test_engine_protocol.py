@@ -179,8 +179,9 @@ def test_memory_and_profile_before_shapes_on_a_non_default_stream(stand_in, stra
         ops = [c[0] for c in _calls_of(calls, ctx)]
         assert ops[:2] == ["set_device_memory", "set_optimization_profile_async"]
         assert ops.index("set_optimization_profile_async") < ops.index("set_input_shape")
-        assert all(c[1] == STREAM for c in _calls_of(calls, ctx) if c[0] in ("execute_async_v3",
-                                                                             "set_optimization_profile_async"))
+        streams = [c[1] for c in _calls_of(calls, ctx) if c[0] == "execute_async_v3"]
+        streams += [c[2] for c in _calls_of(calls, ctx) if c[0] == "set_optimization_profile_async"]
+        assert streams and set(streams) == {STREAM}
     sizes = {c[3] for c in calls if c[1] == "set_device_memory"}
     assert sizes == {max(e.get_device_memory_size_for_profile_v2(p) for e in engines
                          for p in range(e.num_optimization_profiles))}
