@@ -47,8 +47,8 @@ def make_samples(patches, labels, image_ids, n_samples, digits_per_sample, rng):
 class DigitsDataModule(CaptionDataModule):
     def __init__(self, digits_per_sample: int = 2, patch_size: int = 4, train_samples: int = 20000,
                  val_samples: int = 500, val_fraction: float = 0.2, batch_size: int = 64, num_workers: int = 0,
-                 seed: int = 0):
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+                 seed: int = 0, on_device: bool | str = "auto"):
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, on_device=on_device)
         if digits_per_sample < 1:
             raise ValueError(f"digits_per_sample={digits_per_sample} must be >= 1")
         self.digits_per_sample, self.patch_size = digits_per_sample, patch_size

@@ -85,8 +85,8 @@ def _load_jsonl(path):
 
 class FeaturesDataModule(CaptionDataModule):
     def __init__(self, path: str, val_fraction: float = 0.1, batch_size: int = 32, num_workers: int = 0,
-                 seed: int = 0):
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+                 seed: int = 0, on_device: bool | str = "auto"):
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, on_device=on_device)
         self.path, self.val_fraction = path, val_fraction
         features, self.texts = load_features_file(path)  # validate early: a bad file fails before training
         if len(features) < 2:
