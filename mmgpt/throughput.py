@@ -101,8 +101,9 @@ class ThroughputMonitor(L.Callback):
     loss in the progress bar; the summary after fit adds peak memory.
 
     On a GPU each interval is timed with CUDA events and read only once the GPU has passed its end, so the numbers
-    trail by about one interval and nothing ever waits for the device. The first `warmup_steps` steps (compilation,
-    CUDA-graph recording) and validation are left out of the timing.
+    trail by about one interval and no training step waits for the device (the first one aside: its time, the
+    compilation, is reported once). The first `warmup_steps` steps (compilation, CUDA-graph recording) and
+    validation are left out of the timing.
     """
 
     def __init__(self, peak_flops: float | None = None, warmup_steps: int = 3):
