@@ -11,6 +11,9 @@ if ! "$PY" -c "import hydra, omegaconf" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --find-links "${WHEELS:?hydra-core is missing: set WHEELS to a directory holding the hydra-core, omegaconf and antlr4-python3-runtime wheels}" \
     hydra-core omegaconf antlr4-python3-runtime
 fi
+# torch.compile says under one of these (which one depends on the torch version) when it could not replay its
+# CUDA graphs: "skipping cudagraphs due to ..."
+export TORCH_LOGS=${TORCH_LOGS:-cudagraphs,perf_hints}
 out=${OUT_DIR:-outputs/train/gpu-digits-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
 start=$(date +%s)
