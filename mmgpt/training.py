@@ -34,7 +34,7 @@ def compile_options(compile, cuda_graph, device: torch.device, world_size: int) 
 
     compile auto = on for CUDA. cuda_graph auto = on for CUDA in one process: compile's "reduce-overhead" mode then
     replays the forward and the backward as CUDA graphs, which needs the fixed batch shape the data modules give.
-    Several processes leave it off: the gradient all-reduce would run between replays on graph-owned memory.
+    Several processes leave it off by default: DDP's all-reduce hooks have not been tried on the replayed backward.
     """
     on_cuda = device.type == "cuda"
     if not _switch(compile, on_cuda, "compile"):
