@@ -99,8 +99,8 @@ class MultimodalGPTModule(L.LightningModule):
         B = len(batch["captions"])
         _, loss = self.model(batch["prefix"], batch["input_ids"], batch["targets"])
         self.log("val/loss", loss, prog_bar=True, batch_size=B, sync_dist=True)
-        # Decoding in the parameters' own dtype: under autocast a captured graph would keep reading the bf16 weight
-        # copies autocast cached for this step (the loss above made them), stale after the next optimizer step.
+        # Decoding in the parameters' own dtype: under autocast the graph captured here would read the bf16 weight
+        # copies autocast cached for this step (the loss above made them), freed when the step ends, never updated.
         with torch.autocast(self.device.type, enabled=False):
             result = self._val_generator.generate(batch["prefix"], max_new_tokens=self.hparams.max_new_tokens)
         self._val_hits += sum(p == r for p, r in zip(result.texts, batch["captions"]))
