@@ -126,7 +126,7 @@ def time_training(loss_fn, params: list, batch, device, warmup: int, steps: int,
         for _ in range(steps):
             loss = step()
         seconds = time.perf_counter() - t
-    out = {"step_ms": 1e3 * seconds / steps, "first_step_s": first_s, "loss": float(loss)}
+    out = {"step_ms": 1e3 * seconds / steps, "first_step_s": first_s, "loss": float(loss.detach())}
     del opt
     return out
 
