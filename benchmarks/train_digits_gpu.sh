@@ -8,8 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 if ! "$PY" -c "import hydra, omegaconf" 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --find-links "${WHEELS:?hydra-core is missing: set WHEELS to a directory holding the hydra-core, omegaconf and antlr4-python3-runtime wheels}" \
-    hydra-core omegaconf antlr4-python3-runtime
+  : "${WHEELS:?hydra-core is missing: set WHEELS to a directory with hydra-core, omegaconf, antlr4 wheels}"
+  "$PY" -m pip install -q --no-index --find-links "$WHEELS" hydra-core omegaconf antlr4-python3-runtime
 fi
 # torch.compile says under one of these (which one depends on the torch version) when it could not replay its
 # CUDA graphs: "skipping cudagraphs due to ..."

@@ -193,8 +193,9 @@ class MultimodalGPT(nn.Module):
         -100 where no loss is taken, the mean cross-entropy over text tokens only."""
         B, P = prefix.shape[:2]
         x = self.embed(prefix, input_ids, torch.zeros(B, dtype=torch.long, device=input_ids.device))
+        recompute = self.activation_checkpointing and self.training
         for block in self.transformer.h:
-            x = checkpoint(block, x, use_reentrant=False) if self.activation_checkpointing and self.training else block(x)
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         logits = self.lm_head(self.transformer.ln_f(x[:, P:]))  # (B, T, V): the prefix has no targets
         loss = None
         if targets is not None:

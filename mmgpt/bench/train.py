@@ -126,9 +126,7 @@ def time_training(loss_fn, params: list, batch, device, warmup: int, steps: int,
         for _ in range(steps):
             loss = step()
         seconds = time.perf_counter() - t
-    out = {"step_ms": 1e3 * seconds / steps, "first_step_s": first_s, "loss": float(loss.detach())}
-    del opt
-    return out
+    return {"step_ms": 1e3 * seconds / steps, "first_step_s": first_s, "loss": float(loss.detach())}
 
 
 def _free(device):
@@ -237,7 +235,8 @@ def markdown_table(report: dict) -> str:
     lines = [f"{report['gpu']}, {report['date']}, {s['precision']}, {s['optimizer']}; {s['steps']} timed steps "
              f"after {s['warmup']}; compile mode {s['compile_mode']}, attention {s['attention']}; MFU against {peak}",
              "",
-             "| shape | impl | batch | prefix + text | tok/s | MFU | step ms | peak GiB | first step s | vs HF compiled |",
+             "| shape | impl | batch | prefix + text | tok/s | MFU | step ms | peak GiB | first step s "
+             "| vs HF compiled |",
              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         head = f"| {r['model']} | {r['impl']} | {r['batch']} | {r['prefix_len']} + {r['text_len']} |"

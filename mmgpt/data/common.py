@@ -17,12 +17,12 @@ IGNORE_INDEX = -100
 ON_DEVICE_MAX_BYTES = 1 << 30  # data.on_device=auto keeps a training split up to this size on the GPU
 
 
-def tokenize_captions(tok: ByteTokenizer, captions: list[str], length: int | None = None):
-    """[BOS] caption [EOS], right-padded with PAD to `length` (default: the longest) -> input_ids (N, T), and
-    next-token targets (N, T) that ignore padding. The prompt used at generation time is [BOS] alone."""
+def tokenize_captions(tok: ByteTokenizer, captions: list[str]):
+    """[BOS] caption [EOS], right-padded with PAD to the longest -> input_ids (N, T), and next-token targets (N, T)
+    that ignore padding. The prompt used at generation time is [BOS] alone."""
     ids = [tok.encode(c, bos=True, eos=True) for c in captions]
     lengths = np.array([len(x) for x in ids])
-    T = length or int(lengths.max())
+    T = int(lengths.max())
     input_ids = np.full((len(ids), T), tok.pad_id, dtype=np.int64)
     for b, x in enumerate(ids):
         input_ids[b, : len(x)] = x
