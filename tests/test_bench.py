@@ -39,7 +39,7 @@ def test_train_smoke_report_is_well_formed(tmp_path):
     assert saved["gpu"] == "cpu" and saved["versions"]["torch"] and saved["peak_flops"] is None
     (row,) = saved["rows"]
     assert row["impl"] == "mmgpt-eager" and (row["batch"], row["prefix_len"], row["text_len"]) == (2, 4, 8)
-    assert row["tokens_per_s"] == pytest.approx(2 * 12 / (row["step_ms"] / 1e3), rel=1e-3)
+    assert row["tokens_per_s"] == pytest.approx(2 * 12 / (row["step_ms"] / 1e3), abs=0.1)  # rounded to 0.1
     assert row["mfu"] is None and row["first_step_s"] > 0 and row["flops_per_token"] > 6 * row["params"]
     assert path.with_suffix(".md").read_text().count("\n| smoke |") == 1 == train_table(report).count("| smoke |")
     merged = train_main(["--merge", str(path), "--out", str(tmp_path / "m")])
