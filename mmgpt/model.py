@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -161,6 +162,9 @@ class MultimodalGPT(nn.Module):
             ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, bias=cfg.bias),
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # A training choice, not part of the model (the config is what checkpoints and exports carry): recompute
+        # each block in the backward pass instead of keeping its activations.
+        self.activation_checkpointing = False
         if cfg.tie_weights:
             self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
@@ -194,8 +198,9 @@ class MultimodalGPT(nn.Module):
         -100 where no loss is taken, the mean cross-entropy over text tokens only."""
         B, P = prefix.shape[:2]
         x = self.embed(prefix, input_ids, torch.zeros(B, dtype=torch.long, device=input_ids.device))
+        recompute = self.activation_checkpointing and self.training
         for block in self.transformer.h:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         logits = self.lm_head(self.transformer.ln_f(x[:, P:]))  # (B, T, V): the prefix has no targets
         loss = None
         if targets is not None:

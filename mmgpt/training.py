@@ -8,8 +8,10 @@ on SIGTERM saves one before it exits.
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import hydra
@@ -23,9 +25,37 @@ from mmgpt.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from mmgpt.model import GPTConfig, MultimodalGPT
 from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
+from mmgpt.throughput import ThroughputMonitor
 from mmgpt.tokenizer import check_tokenizer_fits, tokenizer_from_dict
 
+log = logging.getLogger(__name__)
 FREEZE = ("none", "lm")  # lm: only the prefix encoder learns (LLaVA's first stage); the LM stays bit-identical
+
+
+def _switch(value, auto: bool, name: str) -> bool:
+    if value == "auto":
+        return auto
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"module.{name}={value!r}: use auto, true or false")
+
+
+def compile_options(compile, cuda_graph, device: torch.device, world_size: int) -> dict | None:
+    """torch.compile's arguments for the training loss, or None to run eagerly.
+
+    compile auto = on for CUDA. cuda_graph auto = on for CUDA in one process: compile's "reduce-overhead" mode then
+    replays the forward and the backward as CUDA graphs, which needs the fixed batch shape the data modules give.
+    Several processes leave it off by default: DDP's all-reduce hooks have not been tried on the replayed backward.
+    """
+    on_cuda = device.type == "cuda"
+    if not _switch(compile, on_cuda, "compile"):
+        if cuda_graph is True:
+            raise ValueError("module.cuda_graph=true captures the compiled step: it needs module.compile=true or auto")
+        return None
+    graph = _switch(cuda_graph, on_cuda and world_size == 1, "cuda_graph")
+    if graph and not on_cuda:
+        raise ValueError(f"module.cuda_graph=true needs a CUDA device, training runs on {device}")
+    return {"mode": "reduce-overhead" if graph else "default", "dynamic": False}
 
 
 class MultimodalGPTModule(L.LightningModule):
@@ -34,7 +64,8 @@ class MultimodalGPTModule(L.LightningModule):
     def __init__(self, model_config: dict, tokenizer: dict, optimizer=None, warmup_steps: int = 100,
                  min_lr_ratio: float = 0.1, max_new_tokens: int = 32, prefix_len: int | None = None,
                  data_config: dict | None = None, freeze: str = "none", lr_prefix: float | None = None,
-                 lr_lm: float | None = None):
+                 lr_lm: float | None = None, compile: bool | str = "auto", cuda_graph: bool | str = "auto",
+                 activation_checkpointing: bool = False):
         super().__init__()
         if freeze not in FREEZE:
             raise ValueError(f"module.freeze={freeze!r}: choose one of {FREEZE}")
@@ -42,31 +73,56 @@ class MultimodalGPTModule(L.LightningModule):
         # carries it, and loads with torch.load(weights_only=True)
         self.save_hyperparameters(ignore=["optimizer", "tokenizer"])
         self.model = MultimodalGPT(GPTConfig.from_dict(model_config))
+        self.model.activation_checkpointing = activation_checkpointing
         self.tokenizer = tokenizer_from_dict(tokenizer)
         self.optimizer_factory = optimizer
         self._val_hits = self._val_total = 0
-        self._val_generator = None
+        self._val_generator: Generator | None = None
+        self._train_loss = self._loss  # compiled in on_fit_start where module.compile says so
+        self._cuda_graph = False
         self.validated_at_step = -1
         self._resumed_schedule = None  # (step, total steps) of the checkpoint this run resumes
         if freeze == "lm":
             for name, p in self.model.named_parameters():
                 p.requires_grad_(name.startswith("prefix_encoder."))
 
+    def _loss(self, prefix, input_ids, targets):
+        # Only the loss leaves the compiled region: the full logits need not be kept as an output.
+        return self.model(prefix, input_ids, targets)[1]
+
+    def on_fit_start(self):
+        options = compile_options(self.hparams.compile, self.hparams.cuda_graph, self.device, self.trainer.world_size)
+        if options is not None:
+            self._train_loss = torch.compile(self._loss, **options)
+            self._cuda_graph = options["mode"] == "reduce-overhead"
+        log.info("training step: %s", "eager" if options is None else f"torch.compile, mode {options['mode']}")
+
     def training_step(self, batch, batch_idx):
-        _, loss = self.model(batch["prefix"], batch["input_ids"], batch["targets"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["captions"]))
+        if self._cuda_graph:  # this step's replay may overwrite the previous step's graph outputs
+            torch.compiler.cudagraph_mark_step_begin()
+        loss = self._train_loss(batch["prefix"], batch["input_ids"], batch["targets"])
+        # Not in the progress bar: Lightning would read a bar metric back from the GPU every step. The
+        # ThroughputMonitor shows the loss there, read when the GPU is done with it.
+        self.log("train/loss", loss, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def on_validation_epoch_start(self):
         self._val_hits = self._val_total = 0
-        self._val_generator = Generator(TorchBackend(self.model), self.tokenizer,
-                                        max_positions=self.model.config.block_size, cuda_graph=False)
+        if self._val_generator is None:
+            # Built once per fit: on a GPU its decode steps are captured as CUDA graphs, which read the parameters
+            # where they live; the optimizer updates them in place, so every validation decodes the current model.
+            self._val_generator = Generator(TorchBackend(self.model), self.tokenizer,
+                                            max_positions=self.model.config.block_size,
+                                            cuda_graph=self.device.type == "cuda")
 
     def validation_step(self, batch, batch_idx):
         B = len(batch["captions"])
         _, loss = self.model(batch["prefix"], batch["input_ids"], batch["targets"])
         self.log("val/loss", loss, prog_bar=True, batch_size=B, sync_dist=True)
-        result = self._val_generator.generate(batch["prefix"], max_new_tokens=self.hparams.max_new_tokens)
+        # Decoding in the parameters' own dtype: under autocast the graph captured here would read the bf16 weight
+        # copies autocast cached for this step (the loss above made them), freed when the step ends, never updated.
+        with torch.autocast(self.device.type, enabled=False):
+            result = self._val_generator.generate(batch["prefix"], max_new_tokens=self.hparams.max_new_tokens)
         self._val_hits += sum(p == r for p, r in zip(result.texts, batch["captions"]))
         self._val_total += B
 
@@ -76,6 +132,9 @@ class MultimodalGPTModule(L.LightningModule):
         self.log("val/exact_match", (counts[0] / counts[1].clamp(min=1)).item(), prog_bar=True, rank_zero_only=True)
         if not self.trainer.sanity_checking:
             self.validated_at_step = self.trainer.global_step
+
+    def teardown(self, stage):
+        self._val_generator = None  # its graphs point at this device's parameters; Lightning may move them after fit
 
     def parameter_groups(self) -> list[dict]:
         """AdamW groups: prefix encoder and language model may learn at different rates; no decay on biases and
@@ -251,11 +310,13 @@ def train(cfg: DictConfig) -> dict:
     periodic = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=ckpt_dir, save_top_k=0, save_last=True, enable_version_counter=False,
         train_time_interval=datetime.timedelta(minutes=float(cfg.checkpoint.every_minutes)))
+    throughput = ThroughputMonitor(peak_flops=cfg.throughput.peak_flops)
     callbacks = [best, periodic, FinalValidation(), SaveOnTerminate(ckpt_dir / "last.ckpt"),
-                 L.pytorch.callbacks.LearningRateMonitor(logging_interval="step")]
+                 L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"), throughput]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
                                                  default_root_dir=str(out_dir))
+    start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     except SIGTERMException:
@@ -264,15 +325,21 @@ def train(cfg: DictConfig) -> dict:
                   f"ckpt_path={ckpt_dir / 'last.ckpt'}")
         raise SystemExit(143) from None  # 128 + SIGTERM: a stopped run is not a finished one
 
+    fit_s = time.perf_counter() - start
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    summary = throughput.summary
     result = {"metrics": metrics, "global_step": trainer.global_step, "output_dir": str(out_dir),
-              "last_ckpt": best.last_model_path, "best_ckpt": best.best_model_path, "wandb_dir": None}
+              "last_ckpt": best.last_model_path, "best_ckpt": best.best_model_path, "wandb_dir": None,
+              "throughput": summary.to_dict() if summary else None, "fit_seconds": fit_s}
     if trainer.is_global_zero:
         if isinstance(logger, L.pytorch.loggers.WandbLogger):
             result["wandb_dir"] = str(Path(logger.experiment.dir).parent)
             logger.experiment.finish()
         print(f"\nval/exact_match = {metrics.get('val/exact_match', float('nan')):.4f}   "
               f"val/loss = {metrics.get('val/loss', float('nan')):.4f}   global_step = {trainer.global_step}")
+        if summary:
+            print(f"throughput:  {summary.line()}")
+        print(f"fit:         {fit_s:.1f} s for {trainer.global_step} steps (validation and checkpoints included)")
         print(f"checkpoint:  {best.last_model_path}  (best: {best.best_model_path})")
         if result["wandb_dir"]:
             print(f"W&B run:     {result['wandb_dir']}  (offline: `wandb sync {result['wandb_dir']}` uploads it)")

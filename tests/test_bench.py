@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from mmgpt.bench.decode import main, markdown_table
 
 
@@ -27,3 +29,18 @@ def test_merge_keeps_every_row_and_later_files_win(tmp_path):
     assert {r["source"] for r in merged["rows"]} == {pb.name}
     assert [r["tokens_per_s"] for r in merged["rows"]] == [r["tokens_per_s"] for r in b["rows"]]
     assert merged["merged_from"] == [pa.name, pb.name]
+
+
+def test_train_smoke_report_is_well_formed(tmp_path):
+    from mmgpt.bench.train import main as train_main, markdown_table as train_table
+    report = train_main(["--smoke", "--out", str(tmp_path), "--no-hf"])
+    path = next(tmp_path.glob("*-train.json"))
+    saved = json.loads(path.read_text())
+    assert saved["gpu"] == "cpu" and saved["versions"]["torch"] and saved["peak_flops"] is None
+    (row,) = saved["rows"]
+    assert row["impl"] == "mmgpt-eager" and (row["batch"], row["prefix_len"], row["text_len"]) == (2, 4, 8)
+    assert row["tokens_per_s"] == pytest.approx(2 * 12 / (row["step_ms"] / 1e3), abs=0.1)  # rounded to 0.1
+    assert row["mfu"] is None and row["first_step_s"] > 0 and row["flops_per_token"] > 6 * row["params"]
+    assert path.with_suffix(".md").read_text().count("\n| smoke |") == 1 == train_table(report).count("| smoke |")
+    merged = train_main(["--merge", str(path), "--out", str(tmp_path / "m")])
+    assert merged["rows"][0]["tokens_per_s"] == row["tokens_per_s"] and (tmp_path / "m" / path.name).is_file()

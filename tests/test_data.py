@@ -6,7 +6,7 @@ import torch
 
 from mmgpt.data.features import DataFileError, load_features_file
 from mmgpt.data.modules import DigitsDataModule, FeaturesDataModule
-from mmgpt.data.captions import Collate
+from mmgpt.data.captions import CaptionDataset, DeviceBatches, tokenize_captions
 from mmgpt.data.digits import caption_for, patchify, split_images
 from mmgpt.tokenizer import ByteTokenizer
 
@@ -32,11 +32,29 @@ def test_digits_split_is_by_image():
     assert dm.val_set.prefixes.shape == (50, 8, 16)
 
 
-def test_collate_targets_ignore_padding():
+def test_captions_pad_to_the_longest_and_targets_ignore_padding():
     tok = ByteTokenizer()
-    batch = Collate(tok)([(torch.zeros(2, 3), "ab"), (torch.zeros(2, 3), "abcd")])
-    assert batch["input_ids"][0].tolist() == [tok.bos_id, 97, 98, tok.eos_id, tok.pad_id, tok.pad_id]
-    assert batch["targets"][0].tolist() == [97, 98, tok.eos_id, -100, -100, -100]
+    input_ids, targets = tokenize_captions(tok, ["ab", "abcd"])
+    assert input_ids[0].tolist() == [tok.bos_id, 97, 98, tok.eos_id, tok.pad_id, tok.pad_id]
+    assert targets[0].tolist() == [97, 98, tok.eos_id, -100, -100, -100]
+
+
+def test_every_batch_has_the_dataset_shape():
+    ds = CaptionDataset(np.zeros((5, 2, 3), np.float32), ["a", "abcdef", "ab", "a", "abc"]).tokenize(ByteTokenizer())
+    assert ds.text_len == 8  # [BOS] abcdef [EOS]
+    batch = ds.__getitems__([0, 3])  # two short captions still come padded to the dataset's longest
+    assert batch["input_ids"].shape == batch["targets"].shape == (2, 8)
+    assert batch["prefix"].shape == (2, 2, 3) and batch["captions"] == ["a", "a"]
+
+
+def test_device_batches_are_full_and_reshuffled_each_epoch():
+    ds = CaptionDataset(np.arange(10, dtype=np.float32).reshape(10, 1, 1), [str(i) for i in range(10)])
+    batches = DeviceBatches(ds.tokenize(ByteTokenizer()), batch_size=4, device=torch.device("cpu"), seed=0)
+    epochs = [[b["prefix"].flatten().int().tolist() for b in batches] for _ in range(2)]
+    for epoch in epochs:
+        assert len(epoch) == len(batches) == 2 and all(len(b) == 4 for b in epoch)  # the partial batch is dropped
+        assert len(set(sum(epoch, []))) == 8  # no sample twice in an epoch
+    assert epochs[0] != epochs[1]
 
 
 def test_tokenizer_round_trip():

@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")  # a test / dev dependency only
 
 from helpers import EOT, SENTENCES, train_tokenizer, write_gpt2
-from mmgpt.data.captions import IGNORE_INDEX, Collate
+from mmgpt.data.captions import IGNORE_INDEX, tokenize_captions
 from mmgpt.hf import HFFormatError, load_hf_gpt2, load_language_model, load_prefix_encoder, save_hf_gpt2
 from mmgpt.model import GPTConfig, MultimodalGPT
 from mmgpt.runtime.backends.torch_model import TorchBackend
@@ -65,10 +65,11 @@ def test_hf_tokenizer_gpt2_conventions_and_multibyte_text(tmp_path, files):
     assert (again.bos_id, again.eos_id, again.pad_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
 
 
-def test_collate_with_pad_equal_to_eos_still_learns_eos_once(gpt2_dir):
+def test_captions_with_pad_equal_to_eos_still_learn_eos_once(gpt2_dir):
     tok = load_hf_tokenizer(gpt2_dir)
     captions = ["the quick brown fox", "a nine"]
-    batch = Collate(tok)([(torch.zeros(1, 1), c) for c in captions])
+    input_ids, targets_all = tokenize_captions(tok, captions)
+    batch = {"input_ids": input_ids, "targets": targets_all}
     for b, c in enumerate(captions):
         n = len(tok.encode(c, bos=True, eos=True))
         assert batch["input_ids"][b, 0] == tok.bos_id

@@ -88,6 +88,33 @@ def test_resumed_schedule_continues_instead_of_jumping(caplog):
     assert g(0) == pytest.approx(0.01) and g(99) == pytest.approx(1.0) and g(3000) > 0.5  # the plain schedule
 
 
+def test_short_run_logs_throughput_beside_the_loss_and_compiles_when_asked(tmp_path, monkeypatch):
+    """module.compile=true goes through torch.compile (here with the aot_eager backend: Inductor's C++ build of
+    even the tiny model takes ~40 s on 2 cores); tokens/s, step time and MFU (from a given peak) are logged on the
+    loss's rows, and the summary counts the steps after warm-up."""
+    compiled, real_compile = [], torch.compile
+
+    def compile_on_cpu(fn, **options):
+        compiled.append(options)
+        return real_compile(fn, backend="aot_eager", dynamic=options["dynamic"])
+    monkeypatch.setattr(torch, "compile", compile_on_cpu)
+    result = train(compose_config("train", [
+        "+experiment=digits", *small_train_overrides(tmp_path, steps=8), "trainer.log_every_n_steps=2",
+        "data.val_samples=8", "module.compile=true", "throughput.peak_flops=1e12"]))
+    assert compiled == [{"mode": "default", "dynamic": False}]  # no CUDA graphs off a GPU
+    rows = list(csv.DictReader(open(next(tmp_path.glob("csv/*/metrics.csv")))))
+    perf = [r for r in rows if r.get("perf/tokens_per_s")]
+    assert [int(r["step"]) for r in perf] == [5, 7]  # the steps Lightning writes the loss at, after warm-up
+    for r in perf:
+        assert float(r["perf/tokens_per_s"]) > 0 and float(r["perf/step_ms"]) > 0 and float(r["perf/mfu"]) > 0
+        assert r["train/loss"]
+    summary = result["throughput"]
+    assert summary["steps"] == 4  # 8 steps - 3 warm-up - the first timed step's start mark
+    tokens_per_step = 8 * (8 + 20)  # batch x (prefix + longest training caption with BOS and EOS)
+    assert summary["tokens_per_s"] == pytest.approx(tokens_per_step / (summary["step_ms"] / 1e3), rel=1e-6)
+    assert 0 < summary["mfu"] < 1 and summary["peak_mem_gib"] is None
+
+
 def test_resume_continues_global_step(tmp_path):
     first = train(compose_config("train", ["+experiment=digits", *small_train_overrides(tmp_path / "a", steps=6),
                                            "trainer.log_every_n_steps=1", "data.val_samples=8"]))

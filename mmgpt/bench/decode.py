@@ -277,7 +277,7 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: dict, out_dir: Path) -> Path:
+def write_report(report: dict, out_dir: Path, table=markdown_table) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     gpu = report["gpu"].replace(" ", "-").replace("/", "-")
     tag = f"-{report['tag']}" if report.get("tag") else ""
@@ -286,7 +286,7 @@ def write_report(report: dict, out_dir: Path) -> Path:
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, path)
     md = path.with_suffix(".md")
-    md.write_text(markdown_table(report) + "\n")
+    md.write_text(table(report) + "\n")
     return path
 
 
@@ -303,9 +303,10 @@ def merge_reports(paths: list[Path]) -> dict:
             key = (row["model"], row["dtype"], row["batch"], row["impl"])
             rows[key] = {**row, "source": Path(path).name}
     base = reports[-1]
-    return {**base, "tag": "", "merged_from": [Path(p).name for p in paths],
-            "copy_bandwidth_gb_s_per_run": {Path(p).name: r["copy_bandwidth_gb_s"] for p, r in zip(paths, reports)},
-            "rows": list(rows.values())}
+    merged = {**base, "tag": "", "merged_from": [Path(p).name for p in paths], "rows": list(rows.values())}
+    if "copy_bandwidth_gb_s" in base:  # decode reports: each run measured its own
+        merged["copy_bandwidth_gb_s_per_run"] = {Path(p).name: r["copy_bandwidth_gb_s"] for p, r in zip(paths, reports)}
+    return merged
 
 
 def main(argv=None):
