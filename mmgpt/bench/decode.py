@@ -21,6 +21,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -258,14 +259,16 @@ def run(args) -> dict:
             for batch in args.batches:
                 for name, backend in backends.items():
                     for prefix_len in args.prefixes:
-                        rows.append(measure_row(setup, name, batch, prefix_len, lambda: bench_mmgpt(
-                            backend, batch, args.prompt, args.new_tokens, prefix_len, device, args.repeats)))
+                        rows.append(measure_row(setup, name, batch, prefix_len, partial(
+                            bench_mmgpt, backend, batch, args.prompt, args.new_tokens, prefix_len, device,
+                            args.repeats)))
                 if hf is not None:  # text only: the HF model has no prefix encoder
-                    rows.append(measure_row(setup, "hf-eager", batch, 0, lambda: bench_hf(
-                        hf, batch, args.prompt, args.new_tokens, False, device, args.repeats)))
+                    hf_variants = {"hf-eager": False}
                     if device.type == "cuda" and args.compile:
-                        rows.append(measure_row(setup, "hf-static+compile", batch, 0, lambda: bench_hf(
-                            hf, batch, args.prompt, args.new_tokens, True, device, args.repeats)))
+                        hf_variants["hf-static+compile"] = True
+                    for name, static_compile in hf_variants.items():
+                        rows.append(measure_row(setup, name, batch, 0, partial(
+                            bench_hf, hf, batch, args.prompt, args.new_tokens, static_compile, device, args.repeats)))
                 if args.partial_out:  # keep what was measured if a later row takes the machine down
                     write_report(_report(args, device, gpu, bw, pair_rows(rows)), Path(args.partial_out))
             del model, hf, backends, setup
@@ -299,10 +302,11 @@ def _reset_peak(device):
 def markdown_table(report: dict) -> str:
     head = ("| model | dtype | batch | P | impl | tok/s | TTFT ms | GB/s | % floor | peak GiB | MM/text | ideal "
             "| of ideal | x graph |\n|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    lines = [f"{report['gpu']}, {report['date']}, copy bandwidth {report['copy_bandwidth_gb_s']} GB/s, "
-             f"prompt {report['settings']['prompt_len']} + {report['settings']['new_tokens']} new tokens, greedy. "
-             "P: image-prefix length; MM/text: tok/s over the same impl's at P=0; ideal: that ratio from the bytes "
-             "read per step; x graph: tok/s over mmgpt-graph's at the same shape", "", head]
+    legend = (f"{report['gpu']}, {report['date']}, copy bandwidth {report['copy_bandwidth_gb_s']} GB/s, "
+              f"prompt {report['settings']['prompt_len']} + {report['settings']['new_tokens']} new tokens, greedy. "
+              "P: image-prefix length; MM/text: tok/s over the same impl's at P=0; ideal: that ratio from the bytes "
+              "read per step; x graph: tok/s over mmgpt-graph's at the same shape")
+    lines = [legend, "", head]
     for r in report["rows"]:
         first = f"| {r['model']} | {r['dtype']} | {r['batch']} | {r.get('prefix_len', 0)} | {r['impl']} |"
         if "error" in r:
