@@ -119,7 +119,7 @@ def ln_gemv_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, B, N,
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):  # a loop: K reaches 6400
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_hi
+        mask_k = offs_k < K  # splits hold whole tiles: only the last tile of K is partial (constexpr: fewer regs)
         xk = _input_tile(x_ptr, offs_b[:, None] * K + offs_k[None, :], mask_b[:, None] & mask_k[None, :],
                          ln_w_ptr, ln_b_ptr, offs_k, mask_k, mean, rstd, HAS_LN)
         w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
@@ -172,7 +172,7 @@ def ln_gemv_row_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, N,
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_hi
+        mask_k = offs_k < K
         xk = _input_tile(x_ptr, offs_k, mask_k, ln_w_ptr, ln_b_ptr, offs_k, mask_k, mean, rstd, HAS_LN)
         w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
                     other=0.0).to(tl.float32)
