@@ -124,7 +124,8 @@ def bench_mmgpt(be: TorchBackend, batch, prompt_len, new_tokens, prefix_len, dev
     best = min(runs, key=lambda r: r.decode_time_s)
     return {"tokens_per_s": best.decode_tokens_per_s, "ttft_ms": 1e3 * min(r.time_to_first_token_s for r in runs),
             "step_ms": 1e3 * best.decode_time_s / best.decode_steps, "capacity": best.capacity,
-            "graph_captures": gen.graph_captures, "cuda_graph": best.cuda_graph}
+            "graph_captures": gen.graph_captures, "cuda_graph": best.cuda_graph,
+            "pdl": getattr(be, "pdl", False)}  # only the Triton backend launches with PDL
 
 
 def bench_hf(hf, batch, prompt_len, new_tokens, static_compile, device, repeats):
@@ -204,7 +205,7 @@ def measure_row(setup: Setup, impl: str, batch: int, prefix_len: int, bench) -> 
         row["pct_of_floor"] = round(100 * (setup.weight_bytes + kv) / setup.bandwidth / step_s, 1)
     if setup.device.type == "cuda":
         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(setup.device) / 2**30, 3)
-    row.update({k: res[k] for k in ("capacity", "graph_captures", "cuda_graph") if k in res})
+    row.update({k: res[k] for k in ("capacity", "graph_captures", "cuda_graph", "pdl") if k in res})
     print(f"{label} {row['tokens_per_s']:>10.1f} tok/s  ttft {row['ttft_ms']:8.2f} ms  "
           f"{row.get('pct_of_floor', float('nan')):5.1f}% floor", flush=True)
     return row
@@ -241,7 +242,7 @@ def _backends(model: MultimodalGPT, device, args) -> dict:
         backends["mmgpt-graph+compile"] = TorchBackend(model, compile=True)
     if args.triton:
         from mmgpt.runtime.triton_backend import TritonBackend
-        backends["mmgpt-graph+triton"] = TritonBackend(model)
+        backends["mmgpt-graph+triton"] = TritonBackend(model, pdl=None if args.pdl else False)
     return backends
 
 
@@ -364,6 +365,8 @@ def main(argv=None):
     ap.add_argument("--no-hf", dest="hf", action="store_false")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--no-triton", dest="triton", action="store_false", help="skip the fused Triton kernels")
+    ap.add_argument("--no-pdl", dest="pdl", action="store_false",
+                    help="launch the Triton kernels without programmatic dependent launch (on by default on Hopper)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run that checks the report's form")
     ap.add_argument("--merge", nargs="+", default=None, help="merge these result files into one report, run nothing")
     ap.add_argument("--out", default="benchmarks/results")

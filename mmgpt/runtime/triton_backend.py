@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 
 from mmgpt.kernels.decode_step import attention_kernel, embed_kernel, ln_gemv_kernel, ln_gemv_row_kernel
 from mmgpt.model import MultimodalGPT
@@ -86,7 +87,7 @@ class TritonBackend(TorchBackend):
     def __init__(self, model: MultimodalGPT, prefix_len: int | None = None, gemv: GemvConfig = GemvConfig(),
                  head_gemv: GemvConfig = HEAD_GEMV, attention: AttentionConfig = AttentionConfig(),
                  pdl: bool | None = None):
-        """pdl: launch every kernel with programmatic dependent launch (None: where the GPU has it, Hopper on)."""
+        """pdl: launch every kernel with programmatic dependent launch (None: where the GPU and Triton have it)."""
         super().__init__(model, compile=False, prefix_len=prefix_len)
         cfg = model.config
         if cfg.head_dim & (cfg.head_dim - 1):
@@ -103,15 +104,18 @@ class TritonBackend(TorchBackend):
         self._buffers: dict[int, _StepBuffers] = {}
         if self.device.type == "cuda":
             props = torch.cuda.get_device_properties(self.device)
-            sms, has_pdl = props.multi_processor_count, props.major >= 9
+            sms = props.multi_processor_count
+            has_pdl = props.major >= 9 and hasattr(tl.extra.cuda, "gdc_wait")  # Hopper on, and a Triton that has it
             self.shared_memory = triton.runtime.driver.active.utils.get_device_properties(
                 self.device.index or 0)["max_shared_mem"]
         else:
             sms, has_pdl, self.shared_memory = 1, False, HOPPER_SHARED_MEMORY
         if pdl and not has_pdl:
-            raise ValueError("programmatic dependent launch needs a CUDA GPU of compute capability 9.0 or later; "
-                             "pass pdl=False")
+            raise ValueError("programmatic dependent launch needs a CUDA GPU of compute capability 9.0 or later "
+                             "and a Triton with tl.extra.cuda.gdc_wait; pass pdl=False")
         self.pdl = has_pdl if pdl is None else pdl
+        # launch_pdl is only passed where used: a Triton without it rejects the option even when False
+        self._launch = {"USE_PDL": True, "launch_pdl": True} if self.pdl else {"USE_PDL": False}
         self.min_programs = gemv.min_programs or 4 * sms
         self.attention_min_programs = attention.min_programs or 2 * sms
 
@@ -168,8 +172,7 @@ class TritonBackend(TorchBackend):
         ln_w, ln_b = ln if ln is not None else (w, w)  # unused pointers when HAS_LN is off
         args = (x, ln_w, ln_b, w, bias if bias is not None else w, out)
         meta = dict(K=K, HAS_LN=ln is not None, HAS_BIAS=bias is not None, GELU=gelu, RESIDUAL=residual, EPS=self.eps,
-                    SPLIT_K=split, USE_PDL=self.pdl, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-                    launch_pdl=self.pdl)
+                    SPLIT_K=split, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **self._launch)
         if row:
             ln_gemv_row_kernel[(n_blocks, split)](*args, N, **meta)
         else:
@@ -181,9 +184,8 @@ class TritonBackend(TorchBackend):
         c, t, a = self.model.config, self.model.transformer, self.attention
         buf = self._buffers_for(B)
         tokens, positions = input_ids.reshape(B), position_ids.reshape(B)
-        pdl = dict(USE_PDL=self.pdl, launch_pdl=self.pdl)
         embed_kernel[(B,)](tokens, positions, t.wte.weight, t.wpe.weight, buf.x, C=c.n_embd,
-                           BLOCK_C=min(1024, triton.next_power_of_2(c.n_embd)), **pdl)
+                           BLOCK_C=min(1024, triton.next_power_of_2(c.n_embd)), **self._launch)
         S, g = k_cache.shape[3], self.gemv
         splits = self.attention_splits(B, S)
         for i, L in enumerate(self.layers):
@@ -191,7 +193,7 @@ class TritonBackend(TorchBackend):
             attention_kernel[(B * c.n_head, splits)](
                 buf.qkv, k_cache[i], v_cache[i], positions, buf.y, buf.part_max, buf.part_sum, buf.part_out,
                 buf.arrivals, S, c.head_dim ** -0.5, H=c.n_head, D=c.head_dim, BLOCK_S=a.block_s, NUM_SPLITS=splits,
-                num_warps=a.num_warps, **pdl)
+                num_warps=a.num_warps, **self._launch)
             self._gemv(buf.y, L.w_o, buf.x, g, bias=L.b_o, residual=True)
             self._gemv(buf.x, L.w_fc, buf.hidden, g, ln=(L.ln2_w, L.ln2_b), bias=L.b_fc, gelu=True)
             self._gemv(buf.hidden, L.w_proj, buf.x, g, bias=L.b_proj, residual=True)
