@@ -133,10 +133,11 @@ def check_pdl(run: Run, model) -> bool:
             off = TritonBackend(model, pdl=False).decode(ids, pos, k.clone(), k.clone()).clone()
             on = TritonBackend(model, pdl=True).decode(ids, pos, k.clone(), k.clone())
             torch.cuda.synchronize()
-        return {"max_abs_diff_on_vs_off": (on - off).abs().max().item()}
+        return {"rel_diff_on_vs_off": (on - off).abs().max().item() / off.abs().max().item()}
     res = guarded(compare)
     run.report["pdl"] = {**res, "capability": list(torch.cuda.get_device_capability())}
-    ok = "error" not in res and res["max_abs_diff_on_vs_off"] <= 1e-3  # split-K atomics may reorder fp32 adds
+    # split-K atomics add in any order, so on and off differ in rounding; a race would differ grossly
+    ok = "error" not in res and res["rel_diff_on_vs_off"] <= 1e-2
     run.report["pdl"]["used"] = ok
     print("pdl", json.dumps(run.report["pdl"]), flush=True)
     return ok

@@ -95,7 +95,8 @@ def test_programmatic_dependent_launch_changes_nothing():
     with torch.no_grad():
         off = TritonBackend(model, pdl=False).decode(ids, pos, k.clone(), k.clone()).clone()
         on = TritonBackend(model, pdl=True).decode(ids, pos, k.clone(), k.clone())
-    assert torch.equal(on, off)
+    # split-K atomics add in any order, so the two differ in rounding; a race would differ grossly
+    assert (on - off).abs().max().item() <= 1e-2 * off.abs().max().item()
 
 
 def test_rejects_what_the_kernels_cannot_do():
