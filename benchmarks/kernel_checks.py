@@ -143,21 +143,27 @@ def check_pdl(run: Run, model) -> bool:
     return ok
 
 
+def graph_vs_eager(backend, prefix, prompts) -> dict:
+    V = backend.model.config.vocab_size
+    tok = ByteTokenizer(bos_id=V - 1, eos_id=V - 1, pad_id=V - 1)
+    eager, graph = (Generator(backend, tok, max_positions=1024, cuda_graph=g, eos_check_interval=1000).generate(
+        prefix, prompts, max_new_tokens=64).tokens for g in (False, True))
+    same = eager == graph
+    mismatch = (~same).nonzero()
+    # split-K atomics add in any order: a near-tie may flip late; a race would diverge at once
+    return {"tokens_equal": bool(same.all()), "equal_fraction": round(same.float().mean().item(), 4),
+            "first_mismatch": mismatch[0].tolist() if len(mismatch) else None}
+
+
 def check_graph_replay(run: Run, model, pdl: bool):
     """Graph-replayed greedy tokens equal un-captured ones (the PDL launches inside a captured graph)."""
     backend = TritonBackend(model, pdl=pdl)
-    V = model.config.vocab_size
-    tok = ByteTokenizer(bos_id=V - 1, eos_id=V - 1, pad_id=V - 1)
     for batch in (1, 8):
         g = torch.Generator().manual_seed(batch)
         prefix = torch.randn(batch, 64, model.config.prefix_dim, generator=g)
-        prompts = [torch.randint(0, V - 1, (1 + 5 * b % 32,), generator=g).tolist() for b in range(batch)]
-
-        def compare():
-            runs = [Generator(backend, tok, max_positions=1024, cuda_graph=graph, eos_check_interval=1000).generate(
-                prefix, prompts, max_new_tokens=64) for graph in (False, True)]
-            return {"tokens_equal": bool(torch.equal(runs[0].tokens, runs[1].tokens))}
-        row = {"batch": batch, "pdl": pdl, **guarded(compare)}
+        prompts = [torch.randint(0, model.config.vocab_size - 1, (1 + 5 * b % 32,), generator=g).tolist()
+                   for b in range(batch)]
+        row = {"batch": batch, "pdl": pdl, **guarded(partial(graph_vs_eager, backend, prefix, prompts))}
         run.report["graph_replay"].append(row)
         print("graph", json.dumps(row), flush=True)
 
@@ -250,7 +256,7 @@ def print_table(report: dict):
                                   f"kv {r['kv_rel_diff']:.1e}  S={r['capacity']} splits={r['splits']}")
         print(f"  {r['model']:>5} B={r['batch']:<3} P={r['prefix_len']:<3} {r['variant']:<8} {tail}")
     for r in report["graph_replay"]:
-        print(f"  graph replay B={r['batch']} pdl={r['pdl']}: {r.get('tokens_equal', r.get('error'))}")
+        print(f"  graph replay B={r['batch']} pdl={r['pdl']}: equal {r.get('equal_fraction', r.get('error'))}")
     print("\ntimings (CUDA graph, 32 + 128 tokens)")
     for r in report["timing"]:
         tail = r.get("error") or (f"{r['tokens_per_s']:>10.0f} tok/s {r['step_us']:>8.1f} us/step" + (
