@@ -1,8 +1,9 @@
 import json
+import random
 
 import pytest
 
-from mmgpt.bench.decode import main, markdown_table
+from mmgpt.bench.decode import main, markdown_table, pair_rows
 
 
 def test_smoke_report_is_well_formed(tmp_path):
@@ -11,13 +12,39 @@ def test_smoke_report_is_well_formed(tmp_path):
     assert any(f.endswith(".json") for f in files) and any(f.endswith(".md") for f in files)
     saved = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert saved["gpu"] == "cpu" and saved["versions"]["torch"] and saved["date"]
-    impls = {r["impl"] for r in saved["rows"]}
-    assert impls == {"mmgpt-eager-cpu/text", "mmgpt-eager-cpu/image"}
+    assert saved["settings"]["prefixes"] == [0, 16, 64]
+    assert {(r["impl"], r["batch"], r["prefix_len"]) for r in saved["rows"]} == {
+        ("mmgpt-eager-cpu", b, p) for b in (1, 2) for p in (0, 16, 64)}
     for r in saved["rows"]:
         assert r["tokens_per_s"] > 0 and r["ttft_ms"] > 0 and r["weight_bytes"] > 0
-        assert {"model", "dtype", "batch", "gb_per_s", "step_us"} <= set(r)
-    assert all("multimodal_over_text" in r for r in saved["rows"] if r["impl"].endswith("/image"))
+        assert {"model", "dtype", "batch", "gb_per_s", "step_us", "kv_bytes_per_step"} <= set(r)
+        if r["prefix_len"]:
+            assert 0 < r["ideal_multimodal_over_text"] < 1  # the prefix only adds bytes
+            assert r["multimodal_of_ideal"] == pytest.approx(
+                r["multimodal_over_text"] / r["ideal_multimodal_over_text"], abs=2e-3)
+        else:
+            assert "multimodal_over_text" not in r
+    longer = {r["batch"]: r["ideal_multimodal_over_text"] for r in saved["rows"] if r["prefix_len"] == 64}
+    shorter = {r["batch"]: r["ideal_multimodal_over_text"] for r in saved["rows"] if r["prefix_len"] == 16}
+    assert all(longer[b] < shorter[b] for b in longer)
     assert markdown_table(report).count("\n| smoke |") == len(report["rows"])
+
+
+def test_pairing_looks_rows_up_by_key():
+    def row(impl, batch, prefix_len, tok_s, kv):
+        return {"model": "m", "dtype": "fp16", "batch": batch, "impl": impl, "prefix_len": prefix_len,
+                "tokens_per_s": tok_s, "weight_bytes": 100, "kv_bytes_per_step": kv}
+    rows = [row("mmgpt-graph", 1, 0, 10.0, 0), row("mmgpt-graph", 1, 64, 8.0, 25),
+            row("mmgpt-graph+triton", 1, 0, 40.0, 0), row("mmgpt-graph+triton", 1, 64, 36.0, 25),
+            row("mmgpt-graph+triton", 8, 64, 1.0, 25), {"model": "m", "dtype": "fp16", "batch": 8, "prefix_len": 0,
+                                                       "impl": "mmgpt-graph+triton", "error": "OutOfResources"}]
+    random.Random(0).shuffle(rows)
+    by = {(r["impl"], r["batch"], r["prefix_len"]): r for r in pair_rows(rows)}
+    image = by["mmgpt-graph+triton", 1, 64]
+    assert image["multimodal_over_text"] == 0.9 and image["ideal_multimodal_over_text"] == 0.8
+    assert image["multimodal_of_ideal"] == 1.125 and image["over_mmgpt_graph"] == 4.5
+    assert by["mmgpt-graph", 1, 64]["multimodal_over_text"] == 0.8 and "over_mmgpt_graph" not in by["mmgpt-graph", 1, 0]
+    assert "multimodal_over_text" not in by["mmgpt-graph+triton", 8, 64]  # its text row failed: nothing to pair
 
 
 def test_merge_keeps_every_row_and_later_files_win(tmp_path):
@@ -29,18 +56,3 @@ def test_merge_keeps_every_row_and_later_files_win(tmp_path):
     assert {r["source"] for r in merged["rows"]} == {pb.name}
     assert [r["tokens_per_s"] for r in merged["rows"]] == [r["tokens_per_s"] for r in b["rows"]]
     assert merged["merged_from"] == [pa.name, pb.name]
-
-
-def test_train_smoke_report_is_well_formed(tmp_path):
-    from mmgpt.bench.train import main as train_main, markdown_table as train_table
-    report = train_main(["--smoke", "--out", str(tmp_path), "--no-hf"])
-    path = next(tmp_path.glob("*-train.json"))
-    saved = json.loads(path.read_text())
-    assert saved["gpu"] == "cpu" and saved["versions"]["torch"] and saved["peak_flops"] is None
-    (row,) = saved["rows"]
-    assert row["impl"] == "mmgpt-eager" and (row["batch"], row["prefix_len"], row["text_len"]) == (2, 4, 8)
-    assert row["tokens_per_s"] == pytest.approx(2 * 12 / (row["step_ms"] / 1e3), abs=0.1)  # rounded to 0.1
-    assert row["mfu"] is None and row["first_step_s"] > 0 and row["flops_per_token"] > 6 * row["params"]
-    assert path.with_suffix(".md").read_text().count("\n| smoke |") == 1 == train_table(report).count("| smoke |")
-    merged = train_main(["--merge", str(path), "--out", str(tmp_path / "m")])
-    assert merged["rows"][0]["tokens_per_s"] == row["tokens_per_s"] and (tmp_path / "m" / path.name).is_file()

@@ -7,38 +7,107 @@ from mmgpt.model import GPTConfig, MultimodalGPT
 from mmgpt.runtime.backends.torch_model import TorchBackend
 
 pytest.importorskip("triton", reason="triton is not installed (pip install -e .[dev])")
-from mmgpt.runtime.backends.fused_triton import GemvConfig, TritonBackend  # noqa: E402
+from mmgpt.runtime.backends.fused_triton import AttentionConfig, GemvConfig, TritonBackend  # noqa: E402
 
 CONFIGS = {"tensor-core": GemvConfig(block_n=16, block_k=32, row_block_n=0),
            "split-k": GemvConfig(block_n=16, block_k=32, min_programs=64, row_block_n=8),
            "defaults": GemvConfig()}
 
 
+def tiny_model(n_embd=32, n_head=2, n_layer=2, block_size=64):
+    torch.manual_seed(0)
+    return MultimodalGPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                                   prefix_dim=5, vocab_size=300)).eval()
+
+
+def assert_step_matches_torch(model, backend, positions, capacity):
+    """One decode step from random caches at `positions` (B,): logits and both caches as the torch backend's."""
+    c = model.config
+    B = len(positions)
+    k = torch.randn(c.n_layer, B, c.n_head, capacity, c.head_dim)
+    v = torch.randn_like(k)
+    k_ref, v_ref, k_tri, v_tri = k.clone(), v.clone(), k.clone(), v.clone()
+    ids, pos = torch.randint(0, c.vocab_size, (B, 1)), torch.tensor(positions)[:, None]
+    with torch.no_grad():
+        want = TorchBackend(model).decode(ids, pos, k_ref, v_ref)
+        got = backend.decode(ids, pos, k_tri, v_tri)
+    assert (got - want).abs().max().item() <= 1e-4
+    assert torch.allclose(k_tri, k_ref, atol=1e-5) and torch.allclose(v_tri, v_ref, atol=1e-5)
+
+
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("n_embd", [64, 48])  # 48: K not a multiple of the tiles
 def test_decode_step_matches_torch(config, batch, n_embd):
-    torch.manual_seed(0)
-    model = MultimodalGPT(GPTConfig(n_layer=2, n_head=n_embd // 16, n_embd=n_embd, block_size=64, prefix_dim=5,
-                                    vocab_size=300)).eval()
-    S, H = 40, n_embd // 16
-    k = torch.randn(2, batch, H, S, 16)
-    v = torch.randn_like(k)
-    ids = torch.randint(0, 256, (batch, 1))
-    pos = torch.tensor([[33], [0], [17]])[:batch]  # a long, an empty and a middling past
-    k_ref, v_ref, k_tri, v_tri = k.clone(), v.clone(), k.clone(), v.clone()
+    model = tiny_model(n_embd=n_embd, n_head=n_embd // 16)
+    backend = TritonBackend(model, gemv=CONFIGS[config], attention=AttentionConfig(block_s=16))
+    assert_step_matches_torch(model, backend, [33, 0, 17][:batch], capacity=40)  # long, empty, middling past
+
+
+# 8-slot tiles over a 64-slot cache; 4 rows x 2 heads, so min_programs=64 asks for 8 programs per (row, head)
+SPLIT_POSITIONS = {"tile-boundaries": [8, 16, 32, 24],  # each split's run ends exactly on a tile
+                   "one-past-boundaries": [9, 17, 33, 57],
+                   "shorter-than-one-tile": [1, 5, 7, 3],  # one split works, the others are empty
+                   "ragged": [0, 31, 63, 40]}  # empty past, middle, the cache's last slot
+
+
+@pytest.mark.parametrize("positions", list(SPLIT_POSITIONS))
+@pytest.mark.parametrize("max_splits", [2, 8])  # 8: one split per tile of the cache (1 is the decode test above)
+def test_split_cache_attention_matches_torch(positions, max_splits):
+    model = tiny_model()  # two layers: the second launch finds the arrival counters reset by the first
+    backend = TritonBackend(model, gemv=GemvConfig(block_k=32),
+                            attention=AttentionConfig(block_s=8, min_programs=64, max_splits=max_splits))
+    assert backend.attention_splits(4, 64) == max_splits
+    assert_step_matches_torch(model, backend, SPLIT_POSITIONS[positions], capacity=64)
+
+
+@pytest.mark.parametrize("gemv", [GemvConfig(gemm_block_n=32, gemm_block_k=16),  # 2 row blocks of 64, 2 K steps
+                                  GemvConfig(max_block_b=16, min_programs=256)])  # 5 row blocks, split-K residual
+def test_batch_tiled_past_64_rows(gemv):
+    model = tiny_model(n_layer=1)
+    backend = TritonBackend(model, gemv=gemv, attention=AttentionConfig(block_s=16))
+    assert backend.max_batch is None
+    positions = torch.randint(0, 32, (80,), generator=torch.Generator().manual_seed(0)).tolist()
+    assert_step_matches_torch(model, backend, positions, capacity=32)
+
+
+def test_tiles_fit_shared_memory_at_every_batch():
+    backend = TritonBackend(tiny_model(n_layer=1))
+    for cfg in (GemvConfig(), GemvConfig(max_block_b=128, gemm_block_n=256, gemm_block_k=256)):
+        for B in range(2, 257):
+            for K in (768, 1600, 3072, 6400):
+                block_b, block_n, block_k, _ = backend._tiles(B, K, 4, 2, cfg)
+                used = cfg.num_stages * block_k * (block_b * 4 + block_n * 2) + 4 * block_b * block_n
+                assert used <= 0.9 * backend.shared_memory, (cfg, B, K)
+    assert backend._tiles(32, 768, 4, 2, GemvConfig()) == (32, 32, 256, 4)  # the tiles measured up to B = 32
+    assert backend._tiles(48, 768, 4, 2, GemvConfig()) == (64, 64, 64, 8)
+    assert backend._tiles(256, 768, 4, 2, GemvConfig(max_block_b=128, gemm_block_k=256)) == (128, 64, 64, 8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch needs a CUDA GPU")
+def test_programmatic_dependent_launch_changes_nothing():
+    model = tiny_model(n_embd=64, n_head=4).cuda().half()
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    c = model.config
+    k = torch.randn(c.n_layer, 4, c.n_head, 64, c.head_dim, device="cuda", dtype=torch.half)
+    ids, pos = torch.randint(0, 300, (4, 1), device="cuda"), torch.tensor([[0], [9], [40], [63]], device="cuda")
     with torch.no_grad():
-        want = TorchBackend(model).decode(ids, pos, k_ref, v_ref)
-        got = TritonBackend(model, gemv=CONFIGS[config], block_s=16).decode(ids, pos, k_tri, v_tri)
-    assert (got - want).abs().max().item() <= 1e-4
-    assert torch.allclose(k_tri, k_ref, atol=1e-5) and torch.allclose(v_tri, v_ref, atol=1e-5)
+        off = TritonBackend(model, pdl=False).decode(ids, pos, k.clone(), k.clone()).clone()
+        on = TritonBackend(model, pdl=True).decode(ids, pos, k.clone(), k.clone())
+    # split-K atomics add in any order, so the two differ in rounding; a race would differ grossly
+    assert (on - off).abs().max().item() <= 1e-2 * off.abs().max().item()
 
 
 def test_rejects_what_the_kernels_cannot_do():
     with pytest.raises(ValueError, match="power-of-two head size"):
         TritonBackend(MultimodalGPT(GPTConfig(n_layer=1, n_head=3, n_embd=60, block_size=16)))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="programmatic dependent launch"):
+            TritonBackend(tiny_model(n_layer=1), pdl=True)
 
 
+@pytest.mark.slow  # ~2.5 minutes: 31 decode steps of a 4-layer model in Triton's interpreter
 def test_infer_with_fused_kernels_reports_training_accuracy(trained, exported):
     from mmgpt.inference import infer
     report = infer(compose_config("infer", [f"artifacts={exported}", "backend=torch-triton", "show=0", "limit=16"]))

@@ -1,12 +1,15 @@
 """Decode-speed benchmark: mmgpt's decode loop against Hugging Face transformers, same weights, same GPU, one run.
 
-python -m mmgpt.bench [decode] [--models 124m 355m 1p5b] [--dtypes fp16 bf16] [--batches 1 8] [--smoke]
+python -m mmgpt.bench [decode] [--models 124m 355m 1p5b] [--dtypes fp16 bf16] [--batches 1 8] [--prefixes 0 64]
+                              [--smoke]
 
-Rows: mmgpt torch backend in a CUDA graph, with and without torch.compile; HF GPT2LMHeadModel eager, and with a
-static cache + torch.compile. Each row reports tok/s, time to first token, GB/s and % of the memory-bandwidth floor
-(copy bandwidth measured in the same run), and peak memory. The multimodal / text-only ratio compares the same
-mmgpt decode loop with a 64-patch image prefix and with none. `--smoke` runs a tiny CPU configuration that only
-checks the report is well formed (speed is never asserted anywhere).
+Rows: mmgpt torch backend in a CUDA graph, with and without torch.compile, and with the fused Triton kernels, at
+every batch x image-prefix length; HF GPT2LMHeadModel eager, and with a static cache + torch.compile, text only.
+Each row reports tok/s, time to first token, GB/s and % of the memory-bandwidth floor (copy bandwidth measured in
+the same run), and peak memory. Rows with an image prefix carry the multimodal / text-only ratio of the same decode
+loop, the ratio the byte count allows (weights + mean KV bytes per step without the prefix, over the same with
+it) and the first over the second; every row carries its tok/s over mmgpt's torch graph at the same shape.
+`--smoke` runs a tiny CPU configuration that only checks the report is well formed (speed is never asserted).
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import json
 import os
 import platform
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,8 +38,9 @@ SHAPES = {  # GPT-2 shapes; vocab 50257 like GPT-2 so the head costs what it cos
     "smoke": dict(n_layer=2, n_head=2, n_embd=64),
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-IMAGE_PREFIX = 64  # an 8x8 grid of patches
+PREFIXES = (0, 64)  # text only, and an 8x8 grid of patches (LLaVA-1.5's 24x24 grid is 576)
 PATCH_DIM = 48  # a 4x4 RGB patch
+GRAPH_IMPL = "mmgpt-graph"  # the row the others are compared with
 
 
 def build_model(size: str, dtype, device, vocab: int = 50257, block: int = 1024) -> MultimodalGPT:
@@ -118,7 +124,8 @@ def bench_mmgpt(be: TorchBackend, batch, prompt_len, new_tokens, prefix_len, dev
     best = min(runs, key=lambda r: r.decode_time_s)
     return {"tokens_per_s": best.decode_tokens_per_s, "ttft_ms": 1e3 * min(r.time_to_first_token_s for r in runs),
             "step_ms": 1e3 * best.decode_time_s / best.decode_steps, "capacity": best.capacity,
-            "graph_captures": gen.graph_captures, "cuda_graph": best.cuda_graph}
+            "graph_captures": gen.graph_captures, "cuda_graph": best.cuda_graph,
+            "pdl": getattr(be, "pdl", False)}  # only the Triton backend launches with PDL
 
 
 def bench_hf(hf, batch, prompt_len, new_tokens, static_compile, device, repeats):
@@ -166,6 +173,79 @@ def _nvidia_smi(field):
         return None
 
 
+@dataclass
+class Setup:
+    """What every row of one model / dtype shares."""
+    size: str
+    dtype_name: str
+    model: MultimodalGPT
+    weight_bytes: int
+    bandwidth: float  # copy bandwidth, bytes/s (NaN on a CPU)
+    device: torch.device
+    prompt_len: int
+    new_tokens: int
+
+
+def measure_row(setup: Setup, impl: str, batch: int, prefix_len: int, bench) -> dict:
+    """Runs one benchmark (a bench_* call) and makes its row: tok/s, TTFT, bytes per step, % of floor, peak memory."""
+    _reset_peak(setup.device)
+    res = _guard(bench)
+    row = {"model": setup.size, "dtype": setup.dtype_name, "batch": batch, "impl": impl, "prefix_len": prefix_len}
+    label = f"{setup.size:>5} {setup.dtype_name} B={batch:<3} {impl:<24} P={prefix_len:<3}"
+    if "error" in res:
+        print(f"{label} FAILED: {res['error']}", flush=True)
+        return {**row, "error": res["error"]}
+    kv = kv_bytes_used(setup.model, batch, prefix_len + setup.prompt_len, setup.new_tokens, DTYPES[setup.dtype_name])
+    step_s = res["step_ms"] / 1e3
+    row.update({"prompt_len": setup.prompt_len, "new_tokens": setup.new_tokens,
+                "tokens_per_s": round(res["tokens_per_s"], 1), "ttft_ms": round(res["ttft_ms"], 3),
+                "step_us": round(step_s * 1e6, 2), "weight_bytes": setup.weight_bytes, "kv_bytes_per_step": int(kv),
+                "gb_per_s": round((setup.weight_bytes + kv) / step_s / 1e9, 1)})
+    if setup.bandwidth == setup.bandwidth:  # measured (not NaN)
+        row["pct_of_floor"] = round(100 * (setup.weight_bytes + kv) / setup.bandwidth / step_s, 1)
+    if setup.device.type == "cuda":
+        row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(setup.device) / 2**30, 3)
+    row.update({k: res[k] for k in ("capacity", "graph_captures", "cuda_graph", "pdl") if k in res})
+    print(f"{label} {row['tokens_per_s']:>10.1f} tok/s  ttft {row['ttft_ms']:8.2f} ms  "
+          f"{row.get('pct_of_floor', float('nan')):5.1f}% floor", flush=True)
+    return row
+
+
+def pair_rows(rows: list[dict]) -> list[dict]:
+    """Adds to each measured row what its partner rows say, looked up by key (model, dtype, batch, impl, prefix):
+    with a prefix, the multimodal / text-only tok/s ratio against the same impl at prefix 0, the ratio the byte count
+    allows, and the first over the second; and tok/s over mmgpt's torch graph at the same shape."""
+    def key(r, impl=None, prefix_len=None):
+        return (r["model"], r["dtype"], r["batch"], impl or r["impl"],
+                r["prefix_len"] if prefix_len is None else prefix_len)
+    measured = {key(r): r for r in rows if "error" not in r}
+    for r in measured.values():
+        text = measured.get(key(r, prefix_len=0))
+        if r["prefix_len"] and text is not None:
+            ratio = r["tokens_per_s"] / text["tokens_per_s"]
+            ideal = ((text["weight_bytes"] + text["kv_bytes_per_step"])
+                     / (r["weight_bytes"] + r["kv_bytes_per_step"]))  # tok/s scales as 1 / bytes per step
+            r.update(multimodal_over_text=round(ratio, 3), ideal_multimodal_over_text=round(ideal, 3),
+                     multimodal_of_ideal=round(ratio / ideal, 3))
+        graph = measured.get(key(r, impl=GRAPH_IMPL))
+        if graph is not None and graph is not r:
+            r["over_mmgpt_graph"] = round(r["tokens_per_s"] / graph["tokens_per_s"], 3)
+    return rows
+
+
+def _backends(model: MultimodalGPT, device, args) -> dict:
+    """One backend per variant, shared by every batch and prefix: compiled code is reused where shapes match."""
+    if device.type != "cuda":
+        return {"mmgpt-eager-cpu": TorchBackend(model)}
+    backends = {GRAPH_IMPL: TorchBackend(model)}
+    if args.compile:
+        backends["mmgpt-graph+compile"] = TorchBackend(model, compile=True)
+    if args.triton:
+        from mmgpt.runtime.triton_backend import TritonBackend
+        backends["mmgpt-graph+triton"] = TritonBackend(model, pdl=None if args.pdl else False)
+    return backends
+
+
 def run(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -173,70 +253,30 @@ def run(args) -> dict:
     rows = []
     for size in args.models:
         for dname in args.dtypes:
-            dtype = DTYPES[dname]
-            model = build_model(size, dtype, device, vocab=args.vocab)
-            wbytes = weight_bytes(model)
+            model = build_model(size, DTYPES[dname], device, vocab=args.vocab)
+            setup = Setup(size, dname, model, weight_bytes(model), bw, device, args.prompt, args.new_tokens)
             hf = to_hf_gpt2(model) if args.hf else None
-            # one backend per variant, shared by every batch and prefix: compiled code is reused where shapes match
-            if device.type == "cuda":
-                backends = {"mmgpt-graph": TorchBackend(model)}
-                if args.compile:
-                    backends["mmgpt-graph+compile"] = TorchBackend(model, compile=True)
-                if args.triton:
-                    from mmgpt.runtime.backends.fused_triton import TritonBackend
-                    backends["mmgpt-graph+triton"] = TritonBackend(model)
-            else:
-                backends = {"mmgpt-eager-cpu": TorchBackend(model)}
+            backends = _backends(model, device, args)
             for batch in args.batches:
-                def add(impl, res, prefix_len):
-                    if "error" in res:
-                        rows.append({"model": size, "dtype": dname, "batch": batch, "impl": impl,
-                                     "prefix_len": prefix_len, "error": res["error"]})
-                        print(f"{size:>5} {dname} B={batch} {impl:<24} FAILED: {res['error']}", flush=True)
-                        return
-                    kv = kv_bytes_used(model, batch, prefix_len + args.prompt, args.new_tokens, dtype)
-                    step_s = res["step_ms"] / 1e3
-                    row = {"model": size, "dtype": dname, "batch": batch, "impl": impl, "prefix_len": prefix_len,
-                           "prompt_len": args.prompt, "new_tokens": args.new_tokens,
-                           "tokens_per_s": round(res["tokens_per_s"], 1), "ttft_ms": round(res["ttft_ms"], 3),
-                           "step_us": round(step_s * 1e6, 2), "weight_bytes": wbytes, "kv_bytes_per_step": int(kv),
-                           "gb_per_s": round((wbytes + kv) / step_s / 1e9, 1)}
-                    if bw == bw:  # measured (not NaN)
-                        row["pct_of_floor"] = round(100 * (wbytes + kv) / bw / step_s, 1)
-                    if device.type == "cuda":
-                        row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-                    for k in ("capacity", "graph_captures", "cuda_graph"):
-                        if k in res:
-                            row[k] = res[k]
-                    rows.append(row)
-                    print(f"{size:>5} {dname} B={batch} {impl:<24} P={prefix_len:<3} {row['tokens_per_s']:>10.1f} tok/s"
-                          f"  ttft {row['ttft_ms']:8.2f} ms  {row.get('pct_of_floor', float('nan')):5.1f}% floor",
-                          flush=True)
-                    return res
-
                 for name, backend in backends.items():
-                    for prefix_len in (0, IMAGE_PREFIX):
-                        _reset_peak(device)
-                        res = _guard(lambda: bench_mmgpt(backend, batch, args.prompt, args.new_tokens, prefix_len,
-                                                         device, args.repeats))
-                        add(f"{name}/{'image' if prefix_len else 'text'}", res, prefix_len)
-                    if "error" not in rows[-1] and "error" not in rows[-2]:
-                        rows[-1]["multimodal_over_text"] = round(rows[-1]["tokens_per_s"] / rows[-2]["tokens_per_s"], 3)
-                if hf is not None:
-                    _reset_peak(device)
-                    add("hf-eager", _guard(lambda: bench_hf(hf, batch, args.prompt, args.new_tokens, False, device,
-                                                            args.repeats)), 0)
+                    for prefix_len in args.prefixes:
+                        rows.append(measure_row(setup, name, batch, prefix_len, partial(
+                            bench_mmgpt, backend, batch, args.prompt, args.new_tokens, prefix_len, device,
+                            args.repeats)))
+                if hf is not None:  # text only: the HF model has no prefix encoder
+                    hf_variants = {"hf-eager": False}
                     if device.type == "cuda" and args.compile:
-                        _reset_peak(device)
-                        add("hf-static+compile", _guard(lambda: bench_hf(hf, batch, args.prompt, args.new_tokens,
-                                                                         True, device, args.repeats)), 0)
+                        hf_variants["hf-static+compile"] = True
+                    for name, static_compile in hf_variants.items():
+                        rows.append(measure_row(setup, name, batch, 0, partial(
+                            bench_hf, hf, batch, args.prompt, args.new_tokens, static_compile, device, args.repeats)))
                 if args.partial_out:  # keep what was measured if a later row takes the machine down
-                    write_report(_report(args, device, gpu, bw, rows), Path(args.partial_out))
-            del model, hf, backends
+                    write_report(_report(args, device, gpu, bw, pair_rows(rows)), Path(args.partial_out))
+            del model, hf, backends, setup
             torch._dynamo.reset()  # compiled graphs hold the model: free them before the next size
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    return _report(args, device, gpu, bw, rows)
+    return _report(args, device, gpu, bw, pair_rows(rows))
 
 
 def _guard(fn) -> dict:
@@ -251,7 +291,7 @@ def _report(args, device, gpu, bw, rows) -> dict:
     return {"date": datetime.date.today().isoformat(), "gpu": gpu, "device": str(device), "tag": args.tag,
             "copy_bandwidth_gb_s": None if bw != bw else round(bw / 1e9, 1), "versions": versions(device),
             "settings": {"prompt_len": args.prompt, "new_tokens": args.new_tokens, "sampling": "greedy",
-                         "image_prefix_len": IMAGE_PREFIX, "repeats": args.repeats, "vocab": args.vocab},
+                         "prefixes": args.prefixes, "repeats": args.repeats, "vocab": args.vocab},
             "rows": rows}
 
 
@@ -261,19 +301,22 @@ def _reset_peak(device):
 
 
 def markdown_table(report: dict) -> str:
-    head = ("| model | dtype | batch | impl | tok/s | TTFT ms | GB/s | % floor | peak GiB | MM/text |\n"
-            "|---|---|---|---|---:|---:|---:|---:|---:|---:|")
-    lines = [f"{report['gpu']}, {report['date']}, copy bandwidth {report['copy_bandwidth_gb_s']} GB/s, "
-             f"prompt {report['settings']['prompt_len']} + {report['settings']['new_tokens']} new tokens, greedy", "",
-             head]
+    head = ("| model | dtype | batch | P | impl | tok/s | TTFT ms | GB/s | % floor | peak GiB | MM/text | ideal "
+            "| of ideal | x graph |\n|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    legend = (f"{report['gpu']}, {report['date']}, copy bandwidth {report['copy_bandwidth_gb_s']} GB/s, "
+              f"prompt {report['settings']['prompt_len']} + {report['settings']['new_tokens']} new tokens, greedy. "
+              "P: image-prefix length; MM/text: tok/s over the same impl's at P=0; ideal: that ratio from the bytes "
+              "read per step; x graph: tok/s over mmgpt-graph's at the same shape")
+    lines = [legend, "", head]
     for r in report["rows"]:
+        first = f"| {r['model']} | {r['dtype']} | {r['batch']} | {r.get('prefix_len', 0)} | {r['impl']} |"
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['impl']} | failed: {r['error'][:80]} "
-                         "| | | | | |")
+            lines.append(f"{first} failed: {r['error'][:80]} | | | | | | | | |")
             continue
-        lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['impl']} | {r['tokens_per_s']:.0f} | "
-                     f"{r['ttft_ms']:.2f} | {r['gb_per_s']:.0f} | {r.get('pct_of_floor', '')} | "
-                     f"{r.get('peak_mem_gib', '')} | {r.get('multimodal_over_text', '')} |")
+        lines.append(f"{first} {r['tokens_per_s']:.0f} | {r['ttft_ms']:.2f} | {r['gb_per_s']:.0f} | "
+                     f"{r.get('pct_of_floor', '')} | {r.get('peak_mem_gib', '')} | "
+                     f"{r.get('multimodal_over_text', '')} | {r.get('ideal_multimodal_over_text', '')} | "
+                     f"{r.get('multimodal_of_ideal', '')} | {r.get('over_mmgpt_graph', '')} |")
     return "\n".join(lines)
 
 
@@ -300,12 +343,13 @@ def merge_reports(paths: list[Path]) -> dict:
     rows: dict[tuple, dict] = {}
     for path, report in zip(paths, reports):
         for row in report["rows"]:
-            key = (row["model"], row["dtype"], row["batch"], row["impl"])
+            key = (row["model"], row["dtype"], row["batch"], row["impl"], row.get("prefix_len", 0))
             rows[key] = {**row, "source": Path(path).name}
     base = reports[-1]
     merged = {**base, "tag": "", "merged_from": [Path(p).name for p in paths], "rows": list(rows.values())}
-    if "copy_bandwidth_gb_s" in base:  # decode reports: each run measured its own
+    if "copy_bandwidth_gb_s" in base:  # decode reports: each run measured its own, and pairs image/text rows
         merged["copy_bandwidth_gb_s_per_run"] = {Path(p).name: r["copy_bandwidth_gb_s"] for p, r in zip(paths, reports)}
+        merged["rows"] = pair_rows(merged["rows"])
     return merged
 
 
@@ -314,6 +358,8 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", default=["124m", "355m", "1p5b"], choices=list(SHAPES))
     ap.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=list(DTYPES))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--prefixes", nargs="+", type=int, default=list(PREFIXES),
+                    help="image-prefix lengths; the multimodal / text-only ratio needs 0 among them")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
@@ -321,6 +367,8 @@ def main(argv=None):
     ap.add_argument("--no-hf", dest="hf", action="store_false")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--no-triton", dest="triton", action="store_false", help="skip the fused Triton kernels")
+    ap.add_argument("--no-pdl", dest="pdl", action="store_false",
+                    help="launch the Triton kernels without programmatic dependent launch (on by default on Hopper)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run that checks the report's form")
     ap.add_argument("--merge", nargs="+", default=None, help="merge these result files into one report, run nothing")
     ap.add_argument("--out", default="benchmarks/results")
@@ -332,7 +380,7 @@ def main(argv=None):
         print(f"wrote {write_report(report, Path(args.out))}")
         return report
     if args.smoke:
-        args.models, args.dtypes, args.batches = ["smoke"], ["fp32"], [1, 2]
+        args.models, args.dtypes, args.batches, args.prefixes = ["smoke"], ["fp32"], [1, 2], [0, 16, 64]
         args.new_tokens, args.prompt, args.repeats, args.vocab = 8, 4, 1, 512
     if args.hf and importlib.util.find_spec("transformers") is None:
         print("transformers is not installed: Hugging Face rows skipped (pip install -e .[bench])")

@@ -1,16 +1,22 @@
 """Triton kernels for one decode token: five launches per layer instead of ~20.
 
-At batch 1-8 a decode step is memory- and launch-bound: every weight is read once and each op is a tiny kernel.
+At small batch a decode step is memory- and launch-bound: every weight is read once and each op is a tiny kernel.
 These kernels fuse what the step does between weight reads:
 
   ln_gemv       [LayerNorm] -> x @ W^T + b -> [GELU] -> store, or add into the fp32 residual stream
                 (QKV with LN1; c_fc with LN2 + GELU; both c_proj with the residual add; the head with LN_f)
   attention     writes the new key / value into the cache at each row's position, then attends over the *used*
                 part of the cache only (online softmax up to the position), so cost follows the sequence, not the
-                capacity bucket.
+                capacity bucket; the used part is split across programs (flash-decoding) when rows x heads alone
+                would leave the GPU idle.
 
-The residual stream stays in fp32 between kernels. The kernels run on CUDA, and on a CPU under
-TRITON_INTERPRET=1, which is how the test suite checks them against the PyTorch model.
+The residual stream stays in fp32 between kernels. With USE_PDL (programmatic dependent launch, Hopper and later)
+a kernel may start while its predecessor finishes. Each kernel lets its own successor launch only after its
+`gdc_wait` returned, so when a kernel starts, every kernel but its predecessor has finished: before waiting it may
+read what earlier kernels and steps wrote (positions, the cache below the position), and it prefetches into L2 the
+weights and cache lines it is about to read, so their DRAM reads overlap the predecessor's tail.
+The kernels run on CUDA, and on a CPU under TRITON_INTERPRET=1 (without PDL), which is how the test suite checks
+them against the PyTorch model.
 """
 from __future__ import annotations
 
@@ -25,9 +31,43 @@ def _gelu_tanh(x):
 
 
 @triton.jit
-def embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, C: tl.constexpr, BLOCK_C: tl.constexpr):
+def _wait_for_predecessor(USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # the previous kernel's writes are visible from here on
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _prefetch_rows_to_l2(base_ptr, offs_row, mask_row, row_stride, lo, hi, BLOCK: tl.constexpr):
+    """Ask L2 for columns [lo, hi) of the rows `offs_row` (row-major, `row_stride` elements apart), one request per
+    128-byte line, without waiting for them. Masked lanes ask again for the base line, which is harmless."""
+    LINE: tl.constexpr = 1024 // base_ptr.dtype.element_ty.primitive_bitwidth  # elements per 128-byte line
+    LINES: tl.constexpr = (BLOCK + LINE - 1) // LINE
+    for c0 in range(lo, hi, BLOCK):
+        offs = c0 + tl.arange(0, LINES) * LINE
+        ptrs = base_ptr + offs_row[:, None] * row_stride + offs[None, :]
+        ptrs = tl.where(mask_row[:, None] & (offs[None, :] < hi), ptrs, base_ptr)
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
+def _input_tile(x_ptr, offs, mask, ln_w_ptr, ln_b_ptr, offs_k, mask_k, mean, rstd, HAS_LN: tl.constexpr):
+    """A tile of the input rows in fp32, layer-normalised when HAS_LN (mean and rstd broadcast against it)."""
+    xk = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_LN:
+        g = tl.load(ln_w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        be = tl.load(ln_b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        xk = (xk - mean) * rstd * g + be
+    return xk
+
+
+@triton.jit
+def embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, C: tl.constexpr, BLOCK_C: tl.constexpr,
+                 USE_PDL: tl.constexpr):
     """x[b] = wte[token[b]] + wpe[position[b]] (fp32)."""
     b = tl.program_id(0)
+    _wait_for_predecessor(USE_PDL)
     tok = tl.load(tok_ptr + b)
     pos = tl.load(pos_ptr + b)
     for c0 in tl.static_range(0, C, BLOCK_C):
@@ -41,41 +81,47 @@ def embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, C: tl.constexpr, BLO
 @triton.jit
 def ln_gemv_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, B, N,
                    K: tl.constexpr, HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
-                   RESIDUAL: tl.constexpr, EPS: tl.constexpr, SPLIT_K: tl.constexpr,
+                   RESIDUAL: tl.constexpr, EPS: tl.constexpr, SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr,
                    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[b, n] (op)= act(sum_k LN(x[b])[k] * W[n, k] + bias[n]) for all rows b of the batch at once, so each weight
-    tile is read once whatever the batch. x (B, K) any float; W (N, K) row-major (nn.Linear layout).
+    """out[b, n] (op)= act(sum_k LN(x[b])[k] * W[n, k] + bias[n]) for a block of BLOCK_B rows, so each weight tile
+    is read once per row block. x (B, K) any float; W (N, K) row-major (nn.Linear layout).
 
-    SPLIT_K > 1 (residual only): program (n, s) sums its K / SPLIT_K slice and adds it atomically into the fp32
-    residual stream, which already holds the residual -- parallelism for small N without a reduction kernel."""
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    Grid (row blocks, N / BLOCK_N, SPLIT_K). Row blocks vary fastest, so the programs that share a weight tile run
+    together and all but the first read it from L2. SPLIT_K > 1 (residual only): program (., n, s) sums its
+    K / SPLIT_K slice and adds it atomically into the fp32 residual stream, which already holds the residual --
+    parallelism for small N without a reduction kernel."""
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     K_PER: tl.constexpr = ((K + SPLIT_K * BLOCK_K - 1) // (SPLIT_K * BLOCK_K)) * BLOCK_K  # whole tiles per split
-    offs_b = tl.arange(0, BLOCK_B)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_lo = pid_k * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, K)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_b = offs_b < B
     mask_n = offs_n < N
-    if HAS_LN:  # row statistics: x is a few KiB, re-read from cache by every program
+    if USE_PDL:  # weights are never written during a step
+        _prefetch_rows_to_l2(w_ptr, offs_n, mask_n, K, k_lo, k_hi, BLOCK_K)
+    _wait_for_predecessor(USE_PDL)
+    mean = 0.0
+    rstd = 1.0
+    if HAS_LN:  # row statistics: x is a few KiB per row, re-read from L2 by every program
         s1 = tl.zeros((BLOCK_B,), dtype=tl.float32)
         s2 = tl.zeros((BLOCK_B,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            xk = tl.load(x_ptr + offs_b[:, None] * K + offs_k[None, :],
-                         mask=mask_b[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
-            s1 += tl.sum(xk, axis=1)
-            s2 += tl.sum(xk * xk, axis=1)
-        mean = s1 / K
-        rstd = 1.0 / tl.sqrt(s2 / K - mean * mean + EPS)
+            offs_s = k0 + tl.arange(0, BLOCK_K)
+            xs = tl.load(x_ptr + offs_b[:, None] * K + offs_s[None, :],
+                         mask=mask_b[:, None] & (offs_s[None, :] < K), other=0.0).to(tl.float32)
+            s1 += tl.sum(xs, axis=1)
+            s2 += tl.sum(xs * xs, axis=1)
+        mean = (s1 / K)[:, None]
+        rstd = (1.0 / tl.sqrt(s2 / K - (s1 / K) * (s1 / K) + EPS))[:, None]
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    for k0 in range(pid_k * K_PER, tl.minimum(pid_k * K_PER + K_PER, K), BLOCK_K):  # a loop: K reaches 6400
+    for k0 in range(k_lo, k_hi, BLOCK_K):  # a loop: K reaches 6400
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        xk = tl.load(x_ptr + offs_b[:, None] * K + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :],
-                     other=0.0).to(tl.float32)
-        if HAS_LN:
-            g = tl.load(ln_w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            be = tl.load(ln_b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            xk = (xk - mean[:, None]) * rstd[:, None] * g[None, :] + be[None, :]
+        mask_k = offs_k < K  # splits hold whole tiles: only the last tile of K is partial (constexpr: fewer regs)
+        xk = _input_tile(x_ptr, offs_b[:, None] * K + offs_k[None, :], mask_b[:, None] & mask_k[None, :],
+                         ln_w_ptr, ln_b_ptr, offs_k, mask_k, mean, rstd, HAS_LN)
         w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
                     other=0.0)
         acc += tl.dot(xk.to(w.dtype), tl.trans(w))  # (B, K) x (K, N) on the tensor cores, fp32 accumulate
@@ -95,75 +141,39 @@ def ln_gemv_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, B, N,
 
 
 @triton.jit
-def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, y_ptr, S, scale,
-                     H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """One (row, head): store the new key / value at the row's position, then softmax(q K^T) V over cache slots
-    [0, position) plus the new token, reading only those slots. qkv (B, 3C); caches (B, H, S, D); y (B, C)."""
-    pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
-    C: tl.constexpr = H * D
-    offs_d = tl.arange(0, D)
-    row = qkv_ptr + b * 3 * C + h * D
-    q = tl.load(row + offs_d).to(tl.float32)
-    k_new = tl.load(row + C + offs_d)
-    v_new = tl.load(row + 2 * C + offs_d)
-    pos = tl.load(pos_ptr + b)
-    base = (b * H + h) * S * D
-    tl.store(k_cache_ptr + base + pos * D + offs_d, k_new.to(k_cache_ptr.dtype.element_ty))
-    tl.store(v_cache_ptr + base + pos * D + offs_d, v_new.to(v_cache_ptr.dtype.element_ty))
-    # online softmax, seeded with the new token's own score
-    m = tl.sum(q * k_new.to(tl.float32), axis=0) * scale
-    l_sum = m * 0.0 + 1.0
-    acc = v_new.to(tl.float32)
-    for s0 in range(0, pos, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        mask_s = offs_s < pos
-        kv_off = base + offs_s[:, None] * D + offs_d[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=mask_s[:, None], other=0.0).to(tl.float32)
-        scores = tl.sum(k * q[None, :], axis=1) * scale
-        scores = tl.where(mask_s, scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=0))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(scores - m_new)
-        v = tl.load(v_cache_ptr + kv_off, mask=mask_s[:, None], other=0.0).to(tl.float32)
-        l_sum = l_sum * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        m = m_new
-    tl.store(y_ptr + b * C + h * D + offs_d, (acc / l_sum).to(y_ptr.dtype.element_ty))
-
-
-@triton.jit
 def ln_gemv_row_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, N,
                        K: tl.constexpr, HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
-                       RESIDUAL: tl.constexpr, EPS: tl.constexpr, SPLIT_K: tl.constexpr,
+                       RESIDUAL: tl.constexpr, EPS: tl.constexpr, SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """ln_gemv_kernel for one row (batch 1): plain FMAs into a (BLOCK_N, BLOCK_K) accumulator, reduced once at
     the end. No tensor-core padding to 16 rows, so BLOCK_N can be small and the grid large."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     K_PER: tl.constexpr = ((K + SPLIT_K * BLOCK_K - 1) // (SPLIT_K * BLOCK_K)) * BLOCK_K
+    k_lo = pid_k * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, K)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    if USE_PDL:  # weights are never written during a step
+        _prefetch_rows_to_l2(w_ptr, offs_n, mask_n, K, k_lo, k_hi, BLOCK_K)
+    _wait_for_predecessor(USE_PDL)
+    mean = 0.0
+    rstd = 1.0
     if HAS_LN:
         s1 = tl.zeros((BLOCK_K,), dtype=tl.float32)
         s2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            xk = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-            s1 += xk
-            s2 += xk * xk
+            offs_s = k0 + tl.arange(0, BLOCK_K)
+            xs = tl.load(x_ptr + offs_s, mask=offs_s < K, other=0.0).to(tl.float32)
+            s1 += xs
+            s2 += xs * xs
         mean = tl.sum(s1, axis=0) / K
         rstd = 1.0 / tl.sqrt(tl.sum(s2, axis=0) / K - mean * mean + EPS)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(pid_k * K_PER, tl.minimum(pid_k * K_PER + K_PER, K), BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        xk = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        if HAS_LN:
-            g = tl.load(ln_w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            be = tl.load(ln_b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            xk = (xk - mean) * rstd * g + be
+        xk = _input_tile(x_ptr, offs_k, mask_k, ln_w_ptr, ln_b_ptr, offs_k, mask_k, mean, rstd, HAS_LN)
         w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
                     other=0.0).to(tl.float32)
         acc += w * xk[None, :]
@@ -179,3 +189,80 @@ def ln_gemv_row_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, N,
         if RESIDUAL:
             out += tl.load(out_ptr + offs_n, mask=mask_n, other=0.0)
         tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, y_ptr, part_max_ptr, part_sum_ptr, part_out_ptr,
+                     arrivals_ptr, S, scale, H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                     NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
+    """softmax(q K^T) V for one (row, head) over cache slots [0, position) plus the new token, reading only those
+    slots; the new key / value is stored at the row's position (by split 0, exactly once; no program reads that
+    slot). qkv (B, 3C); caches (B, H, S, D); y (B, C).
+
+    Grid (B * H, NUM_SPLITS), NUM_SPLITS a power of two. Split j walks the j-th of NUM_SPLITS equal runs of
+    BLOCK_S-slot tiles below the position (the runs follow the position on the device, so the grid stays fixed for
+    a CUDA graph) and keeps a partial (running max, sum of exponentials, weighted sum of values) in fp32. The last
+    split of a (row, head) to arrive combines the partials and resets the arrival counter for the next launch: no
+    separate combine kernel, whose launch would cost about what the split saves at batch 1."""
+    pid = tl.program_id(0)  # row * H + head
+    split = tl.program_id(1)
+    b = pid // H
+    h = pid % H
+    C: tl.constexpr = H * D
+    offs_d = tl.arange(0, D)
+    pos = tl.load(pos_ptr + b)  # written before the step began
+    base = (b * H + h).to(tl.int64) * S * D  # a layer's cache may pass 2**31 elements at large batch
+    run = tl.cdiv(tl.cdiv(pos, BLOCK_S), NUM_SPLITS) * BLOCK_S
+    lo = split * run
+    hi = tl.minimum(lo + run, pos)
+    if USE_PDL:  # slots below the position were written by earlier steps: one contiguous range per cache
+        one = tl.arange(0, 1)
+        _prefetch_rows_to_l2(k_cache_ptr + base, one, one < 1, 0, lo * D, hi * D, BLOCK_S * D)
+        _prefetch_rows_to_l2(v_cache_ptr + base, one, one < 1, 0, lo * D, hi * D, BLOCK_S * D)
+    _wait_for_predecessor(USE_PDL)
+    row = qkv_ptr + b * 3 * C + h * D
+    q = tl.load(row + offs_d).to(tl.float32)
+    k_new = tl.load(row + C + offs_d)
+    v_new = tl.load(row + 2 * C + offs_d)
+    first = split == 0
+    store_new = offs_d + split * D < D  # split 0 only (a lane-wise form: the interpreter rejects `& first`)
+    tl.store(k_cache_ptr + base + pos * D + offs_d, k_new.to(k_cache_ptr.dtype.element_ty), mask=store_new)
+    tl.store(v_cache_ptr + base + pos * D + offs_d, v_new.to(v_cache_ptr.dtype.element_ty), mask=store_new)
+    # online softmax; split 0 is seeded with the new token's own score, the others start empty
+    m = tl.where(first, tl.sum(q * k_new.to(tl.float32), axis=0) * scale, float("-inf"))
+    l_sum = tl.where(first, 1.0, 0.0)
+    acc = tl.where(first, v_new.to(tl.float32), 0.0)
+    for s0 in range(lo, hi, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        mask_s = offs_s < hi
+        kv_off = base + offs_s[:, None] * D + offs_d[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=mask_s[:, None], other=0.0).to(tl.float32)
+        scores = tl.sum(k * q[None, :], axis=1) * scale
+        scores = tl.where(mask_s, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=0))  # finite: the tile holds at least one slot
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new)
+        v = tl.load(v_cache_ptr + kv_off, mask=mask_s[:, None], other=0.0).to(tl.float32)
+        l_sum = l_sum * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        m = m_new
+    out = y_ptr + b * C + h * D + offs_d
+    if NUM_SPLITS == 1:
+        tl.store(out, (acc / l_sum).to(y_ptr.dtype.element_ty))
+    else:
+        slot = pid * NUM_SPLITS + split
+        tl.store(part_max_ptr + slot, m)
+        tl.store(part_sum_ptr + slot, l_sum)
+        tl.store(part_out_ptr + slot * D + offs_d, acc)
+        tl.debug_barrier()  # every thread's share of the partial is written before the arrival is counted
+        arrived = tl.atomic_add(arrivals_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == NUM_SPLITS - 1:
+            parts = pid * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
+            # .cg: read the other programs' partials from L2, never from a stale L1 line
+            maxes = tl.load(part_max_ptr + parts, cache_modifier=".cg")
+            sums = tl.load(part_sum_ptr + parts, cache_modifier=".cg")
+            outs = tl.load(part_out_ptr + parts[:, None] * D + offs_d[None, :], cache_modifier=".cg")
+            weight = tl.exp(maxes - tl.max(maxes, axis=0))  # empty splits (max -inf) weigh 0; split 0 is finite
+            y = tl.sum(weight[:, None] * outs, axis=0) / tl.sum(weight * sums, axis=0)
+            tl.store(out, y.to(y_ptr.dtype.element_ty))
+            tl.store(arrivals_ptr + pid, 0)
