@@ -29,9 +29,9 @@ import torch
 import triton
 
 from mmgpt.bench.decode import bench_mmgpt, build_model, kv_bytes_used, versions, weight_bytes
-from mmgpt.runtime.backends import TorchBackend
+from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import DEFAULT_BUCKETS, Generator
-from mmgpt.runtime.triton_backend import AttentionConfig, GemvConfig, TritonBackend
+from mmgpt.runtime.backends.fused_triton import AttentionConfig, GemvConfig, TritonBackend
 from mmgpt.tokenizer import ByteTokenizer
 
 PROMPT, NEW_TOKENS = 32, 128
@@ -237,8 +237,10 @@ def timings(run: Run, size: str, model, pdl: bool):
 
 def wide_tiles(run: Run, model, pdl: bool):
     """Alternatives to the default tiles where the batch is large (each compiles its own kernels)."""
-    variants = {"tiles-rows128": dict(gemv=GemvConfig(max_block_b=128)),
-                "tiles-n128": dict(gemv=GemvConfig(gemm_block_n=128)),
+    variants = {"tiles-n64": dict(gemv=GemvConfig(gemm_block_n=64)),
+                "tiles-n256": dict(gemv=GemvConfig(gemm_block_n=256)),
+                "tiles-k128": dict(gemv=GemvConfig(gemm_block_k=128)),
+                "tiles-rows128": dict(gemv=GemvConfig(max_block_b=128)),
                 "attention-64x4": dict(attention=AttentionConfig(block_s=64, num_warps=4))}
     for name, kw in variants.items():
         backend = TritonBackend(model, pdl=pdl, **kw)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from mmgpt.files import Terminated
+from mmgpt.files import terminated
 
 
 class UserError(Exception):
@@ -19,9 +19,11 @@ USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, UserError)
 def run_command(fn):
     try:
         return fn()
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except Terminated:
-        print("terminated by SIGTERM; nothing half-written was left behind", file=sys.stderr)
-        raise SystemExit(143) from None  # 128 + SIGTERM, as if the signal had ended the process
+    except BaseException as e:
+        if terminated.is_set():  # SIGTERM, whatever a library wrapped the exception raised for it into
+            print("terminated by SIGTERM; nothing half-written was left behind", file=sys.stderr)
+            raise SystemExit(143) from None  # 128 + SIGTERM, as if the signal had ended the process
+        if isinstance(e, USER_ERRORS):
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+        raise

@@ -34,6 +34,10 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that every `finally` and `except BaseException` runs."""
 
 
+# Set once SIGTERM arrived: libraries may wrap the exception raised for it (torch.onnx does), the flag survives.
+terminated = threading.Event()
+
+
 @contextmanager
 def sigterm_raises():
     """Within this block SIGTERM unwinds the stack like SIGINT does (the default handler would kill the process
@@ -43,6 +47,7 @@ def sigterm_raises():
         return
 
     def handler(signum, frame):
+        terminated.set()
         raise Terminated(f"terminated by signal {signum}")
     previous = signal.signal(signal.SIGTERM, handler)
     try:

@@ -232,7 +232,6 @@ def test_commands_exit_1_with_a_message_and_leave_no_run_directories(exported, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no outputs/, no log files
 
 
-@pytest.mark.slow
 def test_sigterm_during_export_cleans_up_like_sigint(trained, tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "export.py"), f"ckpt={trained['last_ckpt']}",

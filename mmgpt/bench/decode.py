@@ -241,8 +241,8 @@ def _backends(model: MultimodalGPT, device, args) -> dict:
     if args.compile:
         backends["mmgpt-graph+compile"] = TorchBackend(model, compile=True)
     if args.triton:
-        from mmgpt.runtime.triton_backend import TritonBackend
-        backends["mmgpt-graph+triton"] = TritonBackend(model, pdl=None if args.pdl else False)
+        from mmgpt.runtime.backends.fused_triton import TritonBackend
+        backends["mmgpt-graph+triton"] = TritonBackend(model, pdl=args.pdl)
     return backends
 
 
@@ -367,8 +367,8 @@ def main(argv=None):
     ap.add_argument("--no-hf", dest="hf", action="store_false")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--no-triton", dest="triton", action="store_false", help="skip the fused Triton kernels")
-    ap.add_argument("--no-pdl", dest="pdl", action="store_false",
-                    help="launch the Triton kernels without programmatic dependent launch (on by default on Hopper)")
+    ap.add_argument("--pdl", action="store_true",
+                    help="launch the Triton kernels with programmatic dependent launch (Hopper; off by default)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run that checks the report's form")
     ap.add_argument("--merge", nargs="+", default=None, help="merge these result files into one report, run nothing")
     ap.add_argument("--out", default="benchmarks/results")
