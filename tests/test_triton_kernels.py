@@ -80,7 +80,7 @@ def test_tiles_fit_shared_memory_at_every_batch():
                 used = cfg.num_stages * block_k * (block_b * 4 + block_n * 2) + 4 * block_b * block_n
                 assert used <= 0.9 * backend.shared_memory, (cfg, B, K)
     assert backend._tiles(32, 768, 4, 2, GemvConfig()) == (32, 32, 256, 4)  # the tiles measured up to B = 32
-    assert backend._tiles(48, 768, 4, 2, GemvConfig()) == (64, 64, 64, 8)
+    assert backend._tiles(48, 768, 4, 2, GemvConfig()) == (64, 128, 64, 8)
     assert backend._tiles(256, 768, 4, 2, GemvConfig(max_block_b=128, gemm_block_k=256)) == (128, 64, 64, 8)
 
 
