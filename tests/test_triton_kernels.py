@@ -81,7 +81,7 @@ def test_tiles_fit_shared_memory_at_every_batch():
                 assert used <= 0.9 * backend.shared_memory, (cfg, B, K)
     assert backend._tiles(32, 768, 4, 2, GemvConfig()) == (32, 32, 256, 4)  # the tiles measured up to B = 32
     assert backend._tiles(48, 768, 4, 2, GemvConfig()) == (64, 128, 64, 8)
-    assert backend._tiles(256, 768, 4, 2, GemvConfig(max_block_b=128, gemm_block_k=256)) == (128, 64, 64, 8)
+    assert backend._tiles(256, 768, 4, 2, GemvConfig(max_block_b=128, gemm_block_k=256)) == (128, 128, 32, 8)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch needs a CUDA GPU")

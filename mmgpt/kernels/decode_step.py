@@ -79,7 +79,7 @@ def embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, C: tl.constexpr, BLO
 
 
 @triton.jit
-def ln_gemv_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, B, N,
+def ln_gemv_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, arrivals_ptr, B, N,
                    K: tl.constexpr, HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
                    RESIDUAL: tl.constexpr, EPS: tl.constexpr, SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr,
                    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -88,8 +88,7 @@ def ln_gemv_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, B, N,
 
     Grid (row blocks, N / BLOCK_N, SPLIT_K). Row blocks vary fastest, so the programs that share a weight tile run
     together and all but the first read it from L2. SPLIT_K > 1 (residual only): program (., n, s) sums its
-    K / SPLIT_K slice and adds it atomically into the fp32 residual stream, which already holds the residual --
-    parallelism for small N without a reduction kernel."""
+    K / SPLIT_K slice -- parallelism for small N without a reduction kernel; see `_reduce_splits`."""
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -130,18 +129,36 @@ def ln_gemv_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, B, N,
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if GELU:
         acc = _gelu_tanh(acc)
-    ptrs = out_ptr + offs_b[:, None] * N + offs_n[None, :]
+    offsets = offs_b[:, None] * N + offs_n[None, :]
     mask = mask_b[:, None] & mask_n[None, :]
     if SPLIT_K > 1:
-        tl.atomic_add(ptrs, acc, mask=mask)
+        tile = pid_b * tl.num_programs(1) + pid_n
+        _reduce_splits(acc, out_ptr, part_ptr, arrivals_ptr, tile, offsets, mask, B * N, pid_k, SPLIT_K)
     else:
         if RESIDUAL:
-            acc += tl.load(ptrs, mask=mask, other=0.0)
-        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            acc += tl.load(out_ptr + offsets, mask=mask, other=0.0)
+        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def ln_gemv_row_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, N,
+def _reduce_splits(acc, out_ptr, part_ptr, arrivals_ptr, tile, offsets, mask, size, split, SPLIT_K: tl.constexpr):
+    """Split-K, deterministically: every split stores its partial sum; the last split of the output tile to arrive
+    adds the partials in split order onto the fp32 residual stream (which holds the residual) and resets the
+    arrival counter for the next launch. Atomic float adds would finish in a different order on every run, so
+    greedy tokens could change between a CUDA graph's replays."""
+    tl.store(part_ptr + split * size + offsets, acc, mask=mask)
+    tl.debug_barrier()  # every thread's share of the partial is written before the arrival is counted
+    arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLIT_K - 1:
+        total = tl.load(out_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+        for s in tl.static_range(SPLIT_K):  # .cg: the other programs' partials from L2, never a stale L1 line
+            total += tl.load(part_ptr + s * size + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + offsets, total, mask=mask)
+        tl.store(arrivals_ptr + tile, 0)
+
+
+@triton.jit
+def ln_gemv_row_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, arrivals_ptr, N,
                        K: tl.constexpr, HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
                        RESIDUAL: tl.constexpr, EPS: tl.constexpr, SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -184,7 +201,7 @@ def ln_gemv_row_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, N,
     if GELU:
         out = _gelu_tanh(out)
     if SPLIT_K > 1:
-        tl.atomic_add(out_ptr + offs_n, out, mask=mask_n)
+        _reduce_splits(out, out_ptr, part_ptr, arrivals_ptr, pid, offs_n, mask_n, N, pid_k, SPLIT_K)
     else:
         if RESIDUAL:
             out += tl.load(out_ptr + offs_n, mask=mask_n, other=0.0)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -182,8 +181,14 @@ class Generator:
         B = check_prefix(prefix).shape[0]
         input_ids, input_lengths = self.prepare(prompts, B)
         S = self.capacity_for(prefix, input_ids.shape[1], max_new_tokens)
-        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+        if self.stream is None:
             return self._generate(prefix.to(self.device), input_ids, input_lengths, S, max_new_tokens, sampling)
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)  # the caller's pending work (inputs, weight updates) comes first
+        with torch.cuda.stream(self.stream):
+            result = self._generate(prefix.to(self.device), input_ids, input_lengths, S, max_new_tokens, sampling)
+        caller.wait_stream(self.stream)
+        return result
 
     def _generate(self, prefix, input_ids, input_lengths, S, max_new_tokens, sampling) -> GenerationResult:
         B = prefix.shape[0]

@@ -106,6 +106,7 @@ class TritonBackend(TorchBackend):
                        for b in t.h]
         self.eps = t.ln_f.eps
         self._buffers: dict[int, _StepBuffers] = {}
+        self._split_scratch: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.device.type == "cuda":
             props = torch.cuda.get_device_properties(self.device)
             sms = props.multi_processor_count
@@ -170,11 +171,12 @@ class TritonBackend(TorchBackend):
         else:
             block_b, block_n, block_k, warps = self._tiles(B, K, x.element_size(), w.element_size(), cfg)
         row_blocks, n_blocks, split = triton.cdiv(B, block_b), triton.cdiv(N, block_n), 1
-        if residual:  # small N (c_proj: N = C) leaves SMs idle: split K, add the parts atomically into fp32 x
+        if residual:  # small N (c_proj: N = C) leaves SMs idle: split K, the partials summed in order onto fp32 x
             while row_blocks * n_blocks * split < self.min_programs and 2 * split * block_k <= K:
                 split *= 2
         ln_w, ln_b = ln if ln is not None else (w, w)  # unused pointers when HAS_LN is off
-        args = (x, ln_w, ln_b, w, bias if bias is not None else w, out)
+        part, arrivals = self._scratch(B, N, split, row_blocks * n_blocks) if split > 1 else (out, out)
+        args = (x, ln_w, ln_b, w, bias if bias is not None else w, out, part, arrivals)
         meta = dict(K=K, HAS_LN=ln is not None, HAS_BIAS=bias is not None, GELU=gelu, RESIDUAL=residual, EPS=self.eps,
                     SPLIT_K=split, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **self._launch)
         if row:
@@ -182,6 +184,15 @@ class TritonBackend(TorchBackend):
         else:
             ln_gemv_kernel[(row_blocks, n_blocks, split)](*args, B, N, BLOCK_B=block_b, num_stages=cfg.num_stages,
                                                          **meta)
+
+    def _scratch(self, B: int, N: int, split: int, tiles: int):
+        """Partials and arrival counters of a split-K launch, allocated once per shape (at the warm-up step, so
+        a captured graph keeps their addresses); the kernel leaves the counters at zero."""
+        key = (B, N, split)
+        if key not in self._split_scratch:
+            self._split_scratch[key] = (torch.empty(split * B * N, device=self.device, dtype=torch.float32),
+                                        torch.zeros(tiles, device=self.device, dtype=torch.int32))
+        return self._split_scratch[key]
 
     def decode(self, input_ids, position_ids, k_cache, v_cache):
         B = input_ids.shape[0]
