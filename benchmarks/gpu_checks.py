@@ -111,7 +111,9 @@ def trained_model(path: Path) -> list[dict]:
         rows = {name: [] for name in gens}
         for start in range(0, n, batch):
             for name, gen in gens.items():
-                rows[name].append(gen.generate(inputs.prefixes[start: start + batch], max_new_tokens=32).tokens)
+                tokens = gen.generate(inputs.prefixes[start: start + batch], max_new_tokens=32).tokens
+                # a batch stops once every row ended: EOS-pad to the full length so batches line up
+                rows[name].append(torch.nn.functional.pad(tokens, (0, 32 - tokens.shape[1]), value=tok.eos_id))
         a, b = torch.cat(rows["torch"]), torch.cat(rows["torch-triton"])
         texts = [tok.decode(r) for r in b.tolist()]
         check = {"model": str(path), "batch": batch, "samples": n, "prefix_len": artifacts.manifest.prefix_len,
