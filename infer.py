@@ -1,4 +1,5 @@
-"""python infer.py [artifacts=...] [backend=auto|tensorrt|torch|torch-triton|onnxruntime] [input=digits|file.npz|'imgs/*.png']"""
+"""python infer.py [artifacts=...] [backend=auto|tensorrt|torch|torch-triton|onnxruntime]
+                   [input=digits|file.npz|'imgs/*.png']"""
 import hydra
 from omegaconf import DictConfig
 

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from helpers import compose_config
+from helpers import ROOT, compose_config
 from mmgpt.contract.artifacts import Artifacts
 from mmgpt.contract.graphs import declare_graphs, past_names
 from mmgpt.engines.build import build_engines, check_engine_config, profile_sizes
@@ -164,3 +164,27 @@ def test_engine_execution_matches_torch(built, strategy):
     runs = [Generator(b, artifacts.tokenizer, max_positions=128).generate(prefix, prompts, max_new_tokens=24)
             for b in (backend, TorchBackend(artifacts.load_model("cuda")))]
     assert torch.equal(runs[0].tokens, runs[1].tokens)
+
+
+def test_trt_first_run_smoke_builds_and_inspects_then_says_why_it_stops(exported, tmp_path):
+    """The first-run checklist's CPU part, as CI runs it; on a machine without a usable GPU it must stop with the
+    reason written down, never claim success."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("trt_first_run", ROOT / "benchmarks" / "trt_first_run.py")
+    first_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(first_run)
+    copy = tmp_path / "digits"
+    shutil.copytree(exported, copy)
+    report = first_run.main(["--artifacts", str(copy), "--runtime", "tensorrt_rtx", "--compute-capability", "SM89",
+                             "--out", str(tmp_path / "out"), "--smoke"])
+    steps = {s["step"]: s for s in report["steps"]}
+    assert all(s["ok"] for s in steps.values()) and report["status"].startswith("smoke")
+    assert steps["build"]["shared"]["builder_weights_bytes"] < steps["build"]["two_engines"]["builder_weights_bytes"]
+    assert set(steps["inspect"]["engines"]) == {"prefill", "decode", "shared"}
+    saved = json.loads(next((tmp_path / "out").glob("*-trt-first-run.json")).read_text())
+    assert saved["status"] == report["status"]
+    if not torch.cuda.is_available():  # the full run stops at loading, with the reason
+        report = first_run.main(["--artifacts", str(copy), "--runtime", "tensorrt_rtx", "--compute-capability",
+                                 "SM89", "--out", str(tmp_path / "out")])
+        assert report["status"] == "stopped at load two_engines"
+        assert "needs a CUDA GPU" in report["steps"][-1]["error"]

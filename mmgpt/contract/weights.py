@@ -41,7 +41,8 @@ def verify(directory: Path, weights: WeightsFile) -> None:
         return
     if st.st_size != weights.nbytes:
         raise ArtifactsError(f"{path}: {st.st_size} bytes, but model.json says {weights.nbytes}: the file was "
-                             "truncated or replaced after export; copy the artifacts again or re-run `python export.py`")
+                             "truncated or replaced after export; copy the artifacts again or re-run "
+                             "`python export.py`")
     if tree_hash(path) != weights.sha256_tree:
         raise ArtifactsError(f"{path}: its contents do not match the hash in model.json (damaged or modified after "
                              "export); copy the artifacts again or re-run `python export.py`")

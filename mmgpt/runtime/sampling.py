@@ -50,7 +50,8 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
         probs = torch.softmax(sorted_logits, dim=-1)
         # drop a token when the tokens ranked above it already cover top_p (the first token always stays)
         drop = (torch.cumsum(probs, dim=-1) - probs) > cfg.top_p
-        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        kept = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, kept)
     probs = torch.softmax(logits, dim=-1)
     # Gumbel-max via exponential noise: argmax(p / E) with E ~ Exp(1) draws from p, without torch.multinomial's sync
     noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
