@@ -15,13 +15,13 @@ Writes DIR/<date>-<gpu>-gpu-checks.json.
 import argparse
 import datetime
 import json
-import os
 import warnings
 from pathlib import Path
 
 import torch
 
 from mmgpt.bench.decode import build_model, versions
+from mmgpt.bench.results import write_result
 from mmgpt.contract.artifacts import Artifacts
 from mmgpt.data.inputs import load_inputs
 from mmgpt.runtime.backends.fused_triton import TritonBackend
@@ -137,13 +137,7 @@ def main():
               "checks": graph_replay(model, tok), "capture_fallback": capture_fallback(model, tok)}
     if args.artifacts:
         report["trained_model"] = trained_model(Path(args.artifacts))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{report['date']}-{report['gpu'].replace(' ', '-')}-gpu-checks.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+    print(f"wrote {write_result(args.out, report, 'gpu-checks')}")
 
 
 if __name__ == "__main__":

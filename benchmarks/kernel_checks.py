@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -28,6 +27,8 @@ from pathlib import Path
 import torch
 import triton
 
+from mmgpt.bench.results import result_path
+from mmgpt.files import write_json
 from mmgpt.bench.decode import bench_mmgpt, build_model, kv_bytes_used, versions, weight_bytes
 from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import DEFAULT_BUCKETS, Generator
@@ -51,8 +52,7 @@ class Run:
                        "settings": {"dtype": "fp16", "weights": "random", "prompt_len": PROMPT,
                                     "new_tokens": NEW_TOKENS, "budget_s": budget_s},
                        "pdl": {}, "graph_replay": [], "agreement": [], "timing": [], "skipped": []}
-        out.mkdir(parents=True, exist_ok=True)
-        self.path = out / f"{self.report['date']}-{self.report['gpu'].replace(' ', '-')}-kernel-checks.json"
+        self.path = result_path(out, self.report["date"], self.report["gpu"], "kernel-checks")
 
     def has_time(self, what: str) -> bool:
         if time.perf_counter() - self.t0 < self.budget_s:
@@ -62,9 +62,7 @@ class Run:
 
     def save(self):
         self.report["elapsed_s"] = round(time.perf_counter() - self.t0, 1)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(self.report, indent=1) + "\n")
-        os.replace(tmp, self.path)
+        write_json(self.path, self.report)
 
 
 def guarded(fn) -> dict:

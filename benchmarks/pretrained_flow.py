@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmgpt.bench.results import write_result
+
 SHAPES = {"124m": dict(n_layer=12, n_head=12, n_embd=768), "tiny": dict(n_layer=2, n_head=2, n_embd=64)}
 WORDS = ["red", "green", "blue", "square", "circle", "small", "large", "left", "right", "cat", "dog", "car"]
 
@@ -90,11 +92,8 @@ def main():
                                         "limit=128", "max_new_tokens=8", "show=2"]))
             report[f"infer_{backend}"] = {k: r[k] for k in ("exact_match", "decode_tokens_per_s",
                                                            "time_to_first_token_ms", "batch_size")}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{report['date']}-{report['gpu'].replace(' ', '-')}-pretrained-flow.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=1))
+    print(f"wrote {write_result(args.out, report, 'pretrained-flow')}")
 
 
 if __name__ == "__main__":

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import re
 import time
 import traceback
 from pathlib import Path
 
 import torch
 
+from mmgpt.bench.results import result_path
 from mmgpt.contract.artifacts import Artifacts
 from mmgpt.contract.graphs import declare_graphs
 from mmgpt.engines.build import ENGINES, STRATEGIES, build_engines, profile_sizes
@@ -46,8 +46,7 @@ class Checklist:
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         self.report = {"date": datetime.date.today().isoformat(), "gpu": gpu, "artifacts": str(artifacts),
                        "torch": torch.__version__, "steps": [], "status": "running"}
-        out.mkdir(parents=True, exist_ok=True)
-        self.path = out / f"{self.report['date']}-{re.sub(r'[^A-Za-z0-9]+', '-', gpu)}-trt-first-run.json"
+        self.path = result_path(out, self.report["date"], gpu, "trt-first-run")
 
     def step(self, name: str, fn) -> dict | None:
         """Run one step; record its result or why it failed. None stops the checklist."""

@@ -8,9 +8,9 @@ from mmgpt.bench.decode import main, markdown_table, pair_rows
 
 def test_smoke_report_is_well_formed(tmp_path):
     report = main(["--smoke", "--out", str(tmp_path), "--no-hf"])
-    files = sorted(p.name for p in tmp_path.iterdir())
+    files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
     assert any(f.endswith(".json") for f in files) and any(f.endswith(".md") for f in files)
-    saved = json.loads(next(tmp_path.glob("*.json")).read_text())
+    saved = json.loads(next(tmp_path.rglob("*.json")).read_text())
     assert saved["gpu"] == "cpu" and saved["versions"]["torch"] and saved["date"]
     assert saved["settings"]["prefixes"] == [0, 16, 64]
     assert {(r["impl"], r["batch"], r["prefix_len"]) for r in saved["rows"]} == {
@@ -50,7 +50,7 @@ def test_pairing_looks_rows_up_by_key():
 def test_merge_keeps_every_row_and_later_files_win(tmp_path):
     a = main(["--smoke", "--out", str(tmp_path / "a"), "--no-hf", "--tag", "a"])
     b = main(["--smoke", "--out", str(tmp_path / "b"), "--no-hf", "--tag", "b"])
-    pa, pb = next((tmp_path / "a").glob("*.json")), next((tmp_path / "b").glob("*.json"))
+    pa, pb = next((tmp_path / "a").rglob("*.json")), next((tmp_path / "b").rglob("*.json"))
     merged = main(["--merge", str(pa), str(pb), "--out", str(tmp_path / "m")])
     assert len(merged["rows"]) == len(a["rows"]) == len(b["rows"])
     assert {r["source"] for r in merged["rows"]} == {pb.name}

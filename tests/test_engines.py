@@ -181,7 +181,7 @@ def test_trt_first_run_smoke_builds_and_inspects_then_says_why_it_stops(exported
     assert all(s["ok"] for s in steps.values()) and report["status"].startswith("smoke")
     assert steps["build"]["shared"]["builder_weights_bytes"] < steps["build"]["two_engines"]["builder_weights_bytes"]
     assert set(steps["inspect"]["engines"]) == {"prefill", "decode", "shared"}
-    saved = json.loads(next((tmp_path / "out").glob("*-trt-first-run.json")).read_text())
+    saved = json.loads(next((tmp_path / "out").rglob("*-trt-first-run.json")).read_text())
     assert saved["status"] == report["status"]
     if not torch.cuda.is_available():  # the full run stops at loading, with the reason
         report = first_run.main(["--artifacts", str(copy), "--runtime", "tensorrt_rtx", "--compute-capability",

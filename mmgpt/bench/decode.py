@@ -17,7 +17,6 @@ import argparse
 import datetime
 import importlib.util
 import json
-import os
 import platform
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from mmgpt.bench.results import write_result
 from mmgpt.model import GPTConfig, MultimodalGPT
 from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
@@ -321,16 +321,7 @@ def markdown_table(report: dict) -> str:
 
 
 def write_report(report: dict, out_dir: Path, table=markdown_table) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    gpu = report["gpu"].replace(" ", "-").replace("/", "-")
-    tag = f"-{report['tag']}" if report.get("tag") else ""
-    path = out_dir / f"{report['date']}-{gpu}{tag}.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
-    md = path.with_suffix(".md")
-    md.write_text(table(report) + "\n")
-    return path
+    return write_result(out_dir, report, report.get("tag", ""), table(report))
 
 
 def merge_reports(paths: list[Path]) -> dict:

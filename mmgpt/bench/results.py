@@ -1,0 +1,27 @@
+"""The results layout: benchmarks/results/<date>-<gpu>/<date>-<gpu>-<what>.json (and .md beside a report), one
+folder per GPU and day, indexed in benchmarks/results/README.md. Every script that measures writes through here."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from mmgpt.files import write_atomic, write_json
+
+
+def slug(gpu: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-")
+
+
+def result_path(root, date: str, gpu: str, what: str, suffix: str = ".json") -> Path:
+    folder = Path(root) / f"{date}-{slug(gpu)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{date}-{slug(gpu)}{'-' + what if what else ''}{suffix}"
+
+
+def write_result(root, report: dict, what: str, table: str | None = None) -> Path:
+    """The report's JSON (and its Markdown table), each written atomically; returns the JSON's path."""
+    path = result_path(root, report["date"], report["gpu"], what)
+    write_json(path, report)
+    if table is not None:
+        write_atomic(path.with_suffix(".md"), table + "\n")
+    return path
