@@ -113,7 +113,8 @@ def trace(model: MultimodalGPT, graph: GraphDecl, dtype: torch.dtype, limits: Li
         warnings.simplefilter("ignore")
         for noisy in ("torch.onnx", "onnx_ir", "onnxscript"):  # their INFO lines drown the export summary
             logging.getLogger(noisy).setLevel(logging.WARNING)
-        program = torch.onnx.export(MODULES[graph.name](model), sample_inputs(graph, dtype, model.config.vocab_size),
+        wrapper = MODULES[graph.name](model).eval()
+        program = torch.onnx.export(wrapper, sample_inputs(graph, dtype, model.config.vocab_size),
                                     dynamo=True, opset_version=OPSET, input_names=graph.input_names,
                                     output_names=graph.output_names, dynamic_shapes=dynamic_shapes(graph, limits),
                                     external_data=False, verbose=False)
