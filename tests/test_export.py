@@ -58,6 +58,7 @@ def test_parity_written_and_held(exported):
     assert len(set(parity["chained"]["prompt_lengths"])) == 3  # ragged
 
 
+@pytest.mark.slow
 def test_fp16_export_parity(trained, tmp_path):
     path = export(compose_config("export", [f"ckpt={trained['last_ckpt']}", f"output_root={tmp_path}", "name=h",
                                             "dtype=fp16", "engine=none"]))

@@ -14,6 +14,8 @@ from mmgpt.checkpoint import CheckpointError, load_checkpoint
 from mmgpt.training import MultimodalGPTModule, train
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+# a GPT-2-124M-sized model on a CPU is the slow one
+EXPERIMENT_PARAMS = [pytest.param(e, marks=pytest.mark.slow) if "124m" in e else e for e in EXPERIMENTS]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def gpt2_dir(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("experiment", EXPERIMENT_PARAMS)
 def test_every_experiment_composes_and_runs_fast_dev_run(experiment, tmp_path, features_file, request):
     overrides = [f"+experiment={experiment}", *small_train_overrides(tmp_path), "trainer.fast_dev_run=true",
                  "data.val_samples=8", "module.max_new_tokens=4"]
@@ -127,6 +129,7 @@ def test_resume_continues_global_step(tmp_path):
     assert min(_logged_steps(tmp_path / "b")) >= 6  # the second run started where the first stopped
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
     """Lightning's own DDP through the user's entry point: 2 CPU processes, gradients all-reduced."""
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
