@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -156,7 +157,7 @@ def _convert(hint, value, key):
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         return _convert(next(a for a in args if a is not type(None)), value, key)
