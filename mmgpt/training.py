@@ -8,6 +8,8 @@ on SIGTERM saves one before it exits.
 from __future__ import annotations
 
 import datetime
+import functools
+import inspect
 import logging
 import math
 import os
@@ -65,7 +67,7 @@ class MultimodalGPTModule(L.LightningModule):
                  min_lr_ratio: float = 0.1, max_new_tokens: int = 32, prefix_len: int | None = None,
                  data_config: dict | None = None, freeze: str = "none", lr_prefix: float | None = None,
                  lr_lm: float | None = None, compile: bool | str = "auto", cuda_graph: bool | str = "auto",
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, fused_optimizer: bool | str = "auto"):
         super().__init__()
         if freeze not in FREEZE:
             raise ValueError(f"module.freeze={freeze!r}: choose one of {FREEZE}")
@@ -153,10 +155,50 @@ class MultimodalGPTModule(L.LightningModule):
         return groups
 
     def configure_optimizers(self):
-        factory = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=1e-3))
-        opt = factory(self.parameter_groups())
+        factory = self.optimizer_factory or functools.partial(torch.optim.AdamW, lr=1e-3)
+        opt = factory(self.parameter_groups(), **self._fused_kwargs(factory))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor_fn(int(self.trainer.max_steps)))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _has_grad_scaler(self) -> bool:
+        return getattr(self.trainer.precision_plugin, "scaler", None) is not None
+
+    def _fused_kwargs(self, factory) -> dict:
+        """`fused=True` for the optimizer where module.fused_optimizer says so: auto = on a GPU without a gradient
+        scaler (bf16 or fp32; fp16's scaler would hand a fused optimizer scaled gradients to clip), when the
+        optimizer takes `fused` and optimizer.fused is not set. One kernel per step instead of foreach's dozens."""
+        setting = self.hparams.fused_optimizer
+        if setting is False or "fused" in getattr(factory, "keywords", {}):
+            return {}
+        target = getattr(factory, "func", factory)
+        takes = "fused" in inspect.signature(target).parameters
+        if setting is True:
+            if not takes:
+                raise ValueError(f"module.fused_optimizer=true, but {getattr(target, '__name__', target)} takes no "
+                                 "`fused` argument; use module.fused_optimizer=auto or false")
+            if self._has_grad_scaler():
+                raise ValueError(f"module.fused_optimizer=true with precision {self.trainer.precision}: its gradient "
+                                 "scaler and a fused optimizer cannot share gradient clipping; use precision "
+                                 "bf16-mixed, or module.fused_optimizer=false")
+            return {"fused": True}
+        if setting != "auto":
+            raise ValueError(f"module.fused_optimizer={setting!r}: use auto, true or false")
+        on_cuda = self.trainer.strategy.root_device.type == "cuda"
+        return {"fused": True} if takes and on_cuda and not self._has_grad_scaler() else {}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Lightning refuses to clip for an optimizer that can unscale gradients itself (fused AdamW) under mixed
+        # precision, to keep scaled gradients from being clipped. Without a gradient scaler (bf16, fp32) the
+        # gradients are the true ones: clip them here, as Lightning's own path would.
+        if self._has_grad_scaler() or not getattr(optimizer, "_step_supports_amp_scaling", False):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if not gradient_clip_val:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def lr_factor_fn(self, total: int):
         """Linear warm-up, then cosine down to min_lr_ratio of the peak at `total`. A run resumed with another

@@ -117,6 +117,41 @@ def test_short_run_logs_throughput_beside_the_loss_and_compiles_when_asked(tmp_p
     assert 0 < summary["mfu"] < 1 and summary["peak_mem_gib"] is None
 
 
+def test_fused_optimizer_clips_its_own_gradients_under_bf16(tmp_path, monkeypatch):
+    """module.fused_optimizer=true under bf16 autocast (no gradient scaler): Lightning would refuse to clip for a
+    fused optimizer; the module clips the true gradients itself, every step, to gradient_clip_val."""
+    optimizers, clips, real_configure, real_clip = [], [], MultimodalGPTModule.configure_optimizers, \
+        torch.nn.utils.clip_grad_norm_
+
+    def configure(self):
+        out = real_configure(self)
+        optimizers.append(out["optimizer"])
+        return out
+
+    def clip(params, max_norm, *args, **kwargs):
+        params = list(params)
+        before = real_clip(params, max_norm, *args, **kwargs)
+        after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        clips.append((max_norm, float(before), float(after)))
+        return before
+    monkeypatch.setattr(MultimodalGPTModule, "configure_optimizers", configure)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    result = train(compose_config("train", [
+        "+experiment=digits", *small_train_overrides(tmp_path, steps=3), "trainer.precision=bf16-mixed",
+        "trainer.gradient_clip_val=0.05", "module.fused_optimizer=true", "data.val_samples=8"]))
+    assert result["global_step"] == 3 and np.isfinite(result["metrics"]["train/loss"])
+    assert all(g["fused"] is True for g in optimizers[0].param_groups)
+    assert len(clips) == 3
+    for max_norm, before, after in clips:
+        assert max_norm == 0.05 and before > 0.05 and after == pytest.approx(0.05, rel=1e-3)
+
+
+def test_fused_optimizer_setting_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="module.fused_optimizer='sometimes': use auto, true or false"):
+        train(compose_config("train", ["+experiment=digits", *small_train_overrides(tmp_path, steps=2),
+                                       "module.fused_optimizer=sometimes", "data.val_samples=8"]))
+
+
 def test_resume_continues_global_step(tmp_path):
     first = train(compose_config("train", ["+experiment=digits", *small_train_overrides(tmp_path / "a", steps=6),
                                            "trainer.log_every_n_steps=1", "data.val_samples=8"]))
