@@ -106,6 +106,16 @@ def prefix_of_length(prefixes: torch.Tensor, P: int) -> torch.Tensor:
     return prefixes.repeat(1, reps, 1)[:, :P]
 
 
+@torch.no_grad()
+def top2_gap(model, prefix, bos_id: int, tokens) -> dict:
+    """The torch model's two best logits where the backends parted: a gap of a few fp16 ulps of the largest logit
+    is a near-tie that rounding order decides, not a kernel error."""
+    ids = torch.tensor([[bos_id, *tokens.tolist()]], device=DEV)
+    logits = model(prefix.to(DEV, model.lm_head.weight.dtype), ids)[0][0, -1].float()
+    top = logits.topk(2).values
+    return {"top2_gap": float(top[0] - top[1]), "top2_gap_relative": float((top[0] - top[1]) / logits.abs().max())}
+
+
 def trained_model(path: Path) -> list[dict]:
     """Triton against torch on a trained model's validation split: exact greedy tokens expected, at batch 1, 8, 64,
     256 and prefix lengths 0, 64, 576 beside the model's own."""
@@ -142,7 +152,8 @@ def trained_model(path: Path) -> list[dict]:
                 row = differ[0]
                 step = int((a[row] != b[row]).nonzero()[0])
                 check["first_difference"] = {"row": row, "step": step, "torch": tok.decode(a[row].tolist()),
-                                             "torch_triton": tok.decode(b[row].tolist())}
+                                             "torch_triton": tok.decode(b[row].tolist()),
+                                             **top2_gap(model, prefixes[row: row + 1], tok.bos_id, a[row, :step])}
             if P == native:
                 texts = [tok.decode(r) for r in b.tolist()]
                 check["triton_exact_match"] = sum(t == r for t, r in zip(texts, inputs.references)) / n
