@@ -74,6 +74,24 @@ def test_a_short_run_validates_and_saves_at_its_last_step(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best-5.ckpt", "last.ckpt"]
 
 
+@pytest.mark.parametrize("validate", [True, False])
+def test_last_checkpoint_is_written_once_at_the_end(tmp_path, monkeypatch, validate):
+    """The final validation writes last.ckpt; the periodic callback does not write it again at the end (a second
+    write of a GPU model's checkpoint costs seconds). Without validation the periodic callback still writes it."""
+    import lightning as L
+    saved, real_save = [], L.Trainer.save_checkpoint
+
+    def save(self, filepath, *args, **kwargs):
+        saved.append((Path(filepath).name, self.global_step))
+        return real_save(self, filepath, *args, **kwargs)
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", save)
+    overrides = ["+experiment=digits", *small_train_overrides(tmp_path, steps=4), "data.val_samples=8"]
+    result = train(compose_config("train", overrides + ([] if validate else ["+trainer.limit_val_batches=0"])))
+    assert [s for s in saved if s[0] == "last.ckpt"] == [("last.ckpt", 4)]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert (Path(result["best_ckpt"]).name == "best-4.ckpt") if validate else not result["best_ckpt"]
+
+
 def test_resumed_schedule_continues_instead_of_jumping(caplog):
     """A 3,000-step run resumed with max_steps=6,000: the learning rate goes on from where it was."""
     module = MultimodalGPTModule({"n_layer": 1, "n_head": 1, "n_embd": 8, "block_size": 8}, {"type": "byte",
