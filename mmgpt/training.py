@@ -166,7 +166,7 @@ class MultimodalGPTModule(L.LightningModule):
     def _fused_kwargs(self, factory) -> dict:
         """`fused=True` for the optimizer where module.fused_optimizer says so: auto = on a GPU without a gradient
         scaler (bf16 or fp32; fp16's scaler would hand a fused optimizer scaled gradients to clip), when the
-        optimizer takes `fused` and optimizer.fused is not set. One kernel per step instead of foreach's dozens."""
+        optimizer takes `fused` and optimizer.fused is not set: a few fused kernels per step, little host work."""
         setting = self.hparams.fused_optimizer
         if setting is False or "fused" in getattr(factory, "keywords", {}):
             return {}
