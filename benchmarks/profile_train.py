@@ -32,7 +32,6 @@ CONF = Path(__file__).resolve().parent.parent / "conf"
 def profiling_monitor(at: int, steps: int):
     class ProfilingMonitor(training.ThroughputMonitor):
         prof = None
-        seen: set = set()
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             super().on_train_batch_start(trainer, pl_module, batch, batch_idx)

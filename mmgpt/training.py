@@ -167,24 +167,21 @@ class MultimodalGPTModule(L.LightningModule):
         """`fused=True` for the optimizer where module.fused_optimizer says so: auto = on a GPU without a gradient
         scaler (bf16 or fp32; fp16's scaler would hand a fused optimizer scaled gradients to clip), when the
         optimizer takes `fused` and optimizer.fused is not set: a few fused kernels per step, little host work."""
-        setting = self.hparams.fused_optimizer
-        if setting is False or "fused" in getattr(factory, "keywords", {}):
-            return {}
         target = getattr(factory, "func", factory)
         takes = "fused" in inspect.signature(target).parameters
-        if setting is True:
-            if not takes:
-                raise ValueError(f"module.fused_optimizer=true, but {getattr(target, '__name__', target)} takes no "
-                                 "`fused` argument; use module.fused_optimizer=auto or false")
-            if self._has_grad_scaler():
-                raise ValueError(f"module.fused_optimizer=true with precision {self.trainer.precision}: its gradient "
-                                 "scaler and a fused optimizer cannot share gradient clipping; use precision "
-                                 "bf16-mixed, or module.fused_optimizer=false")
-            return {"fused": True}
-        if setting != "auto":
-            raise ValueError(f"module.fused_optimizer={setting!r}: use auto, true or false")
+        scaler = self._has_grad_scaler()
         on_cuda = self.trainer.strategy.root_device.type == "cuda"
-        return {"fused": True} if takes and on_cuda and not self._has_grad_scaler() else {}
+        if not _switch(self.hparams.fused_optimizer, takes and on_cuda and not scaler, "fused_optimizer") \
+                or "fused" in getattr(factory, "keywords", {}):
+            return {}
+        if not takes:
+            raise ValueError(f"module.fused_optimizer=true, but {getattr(target, '__name__', target)} takes no "
+                             "`fused` argument; use module.fused_optimizer=auto or false")
+        if scaler:
+            raise ValueError(f"module.fused_optimizer=true with precision {self.trainer.precision}: its gradient "
+                             "scaler and a fused optimizer cannot share gradient clipping; use precision "
+                             "bf16-mixed, or module.fused_optimizer=false")
+        return {"fused": True}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         # Lightning refuses to clip for an optimizer that can unscale gradients itself (fused AdamW) under mixed

@@ -113,6 +113,7 @@ def test_resume_from_an_empty_checkpoint_fails_before_training(tmp_path, capsys)
     ("data.batch_size=0", "data.batch_size=0 must be >= 1"),
     ("checkpoint.every_minutes=0", "checkpoint.every_minutes=0 must be a positive number"),
     ("module.freeze=lm", "module.freeze=lm keeps the language model"),
+    ("module.fused_optimizer=sometimes", "module.fused_optimizer='sometimes': use auto, true or false"),
 ])
 def test_training_options_are_checked(tmp_path, capsys, override, fragment):
     from mmgpt.training import train

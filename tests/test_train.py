@@ -164,12 +164,6 @@ def test_fused_optimizer_clips_its_own_gradients_under_bf16(tmp_path, monkeypatc
         assert max_norm == 0.05 and before > 0.05 and after == pytest.approx(0.05, rel=1e-3)
 
 
-def test_fused_optimizer_setting_is_checked(tmp_path):
-    with pytest.raises(ValueError, match="module.fused_optimizer='sometimes': use auto, true or false"):
-        train(compose_config("train", ["+experiment=digits", *small_train_overrides(tmp_path, steps=2),
-                                       "module.fused_optimizer=sometimes", "data.val_samples=8"]))
-
-
 def test_resume_continues_global_step(tmp_path):
     first = train(compose_config("train", ["+experiment=digits", *small_train_overrides(tmp_path / "a", steps=6),
                                            "trainer.log_every_n_steps=1", "data.val_samples=8"]))
