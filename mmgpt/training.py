@@ -121,8 +121,8 @@ class MultimodalGPTModule(L.LightningModule):
         B = len(batch["captions"])
         _, loss = self.model(batch["prefix"], batch["input_ids"], batch["targets"])
         self.log("val/loss", loss, prog_bar=True, batch_size=B, sync_dist=True)
-        # Decoding in the parameters' own dtype: under autocast the graph captured here would read the bf16 weight
-        # copies autocast cached for this step (the loss above made them), freed when the step ends, never updated.
+        # Decoding in the parameters' own dtype (fp32 weights and KV cache, as export sees them), not autocast's bf16
+        # weight copies of this step; a generator with CUDA graphs would also keep pointing at those freed copies.
         with torch.autocast(self.device.type, enabled=False):
             result = self._val_generator.generate(batch["prefix"], max_new_tokens=self.hparams.max_new_tokens)
         self._val_hits += sum(p == r for p, r in zip(result.texts, batch["captions"]))
@@ -316,7 +316,7 @@ def build_module(cfg: DictConfig, datamodule, pretrained=None) -> MultimodalGPTM
     if model_cfg.get("prefix_dim", datamodule.prefix_dim) != datamodule.prefix_dim:
         raise ValueError(f"model.prefix_dim={model_cfg['prefix_dim']}, but the data's prefix elements have "
                          f"{datamodule.prefix_dim} features; drop model.prefix_dim (the data sets it)")
-    common = dict(optimizer=hydra.utils.instantiate(cfg.optimizer), prefix_len=datamodule.prefix_len,
+    common = dict(optimizer=instantiate(cfg.optimizer), prefix_len=datamodule.prefix_len,
                   data_config=OmegaConf.to_container(cfg.data, resolve=True),
                   **OmegaConf.to_container(cfg.module, resolve=True))
     if pretrained is not None:
