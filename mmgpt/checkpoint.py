@@ -11,9 +11,10 @@ import torch
 
 from mmgpt.model import GPTConfig, MultimodalGPT
 from mmgpt.tokenizer import tokenizer_from_dict
+from mmgpt.errors import UserError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """The checkpoint is missing, unreadable, or not an mmgpt model; the message says which and what to do."""
 
 

@@ -26,6 +26,7 @@ from mmgpt.files import staging_dir
 from mmgpt.model import GPTConfig, MultimodalGPT
 from mmgpt.tokenizer import (ByteTokenizer, HFTokenizer, TextTokenizer, as_hf_tokenizer, check_tokenizer_fits,
                              load_hf_tokenizer)
+from mmgpt.errors import UserError
 
 SUPPORTED_MODEL_TYPES = ("gpt2",)
 # config.json field -> GPTConfig field, for what maps one to one. The first five are required; the others
@@ -50,7 +51,7 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 PREFIX_WEIGHTS, PREFIX_SPEC = "prefix_encoder.safetensors", "prefix_encoder.json"
 
 
-class HFFormatError(ValueError):
+class HFFormatError(UserError):
     """A Hugging Face directory mmgpt cannot load or represent; the message names the file or field."""
 
 

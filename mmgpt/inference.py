@@ -11,6 +11,7 @@ from mmgpt.data.inputs import load_inputs
 from mmgpt.runtime.backends import open_backend
 from mmgpt.runtime.generator import Generator
 from mmgpt.runtime.sampling import SamplingConfig
+from mmgpt.errors import UserError
 
 
 def check_infer_config(cfg: DictConfig) -> SamplingConfig:
@@ -18,9 +19,9 @@ def check_infer_config(cfg: DictConfig) -> SamplingConfig:
     for key in ("batch_size", "max_new_tokens", "show"):
         value = cfg[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "show" else 1):
-            raise ValueError(f"{key}={value!r} must be an integer >= {0 if key == 'show' else 1}")
+            raise UserError(f"{key}={value!r} must be an integer >= {0 if key == 'show' else 1}")
     if cfg.limit is not None and (not isinstance(cfg.limit, int) or cfg.limit < 1):
-        raise ValueError(f"limit={cfg.limit!r} must be an integer >= 1 (or null for every sample)")
+        raise UserError(f"limit={cfg.limit!r} must be an integer >= 1 (or null for every sample)")
     return SamplingConfig.from_dict(OmegaConf.to_container(cfg.sampling, resolve=True))
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from mmgpt.errors import UserError
 
 
 @dataclass
@@ -36,11 +37,11 @@ class GPTConfig:
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+            raise UserError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.prefix_encoder not in ("linear", "mlp"):
-            raise ValueError(f"prefix_encoder={self.prefix_encoder!r}: choose 'linear' or 'mlp'")
+            raise UserError(f"prefix_encoder={self.prefix_encoder!r}: choose 'linear' or 'mlp'")
         if self.activation not in ("gelu_tanh", "gelu"):
-            raise ValueError(f"activation={self.activation!r}: choose 'gelu_tanh' or 'gelu'")
+            raise UserError(f"activation={self.activation!r}: choose 'gelu_tanh' or 'gelu'")
 
     @property
     def head_dim(self) -> int:
@@ -54,7 +55,7 @@ class GPTConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}; known keys: {sorted(known)}")
+            raise UserError(f"unknown model config keys {sorted(unknown)}; known keys: {sorted(known)}")
         return cls(**d)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from mmgpt.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,11 @@ class ByteTokenizer:
     @classmethod
     def from_dict(cls, d: dict) -> "ByteTokenizer":
         if d.get("type") != "byte":
-            raise ValueError(f"unknown tokenizer type {d.get('type')!r}; mmgpt saves 'byte' tokenizers")
+            raise UserError(f"unknown tokenizer type {d.get('type')!r}; mmgpt saves 'byte' tokenizers")
         return cls(bos_id=d["bos_id"], eos_id=d["eos_id"], pad_id=d["pad_id"])
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """Tokenizer files are missing or lack what mmgpt needs; the message says which and what to do."""
 
 

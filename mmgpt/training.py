@@ -22,13 +22,13 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from mmgpt.cli import USER_ERRORS
 from mmgpt.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from mmgpt.model import GPTConfig, MultimodalGPT
 from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
 from mmgpt.throughput import ThroughputMonitor
 from mmgpt.tokenizer import check_tokenizer_fits, tokenizer_from_dict
+from mmgpt.errors import UserError
 
 log = logging.getLogger(__name__)
 FREEZE = ("none", "lm")  # lm: only the prefix encoder learns (LLaVA's first stage); the LM stays bit-identical
@@ -39,7 +39,7 @@ def _switch(value, auto: bool, name: str) -> bool:
         return auto
     if isinstance(value, bool):
         return value
-    raise ValueError(f"module.{name}={value!r}: use auto, true or false")
+    raise UserError(f"module.{name}={value!r}: use auto, true or false")
 
 
 def compile_options(compile, cuda_graph, device: torch.device, world_size: int) -> dict | None:
@@ -52,11 +52,11 @@ def compile_options(compile, cuda_graph, device: torch.device, world_size: int) 
     on_cuda = device.type == "cuda"
     if not _switch(compile, on_cuda, "compile"):
         if cuda_graph is True:
-            raise ValueError("module.cuda_graph=true captures the compiled step: it needs module.compile=true or auto")
+            raise UserError("module.cuda_graph=true captures the compiled step: it needs module.compile=true or auto")
         return None
     graph = _switch(cuda_graph, on_cuda and world_size == 1, "cuda_graph")
     if graph and not on_cuda:
-        raise ValueError(f"module.cuda_graph=true needs a CUDA device, training runs on {device}")
+        raise UserError(f"module.cuda_graph=true needs a CUDA device, training runs on {device}")
     return {"mode": "reduce-overhead" if graph else "default", "dynamic": False}
 
 
@@ -70,7 +70,7 @@ class MultimodalGPTModule(L.LightningModule):
                  activation_checkpointing: bool = False, fused_optimizer: bool | str = "auto"):
         super().__init__()
         if freeze not in FREEZE:
-            raise ValueError(f"module.freeze={freeze!r}: choose one of {FREEZE}")
+            raise UserError(f"module.freeze={freeze!r}: choose one of {FREEZE}")
         # plain values only, and not the tokenizer (a GPT-2 one is megabytes): the checkpoint's "mmgpt" entry
         # carries it, and loads with torch.load(weights_only=True)
         self.save_hyperparameters(ignore=["optimizer", "tokenizer"])
@@ -175,10 +175,10 @@ class MultimodalGPTModule(L.LightningModule):
                 or "fused" in getattr(factory, "keywords", {}):
             return {}
         if not takes:
-            raise ValueError(f"module.fused_optimizer=true, but {getattr(target, '__name__', target)} takes no "
+            raise UserError(f"module.fused_optimizer=true, but {getattr(target, '__name__', target)} takes no "
                              "`fused` argument; use module.fused_optimizer=auto or false")
         if scaler:
-            raise ValueError(f"module.fused_optimizer=true with precision {self.trainer.precision}: its gradient "
+            raise UserError(f"module.fused_optimizer=true with precision {self.trainer.precision}: its gradient "
                              "scaler and a fused optimizer cannot share gradient clipping; use precision "
                              "bf16-mixed, or module.fused_optimizer=false")
         return {"fused": True}
@@ -272,16 +272,16 @@ def check_train_config(cfg: DictConfig) -> None:
     """What the config can get wrong, before any data is read or any weight allocated."""
     steps, every = cfg.trainer.get("max_steps"), cfg.trainer.get("val_check_interval")
     if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"trainer.max_steps={steps!r} must be a positive number of optimizer steps")
+        raise UserError(f"trainer.max_steps={steps!r} must be a positive number of optimizer steps")
     if isinstance(every, (int, float)) and every <= 0:
-        raise ValueError(f"trainer.val_check_interval={every!r} must be > 0")
+        raise UserError(f"trainer.val_check_interval={every!r} must be > 0")
     minutes = cfg.checkpoint.every_minutes
     if not isinstance(minutes, (int, float)) or minutes <= 0:
-        raise ValueError(f"checkpoint.every_minutes={minutes!r} must be a positive number of minutes")
+        raise UserError(f"checkpoint.every_minutes={minutes!r} must be a positive number of minutes")
     if cfg.module.freeze not in FREEZE:
-        raise ValueError(f"module.freeze={cfg.module.freeze!r}: choose one of {FREEZE}")
+        raise UserError(f"module.freeze={cfg.module.freeze!r}: choose one of {FREEZE}")
     if cfg.module.freeze != "none" and not cfg.model.get("init_from"):
-        raise ValueError(f"module.freeze={cfg.module.freeze} keeps the language model as it is, which only makes "
+        raise UserError(f"module.freeze={cfg.module.freeze} keeps the language model as it is, which only makes "
                          "sense for a pretrained one: set model.init_from=<Hugging Face GPT-2 directory>")
     if cfg.get("ckpt_path"):
         ckpt = read_checkpoint(cfg.ckpt_path)  # a clear message for an empty or foreign file, before any setup
@@ -302,7 +302,7 @@ def load_pretrained(cfg: DictConfig, datamodule):
     if Path(source).is_file():
         loaded = load_checkpoint(source)
         if loaded.model.config.prefix_dim != datamodule.prefix_dim:
-            raise ValueError(f"model.init_from={source} reads prefixes of {loaded.model.config.prefix_dim} features, "
+            raise UserError(f"model.init_from={source} reads prefixes of {loaded.model.config.prefix_dim} features, "
                              f"but the data's have {datamodule.prefix_dim}")
         return HFGPT2(loaded.model.config, loaded.model.state_dict(), loaded.tokenizer)
     free = {k: cfg.model[k] for k in ("prefix_encoder", "dropout") if k in cfg.model}
@@ -314,7 +314,7 @@ def build_module(cfg: DictConfig, datamodule, pretrained=None) -> MultimodalGPTM
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.pop("init_from", None)
     if model_cfg.get("prefix_dim", datamodule.prefix_dim) != datamodule.prefix_dim:
-        raise ValueError(f"model.prefix_dim={model_cfg['prefix_dim']}, but the data's prefix elements have "
+        raise UserError(f"model.prefix_dim={model_cfg['prefix_dim']}, but the data's prefix elements have "
                          f"{datamodule.prefix_dim} features; drop model.prefix_dim (the data sets it)")
     common = dict(optimizer=instantiate(cfg.optimizer), prefix_len=datamodule.prefix_len,
                   data_config=OmegaConf.to_container(cfg.data, resolve=True),
@@ -335,7 +335,7 @@ def instantiate(node, **kwargs):
     try:
         return hydra.utils.instantiate(node, **kwargs)
     except hydra.errors.InstantiationException as e:
-        if isinstance(e.__cause__, USER_ERRORS):
+        if isinstance(e.__cause__, UserError):
             raise e.__cause__ from None
         raise
 
@@ -354,7 +354,7 @@ def train(cfg: DictConfig) -> dict:
     config = module.model.config
     check_tokenizer_fits(datamodule.tokenizer, config)
     if datamodule.prefix_len + datamodule.max_caption_tokens > config.block_size:
-        raise ValueError(f"prefix ({datamodule.prefix_len}) + longest caption ({datamodule.max_caption_tokens} "
+        raise UserError(f"prefix ({datamodule.prefix_len}) + longest caption ({datamodule.max_caption_tokens} "
                          f"tokens) exceeds the model's {config.block_size} positions; raise model.block_size or "
                          "shorten the captions")
 

@@ -8,6 +8,7 @@ from mmgpt.checkpoint import load_checkpoint
 from mmgpt.contract.artifacts import Artifacts
 from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
+from mmgpt.errors import UserError
 from mmgpt.inference import infer
 from mmgpt.runtime.backends.onnx_runtime import OnnxRuntimeBackend
 from mmgpt.runtime.sampling import SamplingConfig
@@ -144,5 +145,5 @@ def test_infer_on_user_features_and_images(exported, tmp_path):
     assert report["samples"] == 2 and "exact_match" not in report
     with pytest.raises(ValueError, match="multiple of 2"):
         infer(_infer_cfg(exported, f"input={tmp_path}/img0.png"))
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(UserError, match="no such file"):
         infer(_infer_cfg(exported, f"input={tmp_path}/none.npz"))

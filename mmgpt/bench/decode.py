@@ -30,6 +30,7 @@ from mmgpt.model import GPTConfig, MultimodalGPT
 from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
 from mmgpt.tokenizer import ByteTokenizer
+from mmgpt.errors import UserError
 
 SHAPES = {  # GPT-2 shapes; vocab 50257 like GPT-2 so the head costs what it costs there
     "124m": dict(n_layer=12, n_head=12, n_embd=768),
@@ -330,7 +331,7 @@ def merge_reports(paths: list[Path]) -> dict:
     reports = [json.loads(Path(p).read_text()) for p in paths]
     gpus = {r["gpu"] for r in reports}
     if len(gpus) != 1:
-        raise ValueError(f"refusing to merge reports from different GPUs: {sorted(gpus)}")
+        raise UserError(f"refusing to merge reports from different GPUs: {sorted(gpus)}")
     rows: dict[tuple, dict] = {}
     for path, report in zip(paths, reports):
         for row in report["rows"]:

@@ -14,13 +14,14 @@ from pathlib import Path
 
 from mmgpt.contract.graphs import BATCH, CACHE, PREFIX, TEXT, ModelDims
 from mmgpt.model import GPTConfig
+from mmgpt.errors import UserError
 
 SCHEMA_VERSION = 2
 MANIFEST_FILE = "model.json"
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-class ArtifactsError(ValueError):
+class ArtifactsError(UserError):
     """An artifacts directory is missing, incomplete, damaged or from another version; the message says which
     file and what to do."""
 
@@ -125,16 +126,16 @@ class Manifest:
     def validate(self) -> None:
         config = self.config  # GPTConfig validates its own fields
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not one of {DTYPES}")
+            raise UserError(f"dtype {self.dtype!r} is not one of {DTYPES}")
         for n, v in asdict(self.limits).items():
             if v < 1:
-                raise ValueError(f"limits.{n}={v} must be >= 1")
+                raise UserError(f"limits.{n}={v} must be >= 1")
         if self.limits.max_cache > config.block_size:
-            raise ValueError(f"limits.max_cache={self.limits.max_cache} exceeds block_size={config.block_size}")
+            raise UserError(f"limits.max_cache={self.limits.max_cache} exceeds block_size={config.block_size}")
         if not self.capacity_buckets or min(self.capacity_buckets) < 1:
-            raise ValueError(f"capacity_buckets={self.capacity_buckets} must be a non-empty list of sizes >= 1")
+            raise UserError(f"capacity_buckets={self.capacity_buckets} must be a non-empty list of sizes >= 1")
         if self.prefix_len is not None and not 0 <= self.prefix_len <= self.limits.max_prefix:
-            raise ValueError(f"prefix_len={self.prefix_len} lies outside [0, limits.max_prefix]")
+            raise UserError(f"prefix_len={self.prefix_len} lies outside [0, limits.max_prefix]")
 
 
 def _build(cls, raw, where: str):

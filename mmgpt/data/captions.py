@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from mmgpt.errors import UserError
 
 IGNORE_INDEX = -100
 
@@ -34,7 +35,7 @@ class CaptionDataset(Dataset):
 
     def __init__(self, prefixes: np.ndarray, captions: list[str]):
         if len(prefixes) != len(captions):
-            raise ValueError(f"{len(prefixes)} prefixes but {len(captions)} captions; they must pair up")
+            raise UserError(f"{len(prefixes)} prefixes but {len(captions)} captions; they must pair up")
         self.prefixes = torch.as_tensor(np.ascontiguousarray(prefixes), dtype=torch.float32)
         self.captions = list(captions)
         self.input_ids = self.targets = None

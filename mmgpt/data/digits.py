@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mmgpt.data.captions import CaptionDataset
+from mmgpt.errors import UserError
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 IMAGE_SIZE = 8  # load_digits' images are 8x8, values 0..16 with ink high
@@ -25,7 +26,7 @@ def patchify(images: np.ndarray, patch: int) -> np.ndarray:
     """(N, H, W) -> (N, (H/patch)*(W/patch), patch*patch), row-major patches, values scaled to [0, 1]."""
     N, H, W = images.shape
     if patch < 1 or H % patch or W % patch:
-        raise ValueError(f"patch size {patch} must divide the image size {H}x{W}")
+        raise UserError(f"patch size {patch} must divide the image size {H}x{W}")
     x = images.reshape(N, H // patch, patch, W // patch, patch).transpose(0, 1, 3, 2, 4)
     return (x.reshape(N, (H // patch) * (W // patch), patch * patch) / 16.0).astype(np.float32)
 
@@ -33,7 +34,7 @@ def patchify(images: np.ndarray, patch: int) -> np.ndarray:
 def split_images(n_images: int, val_fraction: float, seed: int):
     """Disjoint train / validation image indices."""
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction} must lie strictly between 0 and 1")
+        raise UserError(f"val_fraction={val_fraction} must lie strictly between 0 and 1")
     perm = np.random.default_rng(seed).permutation(n_images)
     n_val = int(round(n_images * val_fraction))
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
@@ -60,12 +61,12 @@ class DigitsTask:
 
     def __post_init__(self):
         if self.digits_per_sample < 1:
-            raise ValueError(f"data.digits_per_sample={self.digits_per_sample} must be >= 1")
+            raise UserError(f"data.digits_per_sample={self.digits_per_sample} must be >= 1")
         if self.train_samples < 1 or self.val_samples < 1:
-            raise ValueError(f"data.train_samples={self.train_samples} and data.val_samples={self.val_samples} "
+            raise UserError(f"data.train_samples={self.train_samples} and data.val_samples={self.val_samples} "
                              "must be >= 1")
         if self.patch_size < 1 or IMAGE_SIZE % self.patch_size:
-            raise ValueError(f"data.patch_size={self.patch_size} must divide the {IMAGE_SIZE}x{IMAGE_SIZE} images "
+            raise UserError(f"data.patch_size={self.patch_size} must divide the {IMAGE_SIZE}x{IMAGE_SIZE} images "
                              "(1, 2, 4 or 8)")
 
     @property
@@ -92,7 +93,7 @@ class DigitsTask:
     def from_data_config(cls, data: dict | None) -> "DigitsTask":
         """The task a training run's data config (as saved in its checkpoint and manifest) describes."""
         if not data or not str(data.get("_target_", "")).endswith("DigitsDataModule"):
-            raise ValueError("this model was not trained on the digits task; pass input=/path/to/features.npz "
+            raise UserError("this model was not trained on the digits task; pass input=/path/to/features.npz "
                              "(or .jsonl) with features of the shape it was trained on")
         fields = cls.__dataclass_fields__
         return cls(**{k: v for k, v in data.items() if k in fields})
@@ -105,14 +106,14 @@ def images_to_prefixes(paths: list[str], task: DigitsTask) -> np.ndarray:
 
     per = task.digits_per_sample
     if len(paths) % per:
-        raise ValueError(f"{len(paths)} images, but the model reads {per} per sample: give a multiple of {per}")
+        raise UserError(f"{len(paths)} images, but the model reads {per} per sample: give a multiple of {per}")
     images = []
     for p in paths:
         try:
             img = np.asarray(Image.open(p).convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR),
                              dtype=np.float32)
         except OSError as e:
-            raise ValueError(f"{p}: not a readable image ({e})") from None
+            raise UserError(f"{p}: not a readable image ({e})") from None
         if img.mean() > 127:  # dark digit on a light background: invert so ink is high
             img = 255.0 - img
         images.append(img / 255.0 * 16.0)

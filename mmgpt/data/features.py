@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from mmgpt.data.captions import CaptionDataset
+from mmgpt.errors import UserError
 
 
-class DataFileError(ValueError):
+class DataFileError(UserError):
     """A user data file is missing or malformed; the message names the file and what to fix."""
 
 
@@ -95,7 +96,7 @@ def split_features(features: np.ndarray, texts: list[str], val_fraction: float, 
     if len(features) < 2:
         raise DataFileError(f"need at least 2 samples to split train / validation, got {len(features)}")
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction={val_fraction} must lie strictly between 0 and 1")
+        raise UserError(f"data.val_fraction={val_fraction} must lie strictly between 0 and 1")
     perm = np.random.default_rng(seed).permutation(len(texts))
     n_val = min(len(perm) - 1, max(1, int(round(len(perm) * val_fraction))))
     val, train = np.sort(perm[:n_val]), np.sort(perm[n_val:])

@@ -9,6 +9,7 @@ from mmgpt.data.captions import CaptionDataset, DeviceBatches, keep_batch
 from mmgpt.data.digits import DigitsTask
 from mmgpt.data.features import DataFileError, load_features_file, split_features
 from mmgpt.tokenizer import ByteTokenizer
+from mmgpt.errors import UserError
 
 ON_DEVICE_MAX_BYTES = 1 << 30  # data.on_device=auto keeps a training split up to this size on the GPU
 
@@ -24,11 +25,11 @@ class CaptionDataModule(L.LightningDataModule):
     def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int = 0, on_device: bool | str = "auto"):
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"data.batch_size={batch_size} must be >= 1")
+            raise UserError(f"data.batch_size={batch_size} must be >= 1")
         if num_workers < 0:
-            raise ValueError(f"data.num_workers={num_workers} must be >= 0")
+            raise UserError(f"data.num_workers={num_workers} must be >= 0")
         if on_device not in ("auto", True, False):
-            raise ValueError(f"data.on_device={on_device!r}: use auto, true or false")
+            raise UserError(f"data.on_device={on_device!r}: use auto, true or false")
         self.batch_size, self.num_workers, self.seed, self.on_device = batch_size, num_workers, seed, on_device
         self.tokenizer = ByteTokenizer()
         self.train_set: CaptionDataset | None = None
@@ -53,7 +54,7 @@ class CaptionDataModule(L.LightningDataModule):
         single = self.trainer is None or self.trainer.world_size == 1
         if self.on_device is True:
             if device.type != "cuda" or not single:
-                raise ValueError("data.on_device=true needs one process on a GPU (with several, each process "
+                raise UserError("data.on_device=true needs one process on a GPU (with several, each process "
                                  "reads its own shard through a DataLoader): use data.on_device=auto")
             return True
         ds = self.train_set

@@ -19,6 +19,7 @@ from mmgpt.files import write_atomic, write_json
 from mmgpt.contract.graphs import BATCH, CACHE, PREFIX, TEXT, GraphDecl, declare_graphs
 from mmgpt.engines.trt import EngineError, TensorRTUnavailable, TrtLog, dtype_name, import_runtime, is_rtx, \
     record_path, runtime_name
+from mmgpt.errors import UserError
 
 STRATEGIES = ("two_engines", "shared")
 # engine name -> graph it is built from; profile names in the order they are added (TensorRT numbers them)
@@ -32,9 +33,9 @@ def check_engine_config(cfg: dict) -> None:
     if cfg.get("runtime", "auto") == "none":
         return
     if cfg.get("strategy") not in STRATEGIES:
-        raise ValueError(f"engine.strategy={cfg.get('strategy')!r}: choose one of {STRATEGIES}")
+        raise UserError(f"engine.strategy={cfg.get('strategy')!r}: choose one of {STRATEGIES}")
     if cfg.get("context_past_slots", "auto") not in ("auto", 0, 1):
-        raise ValueError(f"engine.context_past_slots={cfg['context_past_slots']!r}: choose auto, 0 or 1")
+        raise UserError(f"engine.context_past_slots={cfg['context_past_slots']!r}: choose auto, 0 or 1")
     for key in ("batch", "prompt", "capacity"):
         _min_opt_max(cfg["profiles"][key], f"profiles.{key}")
     runtime = cfg.get("runtime", "auto")
@@ -52,14 +53,14 @@ def check_engine_config(cfg: dict) -> None:
 def _min_opt_max(mom, what) -> tuple[int, int, int]:
     mom = tuple(int(x) for x in mom)
     if len(mom) != 3 or not 1 <= mom[0] <= mom[1] <= mom[2]:
-        raise ValueError(f"engine.{what}={list(mom)} must be [min, opt, max] with 1 <= min <= opt <= max")
+        raise UserError(f"engine.{what}={list(mom)} must be [min, opt, max] with 1 <= min <= opt <= max")
     return mom
 
 
 def _clip(mom, hi, what):
     lo, opt, top = _min_opt_max(mom, what)
     if lo > hi:
-        raise ValueError(f"engine.{what}={list(mom)}: min exceeds {hi}, the largest size exported into the ONNX "
+        raise UserError(f"engine.{what}={list(mom)}: min exceeds {hi}, the largest size exported into the ONNX "
                          "graphs (raise the export's limits.* to widen it)")
     return lo, min(opt, hi), min(top, hi)
 
@@ -214,7 +215,7 @@ def _rtx_target(trt, cc: str):
         return getattr(trt.ComputeCapability, cc.upper())
     except AttributeError:
         options = [n for n in dir(trt.ComputeCapability) if n.startswith("SM") or n == "CURRENT"]
-        raise ValueError(f"engine.compute_capability={cc!r}: TensorRT-RTX knows {options}") from None
+        raise UserError(f"engine.compute_capability={cc!r}: TensorRT-RTX knows {options}") from None
 
 
 def _target_description(trt, cfg) -> str:

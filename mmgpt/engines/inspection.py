@@ -10,12 +10,13 @@ import json
 from pathlib import Path
 
 from mmgpt.engines.trt import dtype_name, import_runtime, record_path
+from mmgpt.errors import UserError
 
 
 def inspect_engine(path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such engine; `python export.py` builds them into artifacts/<name>/")
+        raise UserError(f"{path}: no such engine; `python export.py` builds them into artifacts/<name>/")
     out = {"file": str(path), "bytes": path.stat().st_size}
     side = record_path(path)
     record = json.loads(side.read_text()) if side.is_file() else None

@@ -6,7 +6,7 @@ import importlib
 from pathlib import Path
 from types import ModuleType
 
-from mmgpt.cli import UserError
+from mmgpt.errors import UserError
 
 RUNTIMES = ("tensorrt", "tensorrt_rtx")
 
@@ -26,7 +26,7 @@ class EngineError(UserError, RuntimeError):
 def import_runtime(name: str = "auto") -> ModuleType:
     """`auto`: full TensorRT where installed, else TensorRT-RTX."""
     if name not in ("auto", *RUNTIMES):
-        raise ValueError(f"engine runtime {name!r}: choose auto, tensorrt, tensorrt_rtx or none")
+        raise UserError(f"engine runtime {name!r}: choose auto, tensorrt, tensorrt_rtx or none")
     for n in RUNTIMES if name == "auto" else (name,):
         try:
             return importlib.import_module(n)

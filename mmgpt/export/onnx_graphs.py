@@ -14,7 +14,7 @@ import torch
 from onnx import numpy_helper
 from torch.export import Dim
 
-from mmgpt.cli import UserError
+from mmgpt.errors import UserError
 from mmgpt.contract.graphs import BATCH, CACHE, MODEL_DTYPE, PREFIX, TEXT, GraphDecl, interleave
 from mmgpt.contract.manifest import Limits
 from mmgpt.contract.weights import append_aligned, content_key

@@ -25,6 +25,7 @@ from mmgpt.engines.trt import EngineError
 from mmgpt.export.onnx_graphs import OPSET, WEIGHTS_FILE, ExportError, check_against_declaration, cleanup, \
     save_with_shared_weights, trace
 from mmgpt.export.parity import format_table, run_parity
+from mmgpt.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -45,10 +46,10 @@ def export(cfg: DictConfig) -> Path:
     if cfg.artifacts:
         return build_from_artifacts(Path(cfg.artifacts), engine_cfg)
     if cfg.dtype not in DTYPES:
-        raise ValueError(f"dtype={cfg.dtype!r}: choose one of {sorted(DTYPES)}")
+        raise UserError(f"dtype={cfg.dtype!r}: choose one of {sorted(DTYPES)}")
     buckets = [int(s) for s in cfg.capacity_buckets]
     if not buckets or min(buckets) < 1:
-        raise ValueError(f"capacity_buckets={list(cfg.capacity_buckets)} must be a non-empty list of sizes >= 1")
+        raise UserError(f"capacity_buckets={list(cfg.capacity_buckets)} must be a non-empty list of sizes >= 1")
     t_start = time.perf_counter()
     ckpt = resolve_checkpoint(cfg)
     loaded = load_checkpoint(ckpt)
@@ -121,7 +122,7 @@ def build_from_artifacts(path: Path, engine_cfg: dict) -> Path:
     artifacts as they were and says how to retry."""
     artifacts = Artifacts.open(path)
     if engine_cfg.get("runtime", "auto") == "none":
-        raise ValueError("artifacts=... builds engines: pass engine=tensorrt or engine=tensorrt_rtx (or auto)")
+        raise UserError("artifacts=... builds engines: pass engine=tensorrt or engine=tensorrt_rtx (or auto)")
     try:
         build_engines(artifacts, engine_cfg)
     except EngineError as e:
@@ -136,10 +137,10 @@ def export_limits(cfg: DictConfig, block_size: int) -> Limits:
     limits = Limits(**{k: int(v) if v is not None else block_size for k, v in raw.items()})
     for k, v in vars(limits).items():
         if v < 1:
-            raise ValueError(f"limits.{k}={v} must be >= 1")
+            raise UserError(f"limits.{k}={v} must be >= 1")
     for k in ("max_prefix", "max_text", "max_cache"):
         if getattr(limits, k) > block_size:
-            raise ValueError(f"limits.{k}={getattr(limits, k)} exceeds the model's {block_size} positions")
+            raise UserError(f"limits.{k}={getattr(limits, k)} exceeds the model's {block_size} positions")
     return limits
 
 

@@ -14,15 +14,16 @@ from dataclasses import dataclass, field
 import torch
 
 from mmgpt.runtime.sampling import SamplingConfig, sample
+from mmgpt.errors import UserError
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024)
 
 
 def check_prefix(prefix) -> torch.Tensor:
     if not torch.is_tensor(prefix) or prefix.ndim != 3:
-        raise ValueError(f"prefix must be a (B, P, F) tensor, got shape {tuple(getattr(prefix, 'shape', ()))}")
+        raise UserError(f"prefix must be a (B, P, F) tensor, got shape {tuple(getattr(prefix, 'shape', ()))}")
     if not prefix.is_floating_point():
-        raise ValueError(f"prefix must be a float tensor, got {prefix.dtype}")
+        raise UserError(f"prefix must be a float tensor, got {prefix.dtype}")
     return prefix
 
 
@@ -66,7 +67,7 @@ class Generator:
         self.buckets = sorted({min(int(s), limit) for s in capacity_buckets})
         self.use_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
         if self.use_graph and self.device.type != "cuda":
-            raise ValueError("cuda_graph=True needs a CUDA backend device")
+            raise UserError("cuda_graph=True needs a CUDA backend device")
         self.eos_check_interval = eos_check_interval
         # all device work on a stream of our own: engines must not run on the legacy default stream
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -79,9 +80,9 @@ class Generator:
         """Right-pad token prompts -> input_ids (B, T), input_lengths (B,). Default prompt: [BOS]."""
         prompts = prompts or [[self.tok.bos_id]] * batch
         if len(prompts) != batch:
-            raise ValueError(f"{len(prompts)} prompts for a prefix batch of {batch}; give one prompt per prefix")
+            raise UserError(f"{len(prompts)} prompts for a prefix batch of {batch}; give one prompt per prefix")
         if any(len(p) == 0 for p in prompts):
-            raise ValueError("empty prompt: every row needs at least one token (the BOS token is the usual start)")
+            raise UserError("empty prompt: every row needs at least one token (the BOS token is the usual start)")
         T = max(len(p) for p in prompts)
         ids = torch.full((batch, T), self.tok.pad_id, dtype=torch.long)
         for b, p in enumerate(prompts):
@@ -95,19 +96,19 @@ class Generator:
         check_prefix(prefix)
         B, P, F = prefix.shape
         if F != be.dims.prefix_dim:
-            raise ValueError(f"prefix feature size F={F}, but the model expects F={be.dims.prefix_dim}")
+            raise UserError(f"prefix feature size F={F}, but the model expects F={be.dims.prefix_dim}")
         if be.prefix_len is not None and P != be.prefix_len:
-            raise ValueError(f"prefix length P={P}, but the exported graphs expect P={be.prefix_len}")
+            raise UserError(f"prefix length P={P}, but the exported graphs expect P={be.prefix_len}")
         if be.max_batch is not None and B > be.max_batch:
-            raise ValueError(f"batch {B} exceeds the {be.name} backend's max batch {be.max_batch}; split the "
+            raise UserError(f"batch {B} exceeds the {be.name} backend's max batch {be.max_batch}; split the "
                              "batch (infer.py does) or, for engines, rebuild with a larger engine.profiles.batch")
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+            raise UserError(f"max_new_tokens={max_new_tokens} must be >= 1")
         need = P + prompt_len + max_new_tokens
         for s in self.buckets:
             if need <= s:
                 return s
-        raise ValueError(f"prefix ({P}) + prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {need} "
+        raise UserError(f"prefix ({P}) + prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {need} "
                          f"exceeds the largest cache capacity {self.buckets[-1]}; lower max_new_tokens to "
                          f"{self.buckets[-1] - P - prompt_len} or less")
 

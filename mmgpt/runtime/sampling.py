@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from mmgpt.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -17,19 +18,19 @@ class SamplingConfig:
         for name, kind in (("temperature", float), ("top_k", int), ("top_p", float), ("seed", int)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-                raise ValueError(f"sampling.{name}={value!r} must be {'a number' if kind is float else 'an integer'}")
+                raise UserError(f"sampling.{name}={value!r} must be {'a number' if kind is float else 'an integer'}")
         if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
+            raise UserError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
         if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 means off)")
+            raise UserError(f"top_k={self.top_k} must be >= 0 (0 means off)")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p} must lie in (0, 1] (1 means off)")
+            raise UserError(f"top_p={self.top_p} must lie in (0, 1] (1 means off)")
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingConfig":
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown sampling options {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+            raise UserError(f"unknown sampling options {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
         return cls(**d)
 
     @property

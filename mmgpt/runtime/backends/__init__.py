@@ -16,6 +16,7 @@ import torch
 
 from mmgpt.contract.artifacts import Artifacts
 from mmgpt.contract.graphs import ModelDims
+from mmgpt.errors import UserError
 
 BACKENDS = ("auto", "tensorrt", "torch", "torch-triton", "onnxruntime")
 
@@ -57,7 +58,7 @@ def open_backend(name: str, artifacts: Artifacts, device: str = "auto", compile:
     """`auto`: TensorRT where an engine can run here, else the fused Triton kernels on a GPU, else ONNX Runtime on
     the CPU. Returns the backend and, for auto, says why a preferred one was passed over."""
     if name not in BACKENDS:
-        raise ValueError(f"backend={name!r}: choose one of {BACKENDS}")
+        raise UserError(f"backend={name!r}: choose one of {BACKENDS}")
     dev = resolve_device(device)
     if name == "auto":
         if dev.type == "cuda" and artifacts.manifest.engines:
@@ -77,7 +78,7 @@ def open_backend(name: str, artifacts: Artifacts, device: str = "auto", compile:
     prefix_len = artifacts.manifest.prefix_len
     if name == "torch-triton":
         if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("backend=torch-triton needs a CUDA GPU (or TRITON_INTERPRET=1 to emulate it, slowly); "
+            raise UserError("backend=torch-triton needs a CUDA GPU (or TRITON_INTERPRET=1 to emulate it, slowly); "
                              "on a CPU use backend=torch or backend=onnxruntime")
         from mmgpt.runtime.backends.fused_triton import TritonBackend
         return TritonBackend(model, prefix_len=prefix_len)

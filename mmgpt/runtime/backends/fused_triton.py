@@ -16,6 +16,7 @@ import triton.language as tl
 from mmgpt.kernels.decode_step import attention_kernel, embed_kernel, ln_gemv_kernel, ln_gemv_row_kernel
 from mmgpt.model import MultimodalGPT
 from mmgpt.runtime.backends.torch_model import TorchBackend
+from mmgpt.errors import UserError
 
 HOPPER_SHARED_MEMORY = 232448  # bytes per program (opt-in); without a GPU, tiles are sized as for an H100
 
@@ -92,11 +93,11 @@ class TritonBackend(TorchBackend):
         super().__init__(model, compile=False, prefix_len=prefix_len)
         cfg = model.config
         if cfg.head_dim & (cfg.head_dim - 1):
-            raise ValueError(f"the fused attention kernel needs a power-of-two head size, got {cfg.head_dim}")
+            raise UserError(f"the fused attention kernel needs a power-of-two head size, got {cfg.head_dim}")
         if not cfg.bias:
-            raise ValueError("the fused kernels expect GPT-2's biases (model.bias=true)")
+            raise UserError("the fused kernels expect GPT-2's biases (model.bias=true)")
         if cfg.activation != "gelu_tanh":
-            raise ValueError(f"the fused kernels compute GPT-2's tanh GELU, but this model uses {cfg.activation!r}; "
+            raise UserError(f"the fused kernels compute GPT-2's tanh GELU, but this model uses {cfg.activation!r}; "
                              "use backend=torch")
         self.gemv, self.head_gemv, self.attention = gemv, head_gemv, attention
         t = model.transformer
@@ -116,7 +117,7 @@ class TritonBackend(TorchBackend):
         else:
             sms, has_pdl, self.shared_memory = 1, False, HOPPER_SHARED_MEMORY
         if pdl and not has_pdl:
-            raise ValueError("programmatic dependent launch needs a CUDA GPU of compute capability 9.0 or later "
+            raise UserError("programmatic dependent launch needs a CUDA GPU of compute capability 9.0 or later "
                              "and a Triton with tl.extra.cuda.gdc_wait; pass pdl=False")
         self.pdl = pdl
         # launch_pdl is only passed where used: a Triton without it rejects the option even when False

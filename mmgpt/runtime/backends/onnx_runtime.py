@@ -12,6 +12,7 @@ import torch
 from mmgpt.contract.artifacts import Artifacts
 from mmgpt.contract.graphs import interleave, past_names
 from mmgpt.runtime.backends import Backend, write_kv
+from mmgpt.errors import UserError
 
 
 class OnnxRuntimeBackend(Backend):
@@ -20,7 +21,7 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, artifacts: Artifacts, threads: int = 0):
         m = artifacts.manifest
         if m.dtype == "bfloat16":
-            raise ValueError("ONNX Runtime's CPU provider has no bfloat16 kernels; export with dtype=fp32 or fp16 "
+            raise UserError("ONNX Runtime's CPU provider has no bfloat16 kernels; export with dtype=fp32 or fp16 "
                              "for backend=onnxruntime")
         super().__init__(m.dims, "cpu", m.torch_dtype, prefix_len=m.prefix_len)
         opts = ort.SessionOptions()
