@@ -5,6 +5,7 @@ import hydra
 from omegaconf import DictConfig
 
 from mmgpt.cli import run_command
+from mmgpt.strict_config import check_config
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")
@@ -14,7 +15,7 @@ def main(cfg: DictConfig) -> None:
         run_command(lambda: print(format_inspection(inspect_engine(cfg.inspect))))
         return
     from mmgpt.export.pipeline import export
-    run_command(lambda: export(cfg))
+    run_command(lambda: export(check_config(cfg, "export")))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,22 @@ def load_checkpoint(path) -> LoadedModel:
                        data_config=meta.get("data"))
 
 
+def check_resume(path, model_fields: dict) -> None:
+    """ckpt_path=: the checkpoint must hold the model the config describes (n_layer, n_head, n_embd, ...), else
+    resuming fails deep inside the weight loading with a size-mismatch traceback. `model_fields` are the configured
+    model's fields; fields the config does not set (the data sets vocab_size, prefix_dim) are not compared."""
+    saved = read_checkpoint(path)["mmgpt"].get("model_config")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: its model config is missing or not an object; use a checkpoint written by "
+                              "mmgpt's train.py")
+    differ = {k: (saved[k], v) for k, v in model_fields.items() if k in saved and saved[k] != v}
+    if differ:
+        raise CheckpointError(f"ckpt_path={path} holds another model: "
+                              f"{', '.join(f'model.{k}={a!r} there, {b!r} here' for k, (a, b) in differ.items())}; "
+                              "resume with the model it was trained with (e.g. the same +experiment / model=), or "
+                              "start from its weights with model.init_from=" f"{path}")
+
+
 def find_latest(root, pattern: str) -> Path | None:
     """Newest file matching pattern under root (by modification time), or None."""
     root = Path(root)

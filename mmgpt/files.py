@@ -11,7 +11,20 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from mmgpt.errors import UserError
+
 STAGING = ".partial-"  # marks a directory being written; never a result
+OLD = ".old"  # `.<name>.old.partial-<pid>`: the previous copy of <name> while a replace swaps the new one in
+
+
+def check_component(name: str, what: str = "name") -> str:
+    """`name` must be one ordinary path component: a directory created under a root, never the root itself, a
+    parent, a nested path or a hidden (staging) name."""
+    if (not isinstance(name, str) or not name.strip() or name in (".", "..") or name.startswith(".")
+            or any(c in name for c in "/\\\0") or STAGING in name):
+        raise UserError(f"{what}={name!r} must be one plain directory name (not empty, not '.' or '..', no '/', "
+                        "not starting with '.'); pass e.g. name=digits_run1")
+    return name
 
 
 def write_atomic(path, data: bytes | str) -> None:
@@ -66,19 +79,28 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_staging(root: Path) -> list[Path]:
-    """Remove staging directories under `root` left by processes that no longer run (killed with SIGKILL, or a
-    machine that went down). Returns what was removed."""
-    removed = []
-    for p in Path(root).glob(f".*{STAGING}*") if Path(root).is_dir() else []:
+def remove_stale_staging(root: Path) -> list[tuple[Path, str]]:
+    """Clean up after processes that no longer run (killed with SIGKILL, or a machine that went down): a staging
+    directory is removed; the previous copy of a replace killed between its two renames is restored where the
+    final directory is missing (it is then the only copy), removed where the new one is in place.
+    Returns (path, "removed" | "restored") for each."""
+    done = []
+    for p in sorted(Path(root).glob(f".*{STAGING}*")) if Path(root).is_dir() else []:
+        head, _, tail = p.name.partition(STAGING)
         try:
-            pid = int(p.name.split(STAGING, 1)[1].split("-", 1)[0])
+            pid = int(tail.split("-", 1)[0])
         except ValueError:
             continue
-        if p.is_dir() and not _pid_alive(pid):
+        if not p.is_dir() or _pid_alive(pid):
+            continue
+        final = p.with_name(head[1:].removesuffix(OLD)) if head.endswith(OLD) and not tail.count("-") else None
+        if final is not None and not final.exists():
+            os.replace(p, final)
+            done.append((p, "restored"))
+        else:
             shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
+            done.append((p, "removed"))
+    return done
 
 
 @contextmanager
@@ -86,12 +108,13 @@ def staging_dir(final: Path):
     """Yield an empty sibling directory of `final`; when the block succeeds it replaces `final` whole, when it fails
     (an exception, Ctrl-C or SIGTERM) it is removed and `final` stays as it was."""
     final = Path(final)
+    check_component(final.name)  # never the root itself (an empty name), a parent or a path outside it
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{STAGING}{os.getpid()}-", dir=final.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the result private to this user
-    old = final.with_name(f".{final.name}.old{STAGING}{os.getpid()}")
+    old = final.with_name(f".{final.name}{OLD}{STAGING}{os.getpid()}")
     try:
         with sigterm_raises():
             yield tmp

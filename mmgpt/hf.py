@@ -150,8 +150,11 @@ def load_hf_gpt2(directory, **free) -> HFGPT2:
                             "(config.json, model.safetensors or pytorch_model.bin, tokenizer files)")
     try:
         hf = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise HFFormatError(f"{config_path}: not valid JSON ({e.msg})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HFFormatError(f"{config_path}: not valid JSON ({getattr(e, 'msg', e)})") from None
+    if not isinstance(hf, dict):
+        raise HFFormatError(f"{config_path}: must hold a JSON object (a Hugging Face config), got "
+                            f"{type(hf).__name__}")
     config = config_from_hf(hf, str(config_path), **free)
     tokenizer = load_hf_tokenizer(directory)
     check_tokenizer_fits(tokenizer, config)

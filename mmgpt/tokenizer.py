@@ -163,8 +163,10 @@ def _named_special_tokens(directory: Path) -> dict[str, str]:
             continue
         try:
             cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise TokenizerError(f"{path}: not valid JSON ({e.msg})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{path}: not valid JSON ({getattr(e, 'msg', e)})") from None
+        if not isinstance(cfg, dict):
+            raise TokenizerError(f"{path}: must hold a JSON object, got {type(cfg).__name__}")
         for role in ("bos_token", "eos_token", "pad_token"):
             value = cfg.get(role)
             if isinstance(value, dict):  # transformers also writes {"content": "<|endoftext|>", "lstrip": ...}
@@ -172,6 +174,15 @@ def _named_special_tokens(directory: Path) -> dict[str, str]:
             if isinstance(value, str):
                 names.setdefault(role, value)
     return names
+
+
+def _read_tokenizer_files(read, path: Path):
+    """`tokenizers` raises a bare Exception naming no file for a truncated or malformed one: name it here."""
+    try:
+        return read()
+    except Exception as e:  # noqa: BLE001 -- the library's only error type for a bad file
+        raise TokenizerError(f"{path}: not a readable Hugging Face tokenizer file ({str(e)[:200]}); copy the "
+                             "tokenizer files again") from None
 
 
 def load_hf_tokenizer(directory) -> HFTokenizer:
@@ -182,9 +193,11 @@ def load_hf_tokenizer(directory) -> HFTokenizer:
     """
     directory = Path(directory)
     if (directory / "tokenizer.json").is_file():
-        tok = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+        tok = _read_tokenizer_files(lambda: tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json")),
+                                    directory / "tokenizer.json")
     elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
-        tok = _byte_level_bpe(models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt")))
+        tok = _read_tokenizer_files(lambda: _byte_level_bpe(models.BPE.from_file(
+            str(directory / "vocab.json"), str(directory / "merges.txt"))), directory / "vocab.json + merges.txt")
     else:
         present = [f for f in ("vocab.json", "merges.txt") if (directory / f).is_file()]
         raise TokenizerError(f"{directory}: no tokenizer.json or vocab.json + merges.txt"

@@ -18,6 +18,38 @@ def compose_config(name: str, overrides: list[str]) -> DictConfig:
         return compose(config_name=name, overrides=overrides)
 
 
+def fails(fn, capsys, *fragments):
+    """fn, run as a command, ends with exit status 1 and a message holding every fragment (not a traceback)."""
+    import pytest
+    from mmgpt.cli import run_command
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(fn)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1, err
+    for fragment in fragments:
+        assert fragment in err, f"{fragment!r} not in: {err}"
+    assert "Traceback" not in err
+    return err
+
+
+def infer_command(artifacts, *extra):
+    from mmgpt.inference import infer
+    return lambda: infer(compose_config("infer", [f"artifacts={artifacts}", "show=0", *extra]))
+
+
+def export_command(*overrides):
+    from mmgpt.export.pipeline import export
+    return lambda: export(compose_config("export", ["engine=none", *overrides]))
+
+
+def tree_digest(directory) -> dict[str, str]:
+    """relative path -> sha256 of every file under `directory`: equal digests mean byte-identical trees."""
+    import hashlib
+    directory = Path(directory)
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
 def small_train_overrides(out: Path, steps: int = 4) -> list[str]:
     """Shrink any experiment to seconds on a CPU."""
     return [f"paths.output_dir={out}", "logger=csv", "trainer.accelerator=cpu", "trainer.devices=1",

@@ -19,7 +19,8 @@ STAGES = [
     ("mmgpt.engines",),
     ("mmgpt.runtime.backends",),
     ("mmgpt.runtime",),
-    ("mmgpt.training", "mmgpt.throughput", "mmgpt.export", "mmgpt.inference", "mmgpt.bench", "mmgpt.cli"),
+    ("mmgpt.training", "mmgpt.throughput", "mmgpt.export", "mmgpt.inference", "mmgpt.bench", "mmgpt.cli",
+     "mmgpt.strict_config"),
 ]
 
 

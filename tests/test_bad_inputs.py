@@ -16,32 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, compose_config, small_train_overrides
+from helpers import ROOT, compose_config, export_command as _export, fails, infer_command as _infer, \
+    small_train_overrides
 from mmgpt.cli import run_command
 from mmgpt.contract.artifacts import find_latest_artifacts
 from mmgpt.contract.manifest import MANIFEST_FILE
-
-
-def fails(fn, capsys, *fragments):
-    """fn ends the command with exit status 1 and a message holding every fragment (not a traceback)."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_command(fn)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 1, err
-    for fragment in fragments:
-        assert fragment in err, f"{fragment!r} not in: {err}"
-    assert "Traceback" not in err
-    return err
-
-
-def _infer(artifacts, *extra):
-    from mmgpt.inference import infer
-    return lambda: infer(compose_config("infer", [f"artifacts={artifacts}", "show=0", *extra]))
-
-
-def _export(*overrides):
-    from mmgpt.export.pipeline import export
-    return lambda: export(compose_config("export", ["engine=none", *overrides]))
 
 
 @pytest.fixture

@@ -34,13 +34,13 @@ class Artifacts:
             raise ArtifactsError(f"{path}: no such artifacts directory; run `python export.py` first, or point "
                                  "artifacts= at a directory export.py wrote")
         manifest = Manifest.read(path)
-        for graph in manifest.graphs.values():
-            if not (path / graph.file).is_file():
-                raise ArtifactsError(f"{path / graph.file}: missing; the export is incomplete: re-run "
-                                     "`python export.py`")
+        unrecorded = [g.file for g in manifest.graphs.values() if g.file not in manifest.file_records()]
+        if unrecorded:
+            raise ArtifactsError(f"{path / MANIFEST_FILE}: graph file(s) {unrecorded} are not among its recorded "
+                                 "files; re-export: `python export.py`")
         check_weight_shapes(manifest)
         if verify_weights:
-            weights_file.verify(path, manifest.weights)
+            weights_file.verify_files(path, manifest.file_records())
         return cls(path, manifest)
 
     def graph_path(self, name: str) -> Path:

@@ -2,10 +2,16 @@
 
 Every reader (backends, engine build, inspection, infer) gets a `Manifest`, never the raw dict. A manifest from
 another schema version, or one whose fields are missing or mistyped, is refused with "re-export".
+
+Integrity by construction: the manifest records the size and hash of every file of the directory (`files`, plus
+`weights` for weights.bin) and a hash of each of its own fields (`content_sha256`), so an edited field (n_head,
+layer_norm_epsilon, a tokenizer id, the data config) is refused by name like a damaged file. Engines are built
+into the directory later and carry their own record: they, and the `engines` field, are outside the seal.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import types
 import typing
@@ -16,7 +22,7 @@ from mmgpt.contract.graphs import BATCH, CACHE, PREFIX, TEXT, ModelDims
 from mmgpt.model import GPTConfig
 from mmgpt.errors import UserError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MANIFEST_FILE = "model.json"
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -34,6 +40,12 @@ class TensorLocation:
     shape: list[int]
     dtype: str
     transposed: bool = False
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    nbytes: int
+    sha256_tree: str  # contract.weights.tree_hash
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,8 @@ class Manifest:
     graphs: dict[str, GraphFile]
     engines: dict[str, dict] = field(default_factory=dict)  # strategy -> build record (engines/build.py)
     stats: dict = field(default_factory=dict)  # export statistics: node counts, sizes, timings
+    files: dict[str, FileRecord] = field(default_factory=dict)  # every other file, by relative path (seal())
+    content_sha256: dict[str, str] = field(default_factory=dict)  # field -> hash of its JSON (seal())
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -102,6 +116,17 @@ class Manifest:
         from mmgpt.files import write_json
         write_json(Path(directory) / MANIFEST_FILE, self.to_dict())
 
+    def seal(self, directory: Path, file_hashes: dict[str, FileRecord]) -> None:
+        """Record every file of the directory (`file_hashes`: see contract.weights.record_files) and then the hash
+        of each field, this record included: what `read` checks."""
+        self.files = {k: v for k, v in sorted(file_hashes.items()) if k != self.weights.file}
+        self.content_sha256 = {}
+        self.content_sha256 = field_hashes(json.loads(json.dumps(self.to_dict(), default=str)))
+
+    def file_records(self) -> dict[str, FileRecord]:
+        """Every file the directory must hold, by relative path, with its size and hash."""
+        return {**self.files, self.weights.file: FileRecord(self.weights.nbytes, self.weights.sha256_tree)}
+
     @classmethod
     def read(cls, directory: Path) -> "Manifest":
         path = Path(directory) / MANIFEST_FILE
@@ -116,6 +141,7 @@ class Manifest:
         if version != SCHEMA_VERSION:
             raise ArtifactsError(f"{path}: written by another mmgpt version (schema {version}, this one reads "
                                  f"{SCHEMA_VERSION}); re-export: `python export.py ckpt=<its checkpoint>`")
+        check_seal(path, raw)
         try:
             manifest = _build(cls, raw, "")
             manifest.validate()
@@ -136,6 +162,39 @@ class Manifest:
             raise UserError(f"capacity_buckets={self.capacity_buckets} must be a non-empty list of sizes >= 1")
         if self.prefix_len is not None and not 0 <= self.prefix_len <= self.limits.max_prefix:
             raise UserError(f"prefix_len={self.prefix_len} lies outside [0, limits.max_prefix]")
+
+
+UNSEALED = ("engines", "content_sha256")  # engines are built into the directory later, with their own record
+
+
+def field_hashes(raw: dict) -> dict[str, str]:
+    """A hash of each sealed field, one level into objects so that an edit names e.g. `model_config.n_head`."""
+    def digest(value):
+        return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    out = {}
+    for key, value in raw.items():
+        if key in UNSEALED:
+            continue
+        out[key] = digest(value)
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": digest(v) for k, v in value.items()})
+    return out
+
+
+def check_seal(path: Path, raw: dict) -> None:
+    """Every field must be as the export wrote it: an edited model.json would decode wrongly, never loudly."""
+    recorded = raw.get("content_sha256")
+    if not isinstance(recorded, dict) or not recorded:
+        raise ArtifactsError(f"{path}: field 'content_sha256' is missing or damaged, so its content cannot be "
+                             "checked; re-export: `python export.py ckpt=<its checkpoint>`")
+    now = field_hashes(raw)
+    changed = sorted(k for k in set(now) | set(recorded) if now.get(k) != recorded.get(k))
+    if changed:
+        # the most specific names first: `model_config.n_head` rather than `model_config`
+        named = [k for k in changed if not any(c.startswith(k + ".") for c in changed)]
+        raise ArtifactsError(f"{path}: field(s) {', '.join(named[:5])}{' ...' if len(named) > 5 else ''} changed "
+                             "after export (they no longer match the hashes model.json recorded); an edited manifest "
+                             "would decode wrongly: re-export: `python export.py ckpt=<its checkpoint>`")
 
 
 def _build(cls, raw, where: str):

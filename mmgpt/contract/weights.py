@@ -1,5 +1,6 @@
 """weights.bin: one file holding every weight once, shared by all ONNX graphs (external data) and read by the
-PyTorch backends through the manifest's tensor index. Checked against its hash before any backend uses it."""
+PyTorch backends through the manifest's tensor index. It and every other file of the directory are checked against
+their hashes before any backend uses them."""
 from __future__ import annotations
 
 import hashlib
@@ -10,43 +11,84 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmgpt.contract.manifest import ArtifactsError, TensorLocation, WeightsFile
+from mmgpt.contract.manifest import MANIFEST_FILE, ArtifactsError, FileRecord, TensorLocation, WeightsFile
 
 CHUNK = 64 << 20
 _verified: dict[tuple, str] = {}  # (path, size, mtime, inode) -> hash already checked by this process
 
 
-def tree_hash(path: Path) -> str:
-    """sha256 over the sha256 of each 64 MiB chunk, the chunks hashed in parallel threads (hashlib releases the
-    GIL): ~1.5 GB/s per core, so a 3 GB file checks in well under a second on a GPU host's cores."""
-    size = os.path.getsize(path)
+def tree_hashes(paths: list[Path]) -> list[str]:
+    """For each file, sha256 over the sha256 of each 64 MiB chunk; every chunk of every file is hashed in one pool
+    of threads (hashlib releases the GIL): ~1.5 GB/s per core, so a 3 GB file checks in well under a second on a
+    GPU host's cores, and the small files of a directory cost no extra round of waiting."""
+    sizes = [os.path.getsize(p) for p in paths]
 
-    def chunk_digest(offset):
+    def chunk_digest(job):
+        path, offset = job
         with open(path, "rb") as f:
             f.seek(offset)
             return hashlib.sha256(f.read(CHUNK)).digest()
+    jobs = [[(p, o) for o in range(0, size, CHUNK)] for p, size in zip(paths, sizes)]
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(chunk_digest, range(0, size, CHUNK)))
-    return hashlib.sha256(f"{size}:".encode() + b"".join(digests)).hexdigest()
+        flat = list(pool.map(chunk_digest, [j for file_jobs in jobs for j in file_jobs]))
+    out, start = [], 0
+    for size, file_jobs in zip(sizes, jobs):
+        digests, start = flat[start: start + len(file_jobs)], start + len(file_jobs)
+        out.append(hashlib.sha256(f"{size}:".encode() + b"".join(digests)).hexdigest())
+    return out
 
 
-def verify(directory: Path, weights: WeightsFile) -> None:
-    """The file's size and hash must be the manifest's: a flipped bit gives wrong output, never silently."""
-    path = Path(directory) / weights.file
-    if not path.is_file():
-        raise ArtifactsError(f"{path}: missing; the export is incomplete: re-run `python export.py`")
+def tree_hash(path: Path) -> str:
+    return tree_hashes([Path(path)])[0]
+
+
+def is_recorded(relative: Path) -> bool:
+    """Files the manifest records: all but itself, hidden temporaries, and engines with their build records (built
+    into the directory later, on the machine that runs them; each engine's record names the weights it holds)."""
+    name = relative.name
+    return (str(relative) != MANIFEST_FILE and not any(part.startswith(".") for part in relative.parts)
+            and not name.endswith((".engine", ".engine.json")))
+
+
+def record_files(directory: Path) -> dict[str, FileRecord]:
+    """Size and hash of every recorded file under `directory`, by relative path."""
+    directory = Path(directory)
+    paths = sorted(p for p in directory.rglob("*") if p.is_file() and is_recorded(p.relative_to(directory)))
+    keys = {p: _version(p) for p in paths}
+    todo = [p for p in paths if keys[p] not in _verified]
+    _verified.update({keys[p]: h for p, h in zip(todo, tree_hashes(todo))})
+    return {str(p.relative_to(directory)): FileRecord(keys[p][1], _verified[keys[p]]) for p in paths}
+
+
+def _version(path: Path) -> tuple:
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
-    if _verified.get(key) == weights.sha256_tree:
-        return
-    if st.st_size != weights.nbytes:
-        raise ArtifactsError(f"{path}: {st.st_size} bytes, but model.json says {weights.nbytes}: the file was "
-                             "truncated or replaced after export; copy the artifacts again or re-run "
-                             "`python export.py`")
-    if tree_hash(path) != weights.sha256_tree:
-        raise ArtifactsError(f"{path}: its contents do not match the hash in model.json (damaged or modified after "
-                             "export); copy the artifacts again or re-run `python export.py`")
-    _verified[key] = weights.sha256_tree
+    return str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def verify_files(directory: Path, records: dict[str, FileRecord]) -> None:
+    """Every file the manifest records must have its size and hash: a flipped bit, a truncated graph, a tokenizer
+    with edited merges or an .onnx from another export gives wrong output, never silently. Hashes are checked once
+    per process and file version (path, size, mtime, inode), all files at once in parallel."""
+    directory = Path(directory)
+    todo = []
+    for name, record in records.items():
+        path = directory / name
+        if not path.is_file():
+            raise ArtifactsError(f"{path}: missing; the export is incomplete: copy the artifacts again or re-export "
+                                 "(`python export.py`)")
+        key = _version(path)
+        if key[1] != record.nbytes:
+            raise ArtifactsError(f"{path}: {key[1]} bytes, but model.json says {record.nbytes}: the file was "
+                                 "truncated or replaced after export; copy the artifacts again or re-export "
+                                 "(`python export.py`)")
+        if _verified.get(key) != record.sha256_tree:
+            todo.append((path, key, record.sha256_tree))
+    for (path, key, want), have in zip(todo, tree_hashes([p for p, _, _ in todo])):
+        if have != want:
+            raise ArtifactsError(f"{path}: its contents do not match the hash in model.json (damaged, or replaced "
+                                 "by another export's file); copy the artifacts again or re-export "
+                                 "(`python export.py`)")
+        _verified[key] = want
 
 
 def _raw(t: torch.Tensor) -> bytes:

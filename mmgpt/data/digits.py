@@ -16,6 +16,7 @@ from mmgpt.errors import UserError
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 IMAGE_SIZE = 8  # load_digits' images are 8x8, values 0..16 with ink high
+MAX_IMAGE_PIXELS = 4096 * 4096  # 48 MiB decoded as RGB: a photo of a page fits, a decompression bomb does not
 
 
 def caption_for(digits) -> str:
@@ -110,9 +111,12 @@ def images_to_prefixes(paths: list[str], task: DigitsTask) -> np.ndarray:
     images = []
     for p in paths:
         try:
-            img = np.asarray(Image.open(p).convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR),
-                             dtype=np.float32)
-        except OSError as e:
+            with Image.open(p) as im:  # reads the header only: the size is known before any pixel is decoded
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise UserError(f"{p}: {im.width}x{im.height} pixels, more than the {MAX_IMAGE_PIXELS} an input "
+                                    "image may have (a digit scan needs far fewer); downscale it first")
+                img = np.asarray(im.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR), dtype=np.float32)
+        except (OSError, Image.DecompressionBombError) as e:
             raise UserError(f"{p}: not a readable image ({e})") from None
         if img.mean() > 127:  # dark digit on a light background: invert so ink is high
             img = 255.0 - img

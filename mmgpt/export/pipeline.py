@@ -16,10 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmgpt.checkpoint import CheckpointError, find_latest, load_checkpoint
 from mmgpt.contract.artifacts import Artifacts
-from mmgpt.files import remove_stale_staging, staging_dir, write_json
+from mmgpt.files import check_component, remove_stale_staging, staging_dir, write_json
 from mmgpt.contract.graphs import ModelDims, declare_graphs
-from mmgpt.contract.manifest import GraphFile, Limits, Manifest, WeightsFile
-from mmgpt.contract.weights import index_state_dict, tree_hash
+from mmgpt.contract.manifest import MANIFEST_FILE, GraphFile, Limits, Manifest, WeightsFile
+from mmgpt.contract.weights import index_state_dict, record_files
 from mmgpt.engines.build import build_engines, check_engine_config
 from mmgpt.engines.trt import EngineError
 from mmgpt.export.onnx_graphs import OPSET, WEIGHTS_FILE, ExportError, check_against_declaration, cleanup, \
@@ -52,6 +52,14 @@ def export(cfg: DictConfig) -> Path:
         raise UserError(f"capacity_buckets={list(cfg.capacity_buckets)} must be a non-empty list of sizes >= 1")
     t_start = time.perf_counter()
     ckpt = resolve_checkpoint(cfg)
+    name = export_name(cfg.name, ckpt)
+    root = Path(cfg.output_root)
+    for stale, action in remove_stale_staging(root):
+        print(f"{action} {stale}, left by an export that was killed")
+    final = root / name
+    if final.exists() and not (final / MANIFEST_FILE).is_file():
+        raise UserError(f"{final} exists and is not an export (no {MANIFEST_FILE}); export.py replaces only its own "
+                        "exports: pass another name= or output_root=")
     loaded = load_checkpoint(ckpt)
     check_finite(loaded.model, f"{ckpt}", "the training diverged or the checkpoint is damaged")
     model = loaded.model.to(DTYPES[cfg.dtype])
@@ -59,11 +67,7 @@ def export(cfg: DictConfig) -> Path:
                  "or fp32")
     config = model.config
     limits = export_limits(cfg, config.block_size)
-    name = cfg.name or ckpt.parent.parent.name  # outputs/train/<run>/checkpoints/last.ckpt -> <run>
-    root = Path(cfg.output_root)
-    for stale in remove_stale_staging(root):
-        print(f"removed {stale}, left by an export that was killed")
-    final = root / name
+    check_buckets(buckets, loaded.prefix_len, config.block_size)
     dtype_name = str(DTYPES[cfg.dtype]).removeprefix("torch.")
     print(f"exporting {ckpt} ({model.num_params() / 1e6:.2f}M params, {cfg.dtype}) -> {final}")
 
@@ -84,15 +88,17 @@ def export(cfg: DictConfig) -> Path:
                 index = index_state_dict(model.state_dict(), blob, offsets)  # the PyTorch backends read these
             for graph_name in protos:
                 onnx.checker.check_model(str(out / f"{graph_name}.onnx"))
-            weights_path = out / WEIGHTS_FILE
+            tokenizer = loaded.tokenizer.save(out)
+            on_disk = record_files(out)
             manifest = Manifest(
                 name=name, created=datetime.datetime.now().isoformat(timespec="seconds"), source=str(ckpt.resolve()),
-                model_config=config.to_dict(), tokenizer=loaded.tokenizer.save(out), prefix_len=loaded.prefix_len,
+                model_config=config.to_dict(), tokenizer=tokenizer, prefix_len=loaded.prefix_len,
                 data=loaded.data_config, dtype=dtype_name, opset=OPSET, limits=limits, capacity_buckets=buckets,
-                weights=WeightsFile(file=WEIGHTS_FILE, nbytes=weights_path.stat().st_size,
-                                    sha256_tree=tree_hash(weights_path), tensors=index),
+                weights=WeightsFile(file=WEIGHTS_FILE, nbytes=on_disk[WEIGHTS_FILE].nbytes,
+                                    sha256_tree=on_disk[WEIGHTS_FILE].sha256_tree, tensors=index),
                 graphs={g.name: GraphFile(file=f"{g.name}.onnx", **g.io(dtype_name)) for g in graphs.values()},
                 stats={"cleanup": stats, "sizes": sizes})
+            manifest.seal(out, on_disk)
             manifest.write(out)
             artifacts = Artifacts.open(out)
             if cfg.hf.enabled:
@@ -105,6 +111,8 @@ def export(cfg: DictConfig) -> Path:
                 if cfg.parity.enforce and not parity.get("passed", True):
                     raise ExportError(f"parity failed (see the table above); nothing was written to {final}. "
                                       "Set parity.enforce=false to keep the artifacts anyway")
+            manifest.seal(out, record_files(out))  # hf/ and parity.json too: every file a reader may use
+            manifest.write(out)
     except OSError as e:  # unwritable, not a directory, disk full: the staging directory is already gone
         raise ExportError(f"cannot write the artifacts under output_root={root} ({e.strerror or e}: "
                           f"{e.filename or root}); pass a writable output_root=... with room for them") from None
@@ -115,6 +123,18 @@ def export(cfg: DictConfig) -> Path:
     if engine_cfg.get("runtime", "auto") != "none":
         build_from_artifacts(final, engine_cfg)
     return final
+
+
+def export_name(name: str | None, ckpt: Path) -> str:
+    """name=..., else the training run's directory: outputs/train/<run>/checkpoints/last.ckpt -> <run>. A checkpoint
+    elsewhere has no run name to take: the user names the export."""
+    if name is None:
+        run = ckpt.resolve().parent
+        if run.name != "checkpoints" or not run.parent.name:
+            raise UserError(f"ckpt={ckpt} does not lie in <run>/checkpoints/, so the export has no run name to take; "
+                            "pass name=<export name> (it becomes <output_root>/<name>)")
+        name = run.parent.name
+    return check_component(str(name))
 
 
 def build_from_artifacts(path: Path, engine_cfg: dict) -> Path:
@@ -142,6 +162,17 @@ def export_limits(cfg: DictConfig, block_size: int) -> Limits:
         if getattr(limits, k) > block_size:
             raise UserError(f"limits.{k}={getattr(limits, k)} exceeds the model's {block_size} positions")
     return limits
+
+
+def check_buckets(buckets: list[int], prefix_len: int | None, block_size: int) -> None:
+    """Every capacity bucket must hold the prefix, a one-token prompt (BOS) and one generated token; the decode loop
+    caps buckets at the model's positions, so that cap counts."""
+    need = (prefix_len or 1) + 1 + 1
+    small = [s for s in buckets if min(s, block_size) < need]
+    if small:
+        raise UserError(f"capacity_buckets={buckets}: {small} cannot hold the prefix ({prefix_len or 1} positions) + "
+                        f"a prompt token + one generated token = {need}; use sizes >= {need}, e.g. "
+                        f"capacity_buckets=[{max(need, 64)}]")
 
 
 def check_finite(model: torch.nn.Module, where: str, why: str) -> None:

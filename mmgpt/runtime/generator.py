@@ -7,6 +7,7 @@ on a GPU it is captured once per bucket and replayed. The host looks at the fini
 """
 from __future__ import annotations
 
+import operator
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -19,12 +20,40 @@ from mmgpt.errors import UserError
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024)
 
 
-def check_prefix(prefix) -> torch.Tensor:
-    if not torch.is_tensor(prefix) or prefix.ndim != 3:
-        raise UserError(f"prefix must be a (B, P, F) tensor, got shape {tuple(getattr(prefix, 'shape', ()))}")
+def check_prefix(prefix, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A (B, P, F) float tensor, every dim positive, and finite in `dtype`, the dtype the backend runs (a value
+    that fits float32 may overflow float16)."""
+    if not torch.is_tensor(prefix) or prefix.ndim != 3 or min(prefix.shape) < 1:
+        raise UserError(f"prefix must be a (B, P, F) tensor with every dim >= 1, got shape "
+                        f"{tuple(getattr(prefix, 'shape', ()))}")
     if not prefix.is_floating_point():
         raise UserError(f"prefix must be a float tensor, got {prefix.dtype}")
+    if dtype is not None and not bool(torch.isfinite(prefix.to(dtype)).all()):
+        raise UserError(f"prefix holds NaN or infinite values in the model's dtype {str(dtype).removeprefix('torch.')}"
+                        f" (the largest float16 is {torch.finfo(torch.float16).max:.0f}); scale or clean the features")
     return prefix
+
+
+def check_token_ids(prompts, vocab_size: int, what: str = "prompt") -> list[list[int]]:
+    """Every id must index a row of the embedding table (out of range: an index error on a GPU, or garbage).
+    Returns the prompts as lists of Python ints."""
+    out = []
+    for b, p in enumerate(prompts):
+        ids, bad = [], []
+        for i in p:
+            try:
+                v = operator.index(i)  # int, numpy and 0-d tensor integers; not floats
+            except TypeError:
+                v = None
+            if v is None or isinstance(i, bool) or not 0 <= v < vocab_size:
+                bad.append(i)
+            else:
+                ids.append(v)
+        if bad:
+            raise UserError(f"{what} {b} holds token id(s) {bad[:5]} that are not integers in the vocabulary "
+                            f"[0, {vocab_size}); encode prompts with the artifacts' tokenizer")
+        out.append(ids)
+    return out
 
 
 @dataclass
@@ -83,6 +112,7 @@ class Generator:
             raise UserError(f"{len(prompts)} prompts for a prefix batch of {batch}; give one prompt per prefix")
         if any(len(p) == 0 for p in prompts):
             raise UserError("empty prompt: every row needs at least one token (the BOS token is the usual start)")
+        prompts = check_token_ids(prompts, self.backend.dims.vocab_size)
         T = max(len(p) for p in prompts)
         ids = torch.full((batch, T), self.tok.pad_id, dtype=torch.long)
         for b, p in enumerate(prompts):
@@ -93,7 +123,7 @@ class Generator:
     def capacity_for(self, prefix: torch.Tensor, prompt_len: int, max_new_tokens: int) -> int:
         """Validate shapes before anything runs; returns the capacity bucket to use."""
         be = self.backend
-        check_prefix(prefix)
+        check_prefix(prefix, be.dtype)
         B, P, F = prefix.shape
         if F != be.dims.prefix_dim:
             raise UserError(f"prefix feature size F={F}, but the model expects F={be.dims.prefix_dim}")

@@ -1,10 +1,14 @@
 """Token sampling that stays on the device: no host synchronisation, fixed shapes, so it can be graph-captured."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from mmgpt.errors import UserError
+
+MIN_TEMPERATURE = 1e-3  # far above where logits / temperature overflow to inf (NaN probabilities); below it, use 0
+SEED_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -19,12 +23,15 @@ class SamplingConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
                 raise UserError(f"sampling.{name}={value!r} must be {'a number' if kind is float else 'an integer'}")
-        if self.temperature < 0:
-            raise UserError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
+        if not math.isfinite(self.temperature) or (self.temperature != 0 and not self.temperature >= MIN_TEMPERATURE):
+            raise UserError(f"sampling.temperature={self.temperature} must be 0 (greedy) or a finite number >= "
+                            f"{MIN_TEMPERATURE}: smaller values overflow the logits into NaN or one token")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise UserError(f"sampling.seed={self.seed} must lie in [0, 2**63 - 1] (a 64-bit generator seed)")
         if self.top_k < 0:
-            raise UserError(f"top_k={self.top_k} must be >= 0 (0 means off)")
+            raise UserError(f"sampling.top_k={self.top_k} must be >= 0 (0 means off)")
         if not 0.0 < self.top_p <= 1.0:
-            raise UserError(f"top_p={self.top_p} must lie in (0, 1] (1 means off)")
+            raise UserError(f"sampling.top_p={self.top_p} must lie in (0, 1] (1 means off)")
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingConfig":

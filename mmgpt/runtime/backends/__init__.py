@@ -50,7 +50,21 @@ def write_kv(cache: torch.Tensor, new: list[torch.Tensor] | torch.Tensor, positi
 
 
 def resolve_device(device: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    """device=auto | cpu | cuda | cuda:N, checked against this machine before anything is loaded onto it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UserError(f"device={device!r}: use auto, cpu, cuda or cuda:<index>")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={device}: this machine (or this torch build, CUDA {torch.version.cuda}) has no "
+                        "usable CUDA GPU; use device=cpu or device=auto")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device={device}: there are only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
 
 
 def open_backend(name: str, artifacts: Artifacts, device: str = "auto", compile: bool = False,
