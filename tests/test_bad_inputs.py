@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from helpers import ROOT, compose_config, export_command as _export, fails, infer_command as _infer, \
-    small_train_overrides
+    small_train_overrides, train_tokenizer, tree_digest, write_gpt2
 from mmgpt.cli import run_command
 from mmgpt.contract.artifacts import find_latest_artifacts
 from mmgpt.contract.manifest import MANIFEST_FILE
@@ -45,7 +45,7 @@ def test_an_edited_model_json_is_refused(copy_of, capsys):
     manifest = json.loads((copy_of / MANIFEST_FILE).read_text())
     manifest["model_config"]["n_layer"] += 1
     (copy_of / MANIFEST_FILE).write_text(json.dumps(manifest))
-    fails(_infer(copy_of, "backend=torch"), capsys, "does not describe the weights", "missing ['transformer.h.4")
+    fails(_infer(copy_of, "backend=torch"), capsys, "field(s) model_config.n_layer changed after export", "re-export")
     manifest["model_config"]["n_layer"] -= 1
     manifest["schema_version"] = 1
     (copy_of / MANIFEST_FILE).write_text(json.dumps(manifest))
@@ -227,3 +227,223 @@ def test_sigterm_during_export_cleans_up_like_sigint(trained, tmp_path):
     assert proc.returncode == 143, out[-2000:]
     assert "terminated" in out
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- everything a backend reads is verified
+def _edit_json(path, edit):
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data, indent=2))
+
+
+@pytest.mark.parametrize("field,edit", [
+    ("model_config.n_head", lambda m: m["model_config"].update(n_head=2)),  # decoded at exact match 0.33
+    ("model_config.layer_norm_epsilon", lambda m: m["model_config"].update(layer_norm_epsilon=1.0)),  # spaces
+    ("tokenizer.eos_id", lambda m: m["tokenizer"].update(eos_id=32)),
+    ("data.digits_per_sample", lambda m: m["data"].update(digits_per_sample=3)),
+    ("limits.max_cache", lambda m: m["limits"].update(max_cache=64)),
+    ("capacity_buckets", lambda m: m.update(capacity_buckets=[32])),
+    ("files.parity.json", lambda m: m["files"].pop("parity.json")),
+])
+def test_an_edited_manifest_field_is_named(copy_of, capsys, field, edit):
+    _edit_json(copy_of / MANIFEST_FILE, edit)
+    before = tree_digest(copy_of)
+    fails(_infer(copy_of, "backend=torch", "limit=2"), capsys, f"model.json: field(s) {field} changed after export",
+          "re-export")
+    assert tree_digest(copy_of) == before  # a refused load writes nothing
+
+
+@pytest.mark.parametrize("name,damage", [
+    ("prefill.onnx", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])),  # truncated
+    ("decode.onnx", lambda p: p.write_bytes(p.read_bytes()[:-1] + bytes([p.read_bytes()[-1] ^ 1]))),  # same size
+    ("hf/tokenizer.json", lambda p: p.write_text(p.read_text().replace('"merges"', '"merges" ', 1))),
+    ("parity.json", lambda p: p.unlink()),
+])
+def test_every_file_of_the_export_is_verified(copy_of, capsys, name, damage):
+    damage(copy_of / name)
+    fails(_infer(copy_of, "limit=2"), capsys, f"{copy_of / name}:", "re-export")
+
+
+def test_a_graph_from_another_export_is_refused(copy_of, capsys):
+    """prefill.onnx swapped for a graph another export wrote (here: the same file's neighbour, decode.onnx)."""
+    shutil.copy(copy_of / "decode.onnx", copy_of / "prefill.onnx")
+    fails(_infer(copy_of, "limit=2"), capsys, "prefill.onnx:", "re-export")
+
+
+def test_engines_built_later_do_not_break_the_seal(copy_of):
+    """Engines and their record are written into the directory after export: the export stays valid (negative
+    control for the checks above: an untouched copy, plus an engine, decodes)."""
+    from mmgpt.contract.artifacts import Artifacts
+    (copy_of / "shared.engine").write_bytes(b"plan")
+    (copy_of / "shared.engine.json").write_text("{}")
+    Artifacts.open(copy_of).record_engines("shared", {"engine": "shared.engine"})
+    report = _infer(copy_of, "limit=2", "backend=onnxruntime")()
+    assert report["samples"] == 2
+
+
+def test_tokenizer_files_of_a_pretrained_directory(tmp_path, capsys):
+    from mmgpt.tokenizer import load_hf_tokenizer
+    train_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    assert load_hf_tokenizer(tmp_path).vocab_size > 256  # negative control
+    (tmp_path / "tokenizer.json").write_bytes((tmp_path / "tokenizer.json").read_bytes()[:500])
+    fails(lambda: load_hf_tokenizer(tmp_path), capsys, "tokenizer.json: not a readable Hugging Face tokenizer file")
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "vocab.json").write_text("[1, 2]")
+    (tmp_path / "merges.txt").write_text("")
+    fails(lambda: load_hf_tokenizer(tmp_path), capsys, "vocab.json + merges.txt: not a readable")
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"gpt2"', "null"])
+def test_an_init_from_config_that_is_not_an_object(tmp_path, capsys, content):
+    from mmgpt.hf import load_hf_gpt2
+    write_gpt2(tmp_path)
+    (tmp_path / "config.json").write_text(content)
+    fails(lambda: load_hf_gpt2(tmp_path, prefix_dim=16), capsys, "config.json: must hold a JSON object")
+
+
+# ---------------------------------------------------------------- inputs, in the dtype that runs
+@pytest.mark.parametrize("override,fragment", [
+    ("sampling.temperature=nan", "sampling.temperature=nan must be 0 (greedy) or a finite number >= 0.001"),
+    ("sampling.temperature=inf", "sampling.temperature=inf must be 0"),
+    ("sampling.temperature=1e-300", "sampling.temperature=1e-300 must be 0"),
+    ("sampling.temperature=-1", "sampling.temperature=-1 must be 0"),
+    ("sampling.top_p=nan", "sampling.top_p=nan must lie in (0, 1]"),
+    ("sampling.seed=18446744073709551616", "sampling.seed=18446744073709551616 must lie in [0, 2**63 - 1]"),
+    ("sampling.seed=-1", "sampling.seed=-1 must lie in"),
+    ("device=banana", "device='banana': use auto, cpu, cuda or cuda:<index>"),
+])
+def test_sampling_and_device_values(exported, capsys, override, fragment):
+    fails(_infer(exported, override), capsys, fragment)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="device=cuda is valid on a machine with a CUDA GPU")
+def test_device_cuda_without_a_gpu(exported, capsys):
+    fails(_infer(exported, "device=cuda", "backend=torch"), capsys, "device=cuda: this machine", "device=cpu")
+
+
+def test_sampling_at_the_floor_still_samples(exported):
+    """Negative control: the smallest allowed temperature decodes like greedy would, no NaN bytes."""
+    greedy = _infer(exported, "limit=4")()
+    floor = _infer(exported, "limit=4", "sampling.temperature=0.001")()
+    assert floor["texts"] == greedy["texts"] and all(t and "\x00" not in t for t in greedy["texts"])
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 0), (4, 0, 16)])
+def test_features_with_an_empty_dim(exported, tmp_path, capsys, shape):
+    np.savez(tmp_path / "e.npz", features=np.zeros(shape, np.float32), texts=np.array(["a"] * 4))
+    fails(_infer(exported, f"input={tmp_path}/e.npz"), capsys, f"e.npz: features must have shape (N, P, F) with "
+          f"every dim >= 1, got {shape}")
+
+
+def test_features_that_overflow_the_dtype_that_runs(exported, tmp_path, capsys):
+    np.savez(tmp_path / "big.npz", features=np.full((2, 8, 16), 1e39), texts=np.array(["a", "b"]))  # float64
+    fails(_infer(exported, f"input={tmp_path}/big.npz"), capsys, "big.npz: features contain NaN or infinite values")
+    from mmgpt.runtime.generator import check_prefix
+    fp16_overflow = torch.full((1, 8, 16), 1e5)
+    check_prefix(fp16_overflow, torch.float32)  # negative control: finite in float32
+    fails(lambda: check_prefix(fp16_overflow, torch.float16), capsys, "prefix holds NaN or infinite values in the "
+          "model's dtype float16")
+
+
+def test_generator_api_checks_prefix_and_token_ids(exported, capsys):
+    from mmgpt.contract.artifacts import Artifacts
+    from mmgpt.runtime.backends import open_backend
+    from mmgpt.runtime.generator import Generator
+    artifacts = Artifacts.open(exported)
+    generator = Generator(open_backend("torch", artifacts), artifacts.tokenizer)
+    prefix = torch.rand(2, 8, 16)
+    bos = artifacts.tokenizer.bos_id
+    assert len(generator.generate(prefix, [[bos], [bos, 65]], max_new_tokens=2).texts) == 2  # negative control
+    vocab = artifacts.manifest.config.vocab_size
+    fails(lambda: generator.generate(prefix, [[bos], [bos, vocab]], max_new_tokens=2), capsys,
+          f"prompt 1 holds token id(s) [{vocab}] that are not integers in the vocabulary [0, {vocab})")
+    fails(lambda: generator.generate(prefix, [[-1], [bos]], max_new_tokens=2), capsys,
+          "prompt 0 holds token id(s) [-1]")
+    fails(lambda: generator.generate(prefix, [[1.5], [bos]], max_new_tokens=2), capsys, "[1.5]")
+    nan_prefix = prefix.clone()
+    nan_prefix[1, 3, 2] = float("nan")
+    fails(lambda: generator.generate(nan_prefix), capsys, "prefix holds NaN or infinite values")
+
+
+def test_capacity_buckets_must_hold_prefix_prompt_and_a_token(trained, tmp_path, capsys, monkeypatch):
+    import mmgpt.export.pipeline as pipeline
+    monkeypatch.setattr(pipeline, "trace", lambda *a, **k: pytest.fail("traced with buckets that cannot decode"))
+    fails(_export(f"ckpt={trained['last_ckpt']}", f"output_root={tmp_path}", "name=x", "capacity_buckets=[4,64]"),
+          capsys, "capacity_buckets=[4, 64]: [4] cannot hold the prefix (8 positions) + a prompt token + one "
+          "generated token = 10")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_decompression_bomb_is_refused_before_decoding(exported, tmp_path, capsys):
+    from PIL import Image
+    Image.new("L", (5000, 5000)).save(tmp_path / "bomb.png")  # 25 M pixels in a few KiB
+    Image.new("L", (8, 8)).save(tmp_path / "ok.png")
+    fails(_infer(exported, f"input={tmp_path}/*.png"), capsys, "bomb.png: 5000x5000 pixels, more than the")
+
+
+def test_image_names_with_brackets(exported, tmp_path, capsys):
+    from PIL import Image
+    for i in (1, 2):
+        Image.new("L", (8, 8), color=255).save(tmp_path / f"scan[{i}].png")
+    report = _infer(exported, f"input='{tmp_path}/scan[[]*.png'")()  # a glob, brackets escaped
+    assert report["samples"] == 1 and "exact_match" not in report
+    fails(_infer(exported, f"input='{tmp_path}/scan[1].png'"), capsys, "1 images, but the model reads 2 per sample")
+    fails(_infer(exported, f"input='{tmp_path}/[nothing'"), capsys, "[nothing: no such file and no file matches it")
+
+
+def test_a_jsonl_that_is_not_utf8_names_file_and_line(exported, tmp_path, capsys):
+    row = json.dumps({"features": np.zeros((8, 16)).tolist(), "text": "a"}).encode()
+    (tmp_path / "d.jsonl").write_bytes(row + b"\n" + row.replace(b'"a"', b'"\xff"') + b"\n")
+    fails(_infer(exported, f"input={tmp_path}/d.jsonl"), capsys, "d.jsonl:2: not UTF-8 (byte 0xff")
+
+
+def test_unlabelled_features_are_captioned_without_a_metric(exported, tmp_path):
+    np.savez(tmp_path / "x.npz", features=np.random.default_rng(0).random((3, 8, 16), dtype=np.float32))
+    report = _infer(exported, f"input={tmp_path}/x.npz")()
+    assert report["samples"] == 3 and len(report["texts"]) == 3 and "exact_match" not in report
+    np.savez(tmp_path / "y.npz", features=np.zeros((3, 8, 16), np.float32), texts=np.array(["a", "b", "c"]))
+    assert _infer(exported, f"input={tmp_path}/y.npz")()["exact_match"] == 0.0  # with texts: the metric
+
+
+# ---------------------------------------------------------------- strict configs
+@pytest.mark.parametrize("command,overrides,fragment", [
+    ("infer", ["+max_new_token=5"], "max_new_token (did you mean max_new_tokens?)"),
+    ("train", ["+experiment=digits", "+lr=0.5"], "lr (did you mean optimizer.lr?)"),
+    ("train", ["+experiment=digits", "+trainer.max_step=5"], "trainer.max_step (did you mean trainer.max_steps"),
+    ("train", ["+experiment=digits", "+optimizer.betaz=[0.9,0.9]"], "optimizer.betaz (did you mean optimizer.betas"),
+    ("train", ["+experiment=digits", "+module.warmup=5"], "module.warmup (did you mean module.warmup_steps"),
+    ("export", ["+engine.strategie=shared"], "engine.strategie (did you mean engine.strategy"),
+    ("train", ["+experiment=digits", "seed=9223372036854775808"], "seed=9223372036854775808 must be an integer in"),
+])
+def test_keys_no_code_reads_are_errors(capsys, command, overrides, fragment):
+    from mmgpt.strict_config import check_config
+    fails(lambda: check_config(compose_config(command, overrides), command, overrides), capsys, fragment)
+
+
+@pytest.mark.parametrize("command,overrides", [
+    ("train", ["+experiment=digits", "+trainer.detect_anomaly=true"]),  # a Trainer argument the files do not set
+    ("train", ["+experiment=features", "data.path=/data.npz", "trainer=gpu"]),
+    ("export", ["engine=tensorrt", "name=x"]),
+    ("infer", ["sampling.temperature=0.5"]),
+])
+def test_valid_configs_pass_the_strict_check(command, overrides):
+    from mmgpt.strict_config import check_config
+    check_config(compose_config(command, overrides), command, overrides)
+
+
+def test_resuming_a_checkpoint_of_another_model(trained, capsys):
+    from mmgpt.strict_config import check_config
+    overrides = ["+experiment=digits", f"ckpt_path={trained['last_ckpt']}"]
+    check_config(compose_config("train", overrides), "train", overrides)  # negative control: the same model
+    overrides += ["model.n_layer=2", "model.n_embd=64"]
+    fails(lambda: check_config(compose_config("train", overrides), "train", overrides), capsys,
+          "holds another model: model.n_layer=4 there, 2 here, model.n_embd=128 there, 64 here")
+
+
+def test_the_commands_check_their_config_first(tmp_path):
+    """infer.py itself: a `+` key nothing reads exits 1 before any artifacts are looked for."""
+    proc = subprocess.run([sys.executable, str(ROOT / "infer.py"), "+max_new_token=5", "artifacts=/nonexistent"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "error: config key(s) that no code reads: max_new_token (did you mean max_new_tokens?)" in proc.stderr
+    assert "Traceback" not in proc.stderr and list(tmp_path.iterdir()) == []
