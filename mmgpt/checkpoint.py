@@ -41,6 +41,8 @@ def read_checkpoint(path) -> dict:
                               "saving. Use another checkpoint of that run (checkpoints/best-*.ckpt) or retrain")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror}); check its permissions") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as e:
         reason = "truncated or not a PyTorch file" if not str(e).strip() or "weights_only" in str(e) else \
             str(e).strip().splitlines()[0][:200]

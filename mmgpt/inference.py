@@ -29,12 +29,12 @@ def infer(cfg: DictConfig) -> dict:
     sampling = check_infer_config(cfg)
     path = Path(cfg.artifacts) if cfg.artifacts else find_latest_artifacts(cfg.artifacts_root)
     artifacts = Artifacts.open(path)
+    m = artifacts.manifest
+    inputs = load_inputs(cfg.input, m.data, cfg.limit)  # a bad input file fails before any model is loaded
     backend = open_backend(cfg.backend, artifacts, device=cfg.device, compile=cfg.compile,
                            strategy=cfg.engine_strategy)
-    m = artifacts.manifest
     generator = Generator(backend, artifacts.tokenizer, capacity_buckets=m.capacity_buckets,
                           max_positions=m.config.block_size)
-    inputs = load_inputs(cfg.input, m.data, cfg.limit)
     batch = min(cfg.batch_size, backend.max_batch or cfg.batch_size)  # an engine profile's max batch, if any
     print(f"artifacts {artifacts.path}  backend {backend.name} on {backend.device}  batches of {batch}")
     texts, ttft, decode_s, tokens = [], [], 0.0, 0

@@ -3,6 +3,7 @@ folder per GPU and day, indexed in benchmarks/results/README.md. Every script th
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 from mmgpt.files import write_atomic, write_json
@@ -25,3 +26,15 @@ def write_result(root, report: dict, what: str, table: str | None = None) -> Pat
     if table is not None:
         write_atomic(path.with_suffix(".md"), table + "\n")
     return path
+
+
+def git_commit() -> str | None:
+    """The commit the measured code is at ('+dirty' with uncommitted changes); None outside a git checkout."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

@@ -137,6 +137,8 @@ class Manifest:
             raw = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ArtifactsError(f"{path}: not valid JSON ({e}); re-run `python export.py`") from None
+        except OSError as e:
+            raise ArtifactsError(f"{path}: cannot be read ({e.strerror or e}); check its permissions") from None
         version = raw.get("schema_version", 1) if isinstance(raw, dict) else None
         if version != SCHEMA_VERSION:
             raise ArtifactsError(f"{path}: written by another mmgpt version (schema {version}, this one reads "

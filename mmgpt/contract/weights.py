@@ -29,13 +29,19 @@ def tree_hashes(paths: list[Path]) -> list[str]:
             f.seek(offset)
             return hashlib.sha256(f.read(CHUNK)).digest()
     jobs = [[(p, o) for o in range(0, size, CHUNK)] for p, size in zip(paths, sizes)]
-    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=hash_threads()) as pool:
         flat = list(pool.map(chunk_digest, [j for file_jobs in jobs for j in file_jobs]))
     out, start = [], 0
     for size, file_jobs in zip(sizes, jobs):
         digests, start = flat[start: start + len(file_jobs)], start + len(file_jobs)
         out.append(hashlib.sha256(f"{size}:".encode() + b"".join(digests)).hexdigest())
     return out
+
+
+def hash_threads() -> int:
+    """One thread per core this process may run on (its affinity, not the machine's count), at most 16."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(16, cores or 1)
 
 
 def tree_hash(path: Path) -> str:
@@ -83,7 +89,11 @@ def verify_files(directory: Path, records: dict[str, FileRecord]) -> None:
                                  "(`python export.py`)")
         if _verified.get(key) != record.sha256_tree:
             todo.append((path, key, record.sha256_tree))
-    for (path, key, want), have in zip(todo, tree_hashes([p for p, _, _ in todo])):
+    try:
+        hashes = tree_hashes([p for p, _, _ in todo])
+    except OSError as e:
+        raise ArtifactsError(f"{e.filename}: cannot be read ({e.strerror or e}); check its permissions") from None
+    for (path, key, want), have in zip(todo, hashes):
         if have != want:
             raise ArtifactsError(f"{path}: its contents do not match the hash in model.json (damaged, or replaced "
                                  "by another export's file); copy the artifacts again or re-export "

@@ -68,39 +68,42 @@ def _load_npz(path, texts_required: bool):
 
 def _load_jsonl(path, texts_required: bool):
     features, texts, shape = [], [], None
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataFileError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
-                                    "save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFileError(f"{where}: not valid JSON ({e.msg})") from None
-            needs_text = texts_required or bool(texts)  # unlabelled files: no line has a text
-            if not isinstance(row, dict) or "features" not in row or ("text" not in row and needs_text) or \
-                    ("text" in row and features and not texts):
-                raise DataFileError(f"{where}: each line needs keys 'features' (P x F list) and 'text'"
-                                    f"{'' if texts_required else ' (or, on every line, no text)'}")
-            try:
-                x = np.asarray(row["features"], dtype=np.float32)
-            except (ValueError, TypeError):
-                raise DataFileError(f"{where}: 'features' must be a rectangular P x F list of numbers") from None
-            if x.ndim != 2:
-                raise DataFileError(f"{where}: 'features' must be P x F (2-D), got {x.ndim}-D")
-            if shape is not None and x.shape != shape:
-                raise DataFileError(f"{where}: features shape {x.shape} differs from the first line's {shape}")
-            if "text" in row and not isinstance(row["text"], str):
-                raise DataFileError(f"{where}: 'text' must be a string")
-            shape = x.shape
-            features.append(x)
-            if "text" in row:
-                texts.append(row["text"])
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        raise DataFileError(f"{path}: cannot be read ({e.strerror or e})") from None
+    for lineno, raw in enumerate(lines, 1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataFileError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                "save the file as UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFileError(f"{where}: not valid JSON ({e.msg})") from None
+        needs_text = texts_required or bool(texts)  # unlabelled files: no line has a text
+        if not isinstance(row, dict) or "features" not in row or ("text" not in row and needs_text) or \
+                ("text" in row and features and not texts):
+            raise DataFileError(f"{where}: each line needs keys 'features' (P x F list) and 'text'"
+                                f"{'' if texts_required else ' (or, on every line, no text)'}")
+        try:
+            x = np.asarray(row["features"], dtype=np.float32)
+        except (ValueError, TypeError):
+            raise DataFileError(f"{where}: 'features' must be a rectangular P x F list of numbers") from None
+        if x.ndim != 2:
+            raise DataFileError(f"{where}: 'features' must be P x F (2-D), got {x.ndim}-D")
+        if shape is not None and x.shape != shape:
+            raise DataFileError(f"{where}: features shape {x.shape} differs from the first line's {shape}")
+        if "text" in row and not isinstance(row["text"], str):
+            raise DataFileError(f"{where}: 'text' must be a string")
+        shape = x.shape
+        features.append(x)
+        if "text" in row:
+            texts.append(row["text"])
     if not features:
         raise DataFileError(f"{path}: no samples in the file")
     return np.stack(features), texts if texts else None
