@@ -38,7 +38,7 @@ def test_a_flipped_bit_in_weights_is_refused_by_every_backend(copy_of, capsys, b
     data[len(data) // 2] ^= 0x10
     weights.write_bytes(bytes(data))
     fails(_infer(copy_of, f"backend={backend}", "limit=2"), capsys, "weights.bin",
-          "do not match the hash in model.json", "re-run `python export.py`")
+          "do not match the hash in model.json", "re-export (`python export.py`)")
 
 
 def test_an_edited_model_json_is_refused(copy_of, capsys):

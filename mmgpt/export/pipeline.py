@@ -52,14 +52,6 @@ def export(cfg: DictConfig) -> Path:
         raise UserError(f"capacity_buckets={list(cfg.capacity_buckets)} must be a non-empty list of sizes >= 1")
     t_start = time.perf_counter()
     ckpt = resolve_checkpoint(cfg)
-    name = export_name(cfg.name, ckpt)
-    root = Path(cfg.output_root)
-    for stale, action in remove_stale_staging(root):
-        print(f"{action} {stale}, left by an export that was killed")
-    final = root / name
-    if final.exists() and not (final / MANIFEST_FILE).is_file():
-        raise UserError(f"{final} exists and is not an export (no {MANIFEST_FILE}); export.py replaces only its own "
-                        "exports: pass another name= or output_root=")
     loaded = load_checkpoint(ckpt)
     check_finite(loaded.model, f"{ckpt}", "the training diverged or the checkpoint is damaged")
     model = loaded.model.to(DTYPES[cfg.dtype])
@@ -68,6 +60,14 @@ def export(cfg: DictConfig) -> Path:
     config = model.config
     limits = export_limits(cfg, config.block_size)
     check_buckets(buckets, loaded.prefix_len, config.block_size)
+    name = export_name(cfg.name, ckpt)
+    root = Path(cfg.output_root)
+    for stale, action in remove_stale_staging(root):
+        print(f"{action} {stale}, left by an export that was killed")
+    final = root / name
+    if final.exists() and not (final / MANIFEST_FILE).is_file():
+        raise UserError(f"{final} exists and is not an export (no {MANIFEST_FILE}); export.py replaces only its own "
+                        "exports: pass another name= or output_root=")
     dtype_name = str(DTYPES[cfg.dtype]).removeprefix("torch.")
     print(f"exporting {ckpt} ({model.num_params() / 1e6:.2f}M params, {cfg.dtype}) -> {final}")
 
