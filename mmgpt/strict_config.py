@@ -29,10 +29,11 @@ def check_config(cfg: DictConfig, config_name: str, overrides: list[str] | None 
     if overrides is None:
         from hydra.core.hydra_config import HydraConfig
         overrides = list(HydraConfig.get().overrides.task)
-    reference = OmegaConf.to_container(_compose(config_name, [o for o in overrides if _selects_group(o)]),
-                                       resolve=False)
+    groups = [o for o in overrides if _selects_group(o)]
     unknown: list[tuple[str, list[str]]] = []
-    _walk(OmegaConf.to_container(cfg, resolve=False), reference, "", unknown)
+    if any(o.startswith("+") and o not in groups for o in overrides):  # else Hydra's struct mode already checked
+        reference = OmegaConf.to_container(_compose(config_name, groups), resolve=False)
+        _walk(OmegaConf.to_container(cfg, resolve=False), reference, "", unknown)
     if unknown:
         valid = sorted(_paths(reference))
         lines = []
