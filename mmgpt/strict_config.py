@@ -53,7 +53,9 @@ def _check_train(cfg: DictConfig) -> None:
         raise UserError(f"seed={seed!r} must be an integer in [0, {TRAIN_SEED_MAX}]")
     if cfg.get("ckpt_path") and not cfg.model.get("init_from"):
         from mmgpt.checkpoint import check_resume
-        fields = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "init_from"}
+        # dropout may change on resume; every other model field describes the weights being resumed
+        fields = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+                  if k not in ("init_from", "dropout")}
         check_resume(cfg.ckpt_path, fields)
 
 

@@ -68,3 +68,22 @@ def test_infer_on_onnxruntime_decodes_bpe_text(flow):
                                             "max_new_tokens=8", "show=0"]))
     assert report["backend"] == "onnxruntime" and report["samples"] == 4
     assert all(isinstance(t, str) for t in report["texts"])
+
+
+def test_an_edited_tokenizer_file_is_refused(flow, tmp_path, capsys):
+    """Altered merges would misspell every caption: the export's tokenizer file is checked like its weights."""
+    import json
+    import shutil
+
+    from helpers import fails
+    from mmgpt.inference import infer
+    root, _, artifacts = flow
+    copy = tmp_path / "gpt2"
+    shutil.copytree(artifacts, copy)
+    name = json.loads((copy / "model.json").read_text())["tokenizer"]["file"]
+    tokenizer = json.loads((copy / name).read_text())
+    merges = tokenizer["model"]["merges"]
+    merges[0], merges[1] = merges[1], merges[0]  # two merges swapped
+    (copy / name).write_text(json.dumps(tokenizer))
+    fails(lambda: infer(compose_config("infer", [f"artifacts={copy}", f"input={root / 'features.npz'}", "limit=2"])),
+          capsys, f"{copy / name}:", "re-export")
