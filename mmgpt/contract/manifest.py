@@ -120,7 +120,6 @@ class Manifest:
         """Record every file of the directory (`file_hashes`: see contract.weights.record_files) and then the hash
         of each field, this record included: what `read` checks."""
         self.files = {k: v for k, v in sorted(file_hashes.items()) if k != self.weights.file}
-        self.content_sha256 = {}
         self.content_sha256 = field_hashes(json.loads(json.dumps(self.to_dict(), default=str)))
 
     def file_records(self) -> dict[str, FileRecord]:
