@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from mmgpt.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+from mmgpt.contract.checkpoint import META_KEY, CheckpointMeta, Schedule
 from mmgpt.model import GPTConfig, MultimodalGPT
 from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
@@ -220,14 +221,14 @@ class MultimodalGPTModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         # Everything needed to rebuild the model without this repo's config files.
-        checkpoint["mmgpt"] = {"model_config": self.model.config.to_dict(), "tokenizer": self.tokenizer.to_dict(),
-                               "prefix_len": self.hparams.prefix_len, "data": self.hparams.data_config,
-                               "schedule": {"total_steps": int(self.trainer.max_steps)}, "format": 2}
+        meta = CheckpointMeta(model_config=self.model.config.to_dict(), tokenizer=self.tokenizer.to_dict(),
+                              prefix_len=self.hparams.prefix_len, data=self.hparams.data_config,
+                              schedule=Schedule(total_steps=int(self.trainer.max_steps)))
+        checkpoint[META_KEY] = meta.to_dict()
 
     def on_load_checkpoint(self, checkpoint):
-        total = checkpoint.get("mmgpt", {}).get("schedule", {}).get("total_steps")
-        if total is not None:
-            self._resumed_schedule = (int(checkpoint["global_step"]), int(total))
+        meta = CheckpointMeta.of(checkpoint, "the checkpoint to resume")  # train() checked the file before fit
+        self._resumed_schedule = (int(checkpoint["global_step"]), meta.schedule.total_steps)
 
 
 class FinalValidation(L.Callback):
@@ -284,7 +285,7 @@ def check_train_config(cfg: DictConfig) -> None:
         raise UserError(f"module.freeze={cfg.module.freeze} keeps the language model as it is, which only makes "
                          "sense for a pretrained one: set model.init_from=<Hugging Face GPT-2 directory>")
     if cfg.get("ckpt_path"):
-        ckpt = read_checkpoint(cfg.ckpt_path)  # a clear message for an empty or foreign file, before any setup
+        ckpt, _ = read_checkpoint(cfg.ckpt_path)  # a clear message for an empty or foreign file, before any setup
         done = int(ckpt.get("global_step", 0))
         if done >= steps:
             raise CheckpointError(f"{cfg.ckpt_path} is at step {done}; trainer.max_steps={steps} leaves nothing to "

@@ -98,3 +98,22 @@ def test_failed_reexport_keeps_the_previous_artifacts(exported, trained, monkeyp
                                          f"name={exported.name}", "engine=none"]))
     assert (exported / "model.json").read_text() == before
     assert sorted(p.name for p in exported.parent.iterdir()) == [exported.name]
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda meta: meta.update(format=99), r"format 99, this mmgpt reads format 2: it was written by a newer mmgpt"),
+    (lambda meta: meta.pop("format"), r"format 1, .* an older mmgpt. Use the mmgpt version that wrote it, or re-train"),
+    (lambda meta: meta.pop("schedule"), r"'mmgpt' entry is damaged \(missing field 'mmgpt.schedule'\)"),
+    (lambda meta: meta.update(prefix_len="8"), r"'mmgpt.prefix_len' must be an integer"),
+])
+def test_checkpoint_meta_is_checked_before_export(trained, tmp_path, edit, match):
+    """The checkpoint's mmgpt entry is read through its type: another format or a damaged field is refused, with
+    what to do, before anything is traced; the untouched checkpoint reads (negative control)."""
+    from mmgpt.checkpoint import read_checkpoint
+    ckpt = torch.load(trained["last_ckpt"], map_location="cpu", weights_only=True)
+    assert read_checkpoint(trained["last_ckpt"])[1].format == 2
+    edit(ckpt["mmgpt"])
+    torch.save(ckpt, tmp_path / "edited.ckpt")
+    with pytest.raises(CheckpointError, match=match):
+        export(compose_config("export", [f"ckpt={tmp_path}/edited.ckpt", f"output_root={tmp_path}", "engine=none"]))
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())

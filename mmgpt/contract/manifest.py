@@ -5,18 +5,17 @@ another schema version, or one whose fields are missing or mistyped, is refused 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import types
-import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mmgpt.contract.engines import EngineBuild
+from mmgpt.contract.typed import build
 from mmgpt.contract.graphs import BATCH, CACHE, PREFIX, TEXT, ModelDims
 from mmgpt.model import GPTConfig
 from mmgpt.errors import UserError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MANIFEST_FILE = "model.json"
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -78,7 +77,7 @@ class Manifest:
     capacity_buckets: list[int]  # KV-cache capacities the decode loop may use
     weights: WeightsFile
     graphs: dict[str, GraphFile]
-    engines: dict[str, dict] = field(default_factory=dict)  # strategy -> build record (engines/build.py)
+    engines: dict[str, EngineBuild] = field(default_factory=dict)  # strategy -> what engines/build.py built
     stats: dict = field(default_factory=dict)  # export statistics: node counts, sizes, timings
     schema_version: int = SCHEMA_VERSION
 
@@ -117,7 +116,7 @@ class Manifest:
             raise ArtifactsError(f"{path}: written by another mmgpt version (schema {version}, this one reads "
                                  f"{SCHEMA_VERSION}); re-export: `python export.py ckpt=<its checkpoint>`")
         try:
-            manifest = _build(cls, raw, "")
+            manifest = build(cls, raw, "")
             manifest.validate()
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactsError(f"{path}: {e}; it was edited or damaged: re-run `python export.py`") from None
@@ -137,41 +136,3 @@ class Manifest:
         if self.prefix_len is not None and not 0 <= self.prefix_len <= self.limits.max_prefix:
             raise UserError(f"prefix_len={self.prefix_len} lies outside [0, limits.max_prefix]")
 
-
-def _build(cls, raw, where: str):
-    """A dataclass from its asdict() form, checking every field's presence and type on the way."""
-    if not isinstance(raw, dict):
-        raise TypeError(f"{where or 'the manifest'} must be an object, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        key = f"{where}.{f.name}" if where else f.name
-        if f.name not in raw:
-            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
-                continue
-            raise KeyError(f"missing field '{key}'")
-        kwargs[f.name] = _convert(hints[f.name], raw[f.name], key)
-    return cls(**kwargs)
-
-
-def _convert(hint, value, key):
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        return _convert(next(a for a in args if a is not type(None)), value, key)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise TypeError(f"'{key}' must be an object")
-        return {k: _convert(args[1], v, f"{key}.{k}") for k, v in value.items()} if args else value
-    if origin is list:
-        if not isinstance(value, list):
-            raise TypeError(f"'{key}' must be a list")
-        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)] if args else value
-    if hint is int and (not isinstance(value, int) or isinstance(value, bool)):
-        raise TypeError(f"'{key}' must be an integer, got {value!r}")
-    if hint is str and not isinstance(value, str):
-        raise TypeError(f"'{key}' must be a string, got {value!r}")
-    return value
