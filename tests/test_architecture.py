@@ -13,7 +13,8 @@ from helpers import ROOT, compose_config
 
 # Lowest stage first; a module may import from its own stage or below, never above.
 STAGES = [
-    ("mmgpt.errors", "mmgpt.contract.typed", "mmgpt.contract.checkpoint", "mmgpt.files", "mmgpt.model", "mmgpt.tokenizer", "mmgpt.kernels", "mmgpt.hf"),
+    ("mmgpt.errors", "mmgpt.contract.typed", "mmgpt.contract.checkpoint", "mmgpt.files", "mmgpt.model",
+     "mmgpt.tokenizer", "mmgpt.kernels", "mmgpt.hf"),
     ("mmgpt.data", "mmgpt.checkpoint"),
     ("mmgpt.contract",),
     ("mmgpt.engines",),
