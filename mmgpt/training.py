@@ -113,8 +113,7 @@ class MultimodalGPTModule(L.LightningModule):
         self._val_hits = self._val_total = 0
         if self._val_generator is None:
             # Built once per fit, un-captured: replaying graphs captured beside torch.compile's own CUDA graphs of
-            # the training step crashed on an H100 (illegal memory access, benchmarks/NOTES.md); un-captured, the
-            # 500-caption validation of the GPU experiment takes about a second.
+            # the training step crashed with an illegal memory access (benchmarks/NOTES.md).
             self._val_generator = Generator(TorchBackend(self.model), self.tokenizer,
                                             max_positions=self.model.config.block_size, cuda_graph=False)
 
@@ -243,7 +242,7 @@ class FinalValidation(L.Callback):
 class PeriodicCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
     """last.ckpt every `train_time_interval`. At the end of training Lightning saves last.ckpt again from each
     callback that has not saved one yet; the final validation's checkpoint callback (`written_by`) has just
-    written it at this step, and a second 1 GB write costs seconds (3.7 s for the 124M model on the H100)."""
+    written it at this step, and a second write of a large model's checkpoint costs seconds."""
 
     def __init__(self, written_by: L.pytorch.callbacks.ModelCheckpoint, **kwargs):
         super().__init__(**kwargs)

@@ -117,3 +117,16 @@ def test_checkpoint_meta_is_checked_before_export(trained, tmp_path, edit, match
     with pytest.raises(CheckpointError, match=match):
         export(compose_config("export", [f"ckpt={tmp_path}/edited.ckpt", f"output_root={tmp_path}", "engine=none"]))
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_fp16_parity_holds_each_output_to_its_own_scale():
+    """A KV error of 0.5 on values near 1 fails fp16 parity even beside logits near 30 (relative to the largest
+    logit it would read 0.017 < 0.02); the same logits error alone passes (0.3 of 30: 0.01)."""
+    from mmgpt.export.parity import TOLERANCE, output_error
+    logits, key = torch.full((2, 8), 30.0), torch.ones(2, 4, 3, 8)
+    names = ["logits", "present.0.key"]
+    bad_kv = output_error(names, [logits, key], [logits, key + 0.5], "float16")
+    assert bad_kv["worst_output"] == "present.0.key" and bad_kv["error"] == 0.5 > TOLERANCE["float16"]
+    logits_off = output_error(names, [logits, key], [logits + 0.3, key], "float16")
+    assert logits_off["worst_output"] == "logits" and logits_off["error"] <= TOLERANCE["float16"]
+    assert output_error(names, [logits, key], [logits, key + 2e-4], "float32")["error"] > TOLERANCE["float32"]
