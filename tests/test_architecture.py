@@ -20,7 +20,9 @@ STAGES = [
     ("mmgpt.engines",),
     ("mmgpt.runtime.backends",),
     ("mmgpt.runtime",),
-    ("mmgpt.training", "mmgpt.throughput", "mmgpt.export", "mmgpt.inference", "mmgpt.bench", "mmgpt.cli"),
+    ("mmgpt.throughput", "mmgpt.training.schedule", "mmgpt.training.callbacks"),
+    ("mmgpt.training.module",),
+    ("mmgpt.training", "mmgpt.training.run", "mmgpt.export", "mmgpt.inference", "mmgpt.bench", "mmgpt.cli"),
 ]
 
 

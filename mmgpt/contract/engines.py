@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from mmgpt.contract.typed import build
+from mmgpt.contract.typed import build, conf_defaults
 from mmgpt.errors import UserError
 
-DEFAULTS_FILE = Path(__file__).resolve().parents[2] / "conf" / "engine" / "auto.yaml"
 RUNTIME_OPTIONS = ("auto", "none", "tensorrt", "tensorrt_rtx")
 STRATEGIES = ("two_engines", "shared")
 # engine name -> graph it is built from; profile names in the order they are added (TensorRT numbers them)
@@ -57,8 +55,7 @@ class EngineConfig:
     @classmethod
     def defaults(cls, **changes) -> "EngineConfig":
         """conf/engine/auto.yaml with `changes` applied: for code that runs without Hydra."""
-        import yaml
-        return cls.from_dict({**yaml.safe_load(DEFAULTS_FILE.read_text()), **changes})
+        return cls.from_dict({**conf_defaults("engine/auto.yaml"), **changes})
 
     def replace(self, **changes) -> "EngineConfig":
         new = dataclasses.replace(self, **changes)

@@ -5,6 +5,17 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from pathlib import Path
+
+CONF = Path(__file__).resolve().parents[2] / "conf"  # the Hydra configs: the one source of every default
+
+
+def conf_defaults(file: str, section: str | None = None) -> dict:
+    """A conf/ file (or one top-level section of it) as plain values, for code that builds a typed config without
+    Hydra: benchmarks, tests."""
+    import yaml
+    raw = yaml.safe_load((CONF / file).read_text())
+    return raw[section] if section else raw
 
 
 def build(cls, raw, where: str):
