@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from mmgpt.bench.results import result_path
+from mmgpt.bench.results import git_commit, result_path
 from mmgpt.contract.artifacts import Artifacts
 from mmgpt.contract.engines import STRATEGIES, EngineConfig
 from mmgpt.engines.build import build_engines, profile_sizes
@@ -40,7 +40,8 @@ from mmgpt.files import write_json
 class Checklist:
     def __init__(self, out: Path, artifacts: Path):
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        self.report = {"date": datetime.date.today().isoformat(), "gpu": gpu, "artifacts": str(artifacts),
+        self.report = {"date": datetime.date.today().isoformat(), "gpu": gpu, "commit": git_commit(),
+                       "artifacts": str(artifacts),
                        "torch": torch.__version__, "steps": [], "status": "running"}
         self.path = result_path(out, self.report["date"], gpu, "trt-first-run")
 

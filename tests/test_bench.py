@@ -56,3 +56,24 @@ def test_merge_keeps_every_row_and_later_files_win(tmp_path):
     assert {r["source"] for r in merged["rows"]} == {pb.name}
     assert [r["tokens_per_s"] for r in merged["rows"]] == [r["tokens_per_s"] for r in b["rows"]]
     assert merged["merged_from"] == [pa.name, pb.name]
+
+
+def test_reports_record_their_commit_and_hf_tokens_equal_mmgpt(tmp_path):
+    """Every results file names the commit that measured it; the Hugging Face copy of the timed weights generates
+    mmgpt's greedy tokens, and a weight it cannot place is an error, not a silent skip."""
+    pytest.importorskip("transformers")
+    import torch
+    from mmgpt.bench.decode import build_model, hf_agrees, to_hf_gpt2
+    from mmgpt.bench.results import git_commit
+    main(["--smoke", "--out", str(tmp_path), "--no-hf"])
+    saved = json.loads(next(tmp_path.rglob("*.json")).read_text())
+    assert saved["commit"] == git_commit() and len(saved["commit"].split("+")[0]) == 40
+    model = build_model("smoke", torch.float32, torch.device("cpu"), vocab=300)
+    hf = to_hf_gpt2(model)
+    assert hf_agrees(model, hf, torch.device("cpu"), prompt_len=4)["tokens_match"]
+    with torch.no_grad():  # negative control: other weights in the HF copy are caught
+        hf.transformer.h[0].mlp.c_fc.weight.mul_(-3.0)
+    assert not hf_agrees(model, hf, torch.device("cpu"), prompt_len=4)["tokens_match"]
+    model.transformer.add_module("unmapped", torch.nn.Linear(2, 2))
+    with pytest.raises(RuntimeError, match=r"no GPT2LMHeadModel place \['transformer.unmapped.bias'"):
+        to_hf_gpt2(model)
