@@ -77,3 +77,23 @@ def test_reports_record_their_commit_and_hf_tokens_equal_mmgpt(tmp_path):
     model.transformer.add_module("unmapped", torch.nn.Linear(2, 2))
     with pytest.raises(RuntimeError, match=r"no GPT2LMHeadModel place \['transformer.unmapped.bias'"):
         to_hf_gpt2(model)
+
+
+def test_training_benchmark_times_the_module_step(tmp_path, monkeypatch):
+    """The training benchmark's mmgpt rows run MultimodalGPTModule's own loss and optimizer (its parameter groups:
+    no weight decay on biases and norms), every step; the HF row is its like and the ratio is recorded."""
+    pytest.importorskip("transformers")
+    from mmgpt.bench import train as bench_train
+    from mmgpt.training.module import MultimodalGPTModule
+    calls, optimizers, real_loss, real_make = [], [], MultimodalGPTModule.step_loss, MultimodalGPTModule.make_optimizer
+    monkeypatch.setattr(MultimodalGPTModule, "step_loss", lambda self, batch: calls.append(1) or real_loss(self, batch))
+    monkeypatch.setattr(MultimodalGPTModule, "make_optimizer",
+                        lambda self, *a, **k: optimizers.append(real_make(self, *a, **k)) or optimizers[-1])
+    report = bench_train.main(["--smoke", "--out", str(tmp_path)])
+    rows = {r["impl"]: r for r in report["rows"]}
+    assert set(rows) == {"mmgpt-eager", "hf-eager"} and all("error" not in r for r in rows.values())
+    assert len(calls) == 1 + 2  # warm-up + timed steps, all through the module
+    (opt, sched), = optimizers
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0, 0.1, 0.0] and sched.last_epoch == 3
+    assert rows["mmgpt-eager"]["over_hf_like"] == pytest.approx(
+        rows["mmgpt-eager"]["tokens_per_s"] / rows["hf-eager"]["tokens_per_s"], rel=0.01)

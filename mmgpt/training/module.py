@@ -115,16 +115,23 @@ class MultimodalGPTModule(L.LightningModule):
         return self.model(prefix, input_ids, targets)[1]
 
     def on_fit_start(self):
-        options = compile_options(self.config.compile, self.config.cuda_graph, self.device, self.trainer.world_size)
-        if options is not None:
-            self._train_loss = torch.compile(self._loss, **options)
-            self._cuda_graph = options["mode"] == "reduce-overhead"
+        self.compile_step(self.device, self.trainer.world_size)
+
+    def compile_step(self, device: torch.device, world_size: int = 1) -> None:
+        """The training loss compiled (and CUDA-graph replayed) as module.compile / module.cuda_graph say."""
+        options = compile_options(self.config.compile, self.config.cuda_graph, device, world_size)
+        self._train_loss = self._loss if options is None else torch.compile(self._loss, **options)
+        self._cuda_graph = options is not None and options["mode"] == "reduce-overhead"
         log.info("training step: %s", "eager" if options is None else f"torch.compile, mode {options['mode']}")
 
-    def training_step(self, batch, batch_idx):
+    def step_loss(self, batch) -> torch.Tensor:
+        """The loss of one training batch, as training_step computes it (the benchmarks time this)."""
         if self._cuda_graph:  # this step's replay may overwrite the previous step's graph outputs
             torch.compiler.cudagraph_mark_step_begin()
-        loss = self._train_loss(batch["prefix"], batch["input_ids"], batch["targets"])
+        return self._train_loss(batch["prefix"], batch["input_ids"], batch["targets"])
+
+    def training_step(self, batch, batch_idx):
+        loss = self.step_loss(batch)
         # Not in the progress bar: Lightning would read a bar metric back from the GPU every step. The
         # ThroughputMonitor shows the loss there, read when the GPU is done with it.
         self.log("train/loss", loss, batch_size=batch["input_ids"].shape[0])
@@ -176,22 +183,26 @@ class MultimodalGPTModule(L.LightningModule):
         return groups
 
     def configure_optimizers(self):
-        factory = self.optimizer_factory or functools.partial(torch.optim.AdamW, lr=1e-3)
-        opt = factory(self.parameter_groups(), **self._fused_kwargs(factory))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor_fn(int(self.trainer.max_steps)))
+        opt, sched = self.make_optimizer(int(self.trainer.max_steps), self.trainer.strategy.root_device,
+                                         self._has_grad_scaler())
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def make_optimizer(self, total_steps: int, device: torch.device, scaler: bool = False):
+        """The optimizer over parameter_groups() and its per-step learning-rate schedule, as train.py runs them
+        (the benchmarks build theirs here too)."""
+        factory = self.optimizer_factory or functools.partial(torch.optim.AdamW, lr=1e-3)
+        opt = factory(self.parameter_groups(), **self._fused_kwargs(factory, device.type == "cuda", scaler))
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor_fn(total_steps))
 
     def _has_grad_scaler(self) -> bool:
         return getattr(self.trainer.precision_plugin, "scaler", None) is not None
 
-    def _fused_kwargs(self, factory) -> dict:
+    def _fused_kwargs(self, factory, on_cuda: bool, scaler: bool) -> dict:
         """`fused=True` for the optimizer where module.fused_optimizer says so: auto = on a GPU without a gradient
         scaler (bf16 or fp32; fp16's scaler would hand a fused optimizer scaled gradients to clip), when the
         optimizer takes `fused` and optimizer.fused is not set: a few fused kernels per step, little host work."""
         target = getattr(factory, "func", factory)
         takes = "fused" in inspect.signature(target).parameters
-        scaler = self._has_grad_scaler()
-        on_cuda = self.trainer.strategy.root_device.type == "cuda"
         if not _switch(self.config.fused_optimizer, takes and on_cuda and not scaler, "fused_optimizer") \
                 or "fused" in getattr(factory, "keywords", {}):
             return {}
@@ -199,7 +210,7 @@ class MultimodalGPTModule(L.LightningModule):
             raise UserError(f"module.fused_optimizer=true, but {getattr(target, '__name__', target)} takes no "
                             "`fused` argument; use module.fused_optimizer=auto or false")
         if scaler:
-            raise UserError(f"module.fused_optimizer=true with precision {self.trainer.precision}: its gradient "
+            raise UserError("module.fused_optimizer=true with a gradient scaler (precision 16-mixed): its gradient "
                             "scaler and a fused optimizer cannot share gradient clipping; use precision "
                             "bf16-mixed, or module.fused_optimizer=false")
         return {"fused": True}
