@@ -3,6 +3,7 @@ import random
 
 import pytest
 
+from helpers import require
 from mmgpt.bench.decode import main, markdown_table, pair_rows
 
 
@@ -61,7 +62,7 @@ def test_merge_keeps_every_row_and_later_files_win(tmp_path):
 def test_reports_record_their_commit_and_hf_tokens_equal_mmgpt(tmp_path):
     """Every results file names the commit that measured it; the Hugging Face copy of the timed weights generates
     mmgpt's greedy tokens, and a weight it cannot place is an error, not a silent skip."""
-    pytest.importorskip("transformers")
+    require("transformers", "transformers is not installed (pip install -e .[dev])")
     import torch
     from mmgpt.bench.decode import build_model, hf_agrees, to_hf_gpt2
     from mmgpt.bench.results import git_commit
@@ -82,7 +83,7 @@ def test_reports_record_their_commit_and_hf_tokens_equal_mmgpt(tmp_path):
 def test_training_benchmark_times_the_module_step(tmp_path, monkeypatch):
     """The training benchmark's mmgpt rows run MultimodalGPTModule's own loss and optimizer (its parameter groups:
     no weight decay on biases and norms), every step; the HF row is its like and the ratio is recorded."""
-    pytest.importorskip("transformers")
+    require("transformers", "transformers is not installed (pip install -e .[dev])")
     from mmgpt.bench import train as bench_train
     from mmgpt.training.module import MultimodalGPTModule
     calls, optimizers, real_loss, real_make = [], [], MultimodalGPTModule.step_loss, MultimodalGPTModule.make_optimizer

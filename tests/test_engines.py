@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from helpers import ROOT, compose_config
+from helpers import ROOT, compose_config, require
 from mmgpt.contract.artifacts import Artifacts
 from mmgpt.contract.engines import EngineConfig
 from mmgpt.contract.graphs import declare_graphs, past_names
@@ -22,7 +22,7 @@ from mmgpt.errors import UserError
 from mmgpt.export.pipeline import export
 from mmgpt.runtime.backends.tensorrt_engines import TensorRTBackend, cannot_run_message
 
-trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip install tensorrt-rtx-cu13)")
+trt = require("tensorrt_rtx", "TensorRT-RTX is not installed (pip install tensorrt-rtx-cu13)")
 
 PROFILES = {"batch": [1, 2, 8], "prompt": [1, 4, 32], "capacity": [64, 128, 1024]}
 ENGINE_CFG = EngineConfig.defaults(runtime="tensorrt_rtx", compute_capability="SM89", profiles=PROFILES)

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import SENTENCES, compose_config, small_train_overrides, write_gpt2
+from helpers import SENTENCES, compose_config, require, small_train_overrides, write_gpt2
 from mmgpt.checkpoint import load_checkpoint
 from mmgpt.hf import load_hf_gpt2
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers", "transformers is not installed (pip install -e .[dev])")
 
 VOCAB = 50257  # GPT-2's: the tokenizer here is smaller, the model's rows cover GPT-2's ids
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, compose_config, small_train_overrides, write_gpt2
+from helpers import ROOT, compose_config, require, small_train_overrides, write_gpt2
 from mmgpt.checkpoint import CheckpointError, load_checkpoint
 from mmgpt.training import train
 from mmgpt.training.module import MultimodalGPTModule
@@ -31,7 +31,7 @@ def features_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory):
-    pytest.importorskip("transformers")
+    require("transformers", "transformers is not installed (pip install -e .[dev])")
     d = tmp_path_factory.mktemp("gpt2")
     write_gpt2(d)
     return d
