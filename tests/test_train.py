@@ -48,8 +48,8 @@ def test_every_experiment_composes_and_runs_fast_dev_run(experiment, tmp_path, f
     cfg = compose_config("train", overrides)
     result = train(cfg)
     assert result["global_step"] == 1
-    assert np.isfinite(result["metrics"]["train/loss"])
-    assert 0.0 <= result["metrics"]["val/exact_match"] <= 1.0
+    assert np.isfinite(result["metrics"]["train/loss"]) and np.isfinite(result["metrics"]["val/loss"])
+    assert "val/exact_match" in result["metrics"]  # validation decoded captions
 
 
 def test_trained_model_learns_and_checkpoint_rebuilds_model(trained):
