@@ -1,6 +1,7 @@
-"""GPU acceptance checks for the decode loop. Run on a CUDA machine:
+"""GPU acceptance checks for the decode loop. Run on a CUDA machine, with mmgpt installed (scripts/setup.sh) or
+from the repository root of a clone (PYTHONPATH=. makes `import mmgpt` find it):
 
-    python benchmarks/gpu_checks.py --out DIR [--artifacts artifacts/<a trained export>]
+    PYTHONPATH=. python benchmarks/gpu_checks.py --out DIR [--artifacts artifacts/<a trained export>]
 
 1. CUDA-graph replay gives exactly the tokens of un-captured execution, at batch 1 and 8 (greedy and seeded
    sampling), for the torch backend eager, with torch.compile, and with the fused Triton kernels; a second call

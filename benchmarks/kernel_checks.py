@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import triton
 
-from mmgpt.bench.results import result_path
+from mmgpt.bench.results import git_commit, result_path
 from mmgpt.files import write_json
 from mmgpt.bench.decode import bench_mmgpt, build_model, kv_bytes_used, versions, weight_bytes
 from mmgpt.runtime.backends.torch_model import TorchBackend
@@ -48,6 +48,7 @@ class Run:
     def __init__(self, out: Path, budget_s: float):
         self.t0, self.budget_s = time.perf_counter(), budget_s
         self.report = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(DEVICE),
+                       "commit": git_commit(),
                        "versions": {**versions(DEVICE), "triton": triton.__version__},
                        "settings": {"dtype": "fp16", "weights": "random", "prompt_len": PROMPT,
                                     "new_tokens": NEW_TOKENS, "budget_s": budget_s},

@@ -22,34 +22,38 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
 from torch.profiler import ProfilerActivity, profile
 
-import mmgpt.training as training
+from mmgpt.throughput import ThroughputMonitor
+from mmgpt.training import train
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
-def profiling_monitor(at: int, steps: int):
-    class ProfilingMonitor(training.ThroughputMonitor):
-        prof = None
+class ProfilingMonitor(ThroughputMonitor):
+    """train.py's throughput callback, profiling steps [at, at + steps); configured in place of it."""
 
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-            if trainer.global_step == at:
-                torch.cuda.synchronize()
-                torch.cuda.set_sync_debug_mode("warn")
-                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-                self.prof.__enter__()
+    def __init__(self, at: int, steps: int, **kwargs):
+        super().__init__(**kwargs)
+        self.at, self.steps, self.prof = at, steps, None
 
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-            if self.prof is not None and trainer.global_step == at + steps:
-                torch.cuda.set_sync_debug_mode("default")
-                torch.cuda.synchronize()
-                self.prof.__exit__(None, None, None)
-                report(self.prof, steps)
-                self.prof = None
-    return ProfilingMonitor
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if trainer.global_step == self.at:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("warn")
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.prof.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.prof is not None and trainer.global_step == self.at + self.steps:
+            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            report(self.prof, self.steps)
+            self.prof = None
 
 
 def report(prof, steps: int):
@@ -89,9 +93,11 @@ def main():
         overrides.append(f"paths.output_dir={tempfile.mkdtemp(prefix='profile-train-')}")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
-    training.ThroughputMonitor = profiling_monitor(args.at, args.steps)
+    with open_dict(cfg):
+        cfg.callbacks.throughput._target_ = f"{__name__}.ProfilingMonitor"
+        cfg.callbacks.throughput.at, cfg.callbacks.throughput.steps = args.at, args.steps
     show_sync_warnings()
-    result = training.train(cfg)
+    result = train(cfg)
     print(f"\ntrain.py's summary: {result['throughput']}")
 
 

@@ -1,7 +1,8 @@
-"""Kernel-level profile of one training step as `python -m mmgpt.bench train` runs it (compiled, bf16 autocast, fused
-AdamW, clipping): GPU time per kernel class, to see what keeps a shape from its MFU target.
+"""Kernel-level profile of one training step as `python -m mmgpt.bench train` runs it, which is the module's own
+step (MultimodalGPTModule's loss, compiled as train.py compiles it, its optimizer and schedule, clipping, bf16
+autocast): GPU time per kernel class, to see what keeps a shape from its MFU target.
 
-    python benchmarks/profile_train_step.py [--shape 124m-text] [--steps 3]
+    python benchmarks/profile_train_step.py [--shape 124m-text] [--impl mmgpt-graph] [--steps 3]
 """
 import argparse
 import re
@@ -10,8 +11,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from mmgpt.bench.decode import build_model
-from mmgpt.bench.train import SHAPES, make_batch, mmgpt_loss
+from mmgpt.bench.train import MMGPT_IMPLS, SHAPES, build_module, make_batch, mmgpt_step
 
 # kernel-name patterns -> a class of work; the first that matches wins
 CLASSES = [("attention", r"sdpa|flash|fmha|attention"), ("gemm", r"nvjet|gemm|cutlass|sm90_xmma|triton_mm|mm_"),
@@ -26,25 +26,15 @@ def classify(name: str) -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="124m-text", choices=[s for s in SHAPES if s != "smoke"])
+    ap.add_argument("--impl", default="mmgpt-compile", choices=list(MMGPT_IMPLS))
     ap.add_argument("--steps", type=int, default=3)
     args = ap.parse_args()
     dev = torch.device("cuda")
     shape = SHAPES[args.shape]
-    torch.manual_seed(0)
-    model = build_model(shape.size, torch.float32, dev, vocab=shape.vocab).train()
-    model.activation_checkpointing = shape.activation_checkpointing
-    batch = make_batch(shape, model.config.prefix_dim, dev)
-    loss_fn = torch.compile(mmgpt_loss(model), dynamic=False)
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_fn(*batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    module = build_module(shape, dev).train()
+    prefix, input_ids, targets = make_batch(shape, module.model.config.prefix_dim, dev)
+    batch = {"prefix": prefix, "input_ids": input_ids, "targets": targets}
+    step = mmgpt_step(module, args.impl, batch, dev, total_steps=3 + args.steps)
 
     for _ in range(3):
         step()

@@ -28,23 +28,20 @@ from pathlib import Path
 
 import torch
 
-from mmgpt.bench.results import result_path
+from mmgpt.bench.results import git_commit, result_path
 from mmgpt.contract.artifacts import Artifacts
-from mmgpt.contract.graphs import declare_graphs
-from mmgpt.engines.build import ENGINES, STRATEGIES, build_engines, profile_sizes
+from mmgpt.contract.engines import STRATEGIES, EngineConfig
+from mmgpt.engines.build import build_engines, profile_sizes
 from mmgpt.engines.inspection import inspect_engine
 from mmgpt.engines.trt import import_runtime, runtime_name
 from mmgpt.files import write_json
-
-ENGINE_CFG = {"profiles": {"batch": [1, 1, 8], "prompt": [1, 8, 32], "capacity": [64, 256, 1024]},
-              "workspace_mib": 2048, "optimization_level": 3, "timing_cache": "~/.cache/mmgpt", "tf32": False,
-              "context_past_slots": "auto"}
 
 
 class Checklist:
     def __init__(self, out: Path, artifacts: Path):
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        self.report = {"date": datetime.date.today().isoformat(), "gpu": gpu, "artifacts": str(artifacts),
+        self.report = {"date": datetime.date.today().isoformat(), "gpu": gpu, "commit": git_commit(),
+                       "artifacts": str(artifacts),
                        "torch": torch.__version__, "steps": [], "status": "running"}
         self.path = result_path(out, self.report["date"], gpu, "trt-first-run")
 
@@ -73,20 +70,23 @@ def environment(runtime: str) -> dict:
     return info
 
 
-def build(artifacts: Artifacts, cfg: dict) -> dict:
+def build(artifacts: Artifacts, cfg: EngineConfig) -> dict:
     out = {}
     for strategy in STRATEGIES:
-        entry = build_engines(artifacts, {**cfg, "strategy": strategy})
-        out[strategy] = {k: entry[k] for k in ("total_bytes", "builder_weights_bytes", "context_past_slots")}
-        out[strategy]["engines"] = {n: {k: e[k] for k in ("bytes", "builder_weights_bytes", "build_s")}
-                                    for n, e in entry["engines"].items()}
+        entry = build_engines(artifacts, cfg.replace(strategy=strategy))
+        if entry is None:
+            raise RuntimeError(f"engines for {strategy} were skipped (see the line above)")
+        out[strategy] = {"total_bytes": entry.total_bytes, "builder_weights_bytes": entry.builder_weights_bytes,
+                         "context_past_slots": entry.context_past_slots,
+                         "engines": {n: {"bytes": e.bytes, "builder_weights_bytes": e.builder_weights_bytes,
+                                         "build_s": e.build_s} for n, e in entry.engines.items()}}
     return out
 
 
 def inspect(artifacts: Artifacts) -> dict:
     return {name: {k: info[k] for k in ("source", "bytes", "builder_weights_bytes", "profiles")}
-            for strategy in artifacts.manifest.engines.values() for name, e in strategy["engines"].items()
-            for info in [inspect_engine(artifacts.path / e["file"])]}
+            for build in artifacts.manifest.engines.values() for name, e in build.engines.items()
+            for info in [inspect_engine(artifacts.path / e.file)]}
 
 
 def load(artifacts: Artifacts, strategy: str, loaded: dict) -> dict:
@@ -100,24 +100,21 @@ def load(artifacts: Artifacts, strategy: str, loaded: dict) -> dict:
     return {"gpu_memory_used_by_session_mib": round((free_before - torch.cuda.mem_get_info()[0]) / 2**20, 1)}
 
 
-def shape_inference(backend, artifacts: Artifacts, cfg: dict) -> dict:
+def shape_inference(backend, artifacts: Artifacts, cfg: EngineConfig) -> dict:
     """On a fresh context per profile: set each input's min / opt / max shape, read back every output's shape."""
-    graphs = declare_graphs(artifacts.manifest.dims)
     sizes = profile_sizes(artifacts, cfg, backend.context_past)
     checked, wrong = 0, []
-    for engine, (graph_name, profiles) in ENGINES[backend.strategy].items():
-        session, graph = backend.sessions[engine], graphs[graph_name]
-        for index, profile in enumerate(profiles):
-            ctx = session.new_context(index, backend._memory, torch.cuda.current_stream().cuda_stream)
-            for corner in range(3):
-                dims = {k: v[corner] for k, v in sizes[profile].items()}
-                for t in graph.inputs:
-                    ctx.set_input_shape(t.name, t.shape(dims))
-                for t in graph.outputs:
-                    got, want = tuple(ctx.get_tensor_shape(t.name)), t.shape(dims)
-                    checked += 1
-                    if got != want:
-                        wrong.append(f"{engine}/{profile}/{corner}: {t.name} {got} != {want}")
+    for flow in (backend.prefill_flow, backend.decode_flow):
+        ctx = flow.session.new_context(flow.profile, backend._memory, torch.cuda.current_stream().cuda_stream)
+        for corner in range(3):
+            dims = {k: v[corner] for k, v in sizes[flow.name].items()}
+            for t in flow.graph.inputs:
+                ctx.set_input_shape(t.name, t.shape(dims))
+            for t in flow.graph.outputs:
+                got, want = tuple(ctx.get_tensor_shape(t.name)), t.shape(dims)
+                checked += 1
+                if got != want:
+                    wrong.append(f"{flow.session.path.name}/{flow.name}/{corner}: {t.name} {got} != {want}")
     if wrong:
         raise AssertionError("; ".join(wrong[:5]))
     return {"output_shapes_checked": checked}
@@ -204,7 +201,7 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--smoke", action="store_true", help="stop after building and inspecting (CI, on a CPU)")
     args = ap.parse_args(argv)
-    cfg = {**ENGINE_CFG, "runtime": args.runtime, "compute_capability": args.compute_capability}
+    cfg = EngineConfig.defaults(runtime=args.runtime, compute_capability=args.compute_capability)
     run = Checklist(Path(args.out), Path(args.artifacts))
     artifacts = Artifacts.open(args.artifacts)
     ok = run.step("environment", lambda: environment(args.runtime)) is not None

@@ -9,13 +9,9 @@ from pathlib import Path
 
 import torch
 
+from mmgpt.contract.checkpoint import CheckpointError, CheckpointMeta
 from mmgpt.model import GPTConfig, MultimodalGPT
 from mmgpt.tokenizer import tokenizer_from_dict
-from mmgpt.errors import UserError
-
-
-class CheckpointError(UserError):
-    """The checkpoint is missing, unreadable, or not an mmgpt model; the message says which and what to do."""
 
 
 @dataclass
@@ -26,8 +22,9 @@ class LoadedModel:
     data_config: dict | None  # the training data config: rebuilds the exact validation split
 
 
-def read_checkpoint(path) -> dict:
-    """torch.load with messages that say what is wrong with the file, for every way a file can be wrong."""
+def read_checkpoint(path) -> tuple[dict, CheckpointMeta]:
+    """torch.load with messages that say what is wrong with the file, for every way a file can be wrong; the
+    checkpoint's dict and its checked mmgpt entry."""
     path = Path(path)
     if path.is_dir():
         hint = (" It holds a Hugging Face config.json: train from it with `model.init_from=" f"{path}`"
@@ -48,19 +45,19 @@ def read_checkpoint(path) -> dict:
             str(e).strip().splitlines()[0][:200]
         raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {reason}). "
                               "Was it written completely, and by mmgpt's train.py?") from None
-    if not isinstance(ckpt, dict) or "mmgpt" not in ckpt or "state_dict" not in ckpt:
-        raise CheckpointError(f"{path}: not an mmgpt checkpoint (no 'mmgpt' model config inside). "
-                              "Use a last.ckpt / best-*.ckpt written by mmgpt's train.py")
-    return ckpt
+    meta = CheckpointMeta.of(ckpt, path)
+    if "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: holds no weights (no 'state_dict'). Use a last.ckpt / best-*.ckpt written by "
+                              "mmgpt's train.py")
+    return ckpt, meta
 
 
 def load_checkpoint(path) -> LoadedModel:
     path = Path(path)
-    ckpt = read_checkpoint(path)
-    meta = ckpt["mmgpt"]
+    ckpt, meta = read_checkpoint(path)
     try:
-        config = GPTConfig.from_dict(meta["model_config"])
-        tokenizer = tokenizer_from_dict(meta["tokenizer"])
+        config = GPTConfig.from_dict(meta.model_config)
+        tokenizer = tokenizer_from_dict(meta.tokenizer)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its model config is invalid ({e})") from None
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
@@ -70,8 +67,8 @@ def load_checkpoint(path) -> LoadedModel:
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the model config inside it "
                               f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-    return LoadedModel(model=model.eval(), tokenizer=tokenizer, prefix_len=meta.get("prefix_len"),
-                       data_config=meta.get("data"))
+    return LoadedModel(model=model.eval(), tokenizer=tokenizer, prefix_len=meta.prefix_len,
+                       data_config=meta.data)
 
 
 def check_resume(path, model_fields: dict) -> None:

@@ -2,18 +2,27 @@
 from __future__ import annotations
 
 import os
+import re
+
 import pytest
 
 from helpers import compose_config, small_train_overrides
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-try:  # without a GPU, Triton's interpreter runs the fused decode kernels on the CPU (set before triton is imported)
-    import torch
-    if not torch.cuda.is_available():
+
+
+def selects_gpu_suite(markexpr: str) -> bool:
+    """`pytest -m gpu` (or an expression that asks for gpu tests), not `-m 'not gpu'`."""
+    return re.search(r"(?<!not )\bgpu\b", markexpr or "") is not None
+
+
+def pytest_configure(config):
+    # The default suite builds its models on the CPU, with or without a GPU in the machine: Triton's interpreter runs
+    # the fused kernels on those CPU tensors. The gpu suite runs them compiled, on the device. Set before any test
+    # module imports triton, which reads it when a kernel is defined.
+    if not selects_gpu_suite(config.getoption("markexpr")):
         os.environ.setdefault("TRITON_INTERPRET", "1")
-except ImportError:
-    pass
 
 
 @pytest.fixture(scope="session", autouse=True)

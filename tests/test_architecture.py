@@ -13,13 +13,16 @@ from helpers import ROOT, compose_config
 
 # Lowest stage first; a module may import from its own stage or below, never above.
 STAGES = [
-    ("mmgpt.errors", "mmgpt.files", "mmgpt.model", "mmgpt.tokenizer", "mmgpt.kernels", "mmgpt.hf"),
+    ("mmgpt.errors", "mmgpt.contract.typed", "mmgpt.contract.checkpoint", "mmgpt.files", "mmgpt.model",
+     "mmgpt.tokenizer", "mmgpt.kernels", "mmgpt.hf"),
     ("mmgpt.data", "mmgpt.checkpoint"),
     ("mmgpt.contract",),
     ("mmgpt.engines",),
     ("mmgpt.runtime.backends",),
     ("mmgpt.runtime",),
-    ("mmgpt.training", "mmgpt.throughput", "mmgpt.export", "mmgpt.inference", "mmgpt.bench", "mmgpt.cli",
+    ("mmgpt.throughput", "mmgpt.training.schedule", "mmgpt.training.callbacks"),
+    ("mmgpt.training.module",),
+    ("mmgpt.training", "mmgpt.training.run", "mmgpt.export", "mmgpt.inference", "mmgpt.bench", "mmgpt.cli",
      "mmgpt.strict_config"),
 ]
 

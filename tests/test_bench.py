@@ -3,6 +3,7 @@ import random
 
 import pytest
 
+from helpers import require
 from mmgpt.bench.decode import main, markdown_table, pair_rows
 
 
@@ -56,3 +57,44 @@ def test_merge_keeps_every_row_and_later_files_win(tmp_path):
     assert {r["source"] for r in merged["rows"]} == {pb.name}
     assert [r["tokens_per_s"] for r in merged["rows"]] == [r["tokens_per_s"] for r in b["rows"]]
     assert merged["merged_from"] == [pa.name, pb.name]
+
+
+def test_reports_record_their_commit_and_hf_tokens_equal_mmgpt(tmp_path):
+    """Every results file names the commit that measured it; the Hugging Face copy of the timed weights generates
+    mmgpt's greedy tokens, and a weight it cannot place is an error, not a silent skip."""
+    require("transformers", "transformers is not installed (pip install -e .[dev])")
+    import torch
+    from mmgpt.bench.decode import build_model, hf_agrees, to_hf_gpt2
+    from mmgpt.bench.results import git_commit
+    main(["--smoke", "--out", str(tmp_path), "--no-hf"])
+    saved = json.loads(next(tmp_path.rglob("*.json")).read_text())
+    assert saved["commit"] == git_commit() and len(saved["commit"].split("+")[0]) == 40
+    model = build_model("smoke", torch.float32, torch.device("cpu"), vocab=300)
+    hf = to_hf_gpt2(model)
+    assert hf_agrees(model, hf, torch.device("cpu"), prompt_len=4)["tokens_match"]
+    with torch.no_grad():  # negative control: other weights in the HF copy are caught
+        hf.transformer.h[0].mlp.c_fc.weight.mul_(-3.0)
+    assert not hf_agrees(model, hf, torch.device("cpu"), prompt_len=4)["tokens_match"]
+    model.transformer.add_module("unmapped", torch.nn.Linear(2, 2))
+    with pytest.raises(RuntimeError, match=r"no GPT2LMHeadModel place \['transformer.unmapped.bias'"):
+        to_hf_gpt2(model)
+
+
+def test_training_benchmark_times_the_module_step(tmp_path, monkeypatch):
+    """The training benchmark's mmgpt rows run MultimodalGPTModule's own loss and optimizer (its parameter groups:
+    no weight decay on biases and norms), every step; the HF row is its like and the ratio is recorded."""
+    require("transformers", "transformers is not installed (pip install -e .[dev])")
+    from mmgpt.bench import train as bench_train
+    from mmgpt.training.module import MultimodalGPTModule
+    calls, optimizers, real_loss, real_make = [], [], MultimodalGPTModule.step_loss, MultimodalGPTModule.make_optimizer
+    monkeypatch.setattr(MultimodalGPTModule, "step_loss", lambda self, batch: calls.append(1) or real_loss(self, batch))
+    monkeypatch.setattr(MultimodalGPTModule, "make_optimizer",
+                        lambda self, *a, **k: optimizers.append(real_make(self, *a, **k)) or optimizers[-1])
+    report = bench_train.main(["--smoke", "--out", str(tmp_path)])
+    rows = {r["impl"]: r for r in report["rows"]}
+    assert set(rows) == {"mmgpt-eager", "hf-eager"} and all("error" not in r for r in rows.values())
+    assert len(calls) == 1 + 2  # warm-up + timed steps, all through the module
+    (opt, sched), = optimizers
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0, 0.1, 0.0] and sched.last_epoch == 3
+    assert rows["mmgpt-eager"]["over_hf_like"] == pytest.approx(
+        rows["mmgpt-eager"]["tokens_per_s"] / rows["hf-eager"]["tokens_per_s"], rel=0.01)

@@ -1,6 +1,7 @@
 """Engines: TensorRT-RTX builds both strategies on this CPU from an artifacts directory alone (no checkpoint, no
 re-tracing), with the stream-capture flag, and the one-masked-past-slot variant; their I/O and profiles match the
 graph declarations."""
+import dataclasses
 import json
 import shutil
 
@@ -9,21 +10,22 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from helpers import ROOT, compose_config
+from helpers import ROOT, compose_config, require
 from mmgpt.contract.artifacts import Artifacts
+from mmgpt.contract.engines import EngineConfig
 from mmgpt.contract.graphs import declare_graphs, past_names
 from mmgpt.engines.build import build_engines, check_engine_config, profile_sizes
 from mmgpt.engines.inspection import format_inspection, inspect_engine
+from mmgpt.contract.manifest import Manifest
 from mmgpt.engines.trt import EngineError
+from mmgpt.errors import UserError
 from mmgpt.export.pipeline import export
 from mmgpt.runtime.backends.tensorrt_engines import TensorRTBackend, cannot_run_message
 
-trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip install tensorrt-rtx-cu13)")
+trt = require("tensorrt_rtx", "TensorRT-RTX is not installed (pip install tensorrt-rtx-cu13)")
 
-ENGINE_CFG = {"runtime": "tensorrt_rtx", "profiles": {"batch": [1, 2, 8], "prompt": [1, 4, 32],
-                                                      "capacity": [64, 128, 1024]},
-              "workspace_mib": 1024, "optimization_level": 3, "compute_capability": "SM89", "timing_cache": None,
-              "tf32": False, "context_past_slots": "auto"}
+PROFILES = {"batch": [1, 2, 8], "prompt": [1, 4, 32], "capacity": [64, 128, 1024]}
+ENGINE_CFG = EngineConfig.defaults(runtime="tensorrt_rtx", compute_capability="SM89", profiles=PROFILES)
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +44,12 @@ def built(exported, tmp_path_factory):
 
 def test_shared_engine_is_smaller_than_two_engines(built):
     _, entries = built
-    two, shared = entries["two_engines"]["total_bytes"], entries["shared"]["total_bytes"]
+    two, shared = entries["two_engines"].total_bytes, entries["shared"].total_bytes
     print(f"\nengine sizes: two_engines {two / 2**20:.2f} MiB, shared {shared / 2**20:.2f} MiB; builder weights "
-          f"{entries['two_engines']['builder_weights_bytes']} vs {entries['shared']['builder_weights_bytes']} bytes")
+          f"{entries['two_engines'].builder_weights_bytes} vs {entries['shared'].builder_weights_bytes} bytes")
     assert shared < two
     # the builder's own weights count: two engines hold two copies, the shared engine one
-    w2, w1 = entries["two_engines"]["builder_weights_bytes"], entries["shared"]["builder_weights_bytes"]
+    w2, w1 = entries["two_engines"].builder_weights_bytes, entries["shared"].builder_weights_bytes
     assert w2 and w1 and w2 >= 1.9 * w1
 
 
@@ -55,20 +57,19 @@ def test_engine_io_matches_graph_declarations(built):
     artifacts, entries = built
     graphs = declare_graphs(artifacts.manifest.dims)
     for strategy in ("two_engines", "shared"):
-        for engine in entries[strategy]["engines"].values():
-            record = json.loads((artifacts.path / (engine["file"] + ".json")).read_text())
-            graph = graphs[record["source"]]
-            assert list(record["io"]) == graph.input_names + graph.output_names
+        for engine in entries[strategy].engines.values():
+            graph = graphs[engine.source]
+            assert list(engine.io) == graph.input_names + graph.output_names
             for t in (*graph.inputs, *graph.outputs):
-                assert record["io"][t.name]["dtype"] == {"float32": "float", "int64": "int64"}[
+                assert engine.io[t.name]["dtype"] == {"float32": "float", "int64": "int64"}[
                     t.dtype_name(artifacts.manifest.dtype)]
                 # symbolic dims are dynamic (-1) in the network; fixed dims stay as they are
-                assert record["io"][t.name]["shape"] == [-1 if isinstance(d, str) else d for d in t.dims], t.name
+                assert engine.io[t.name]["shape"] == [-1 if isinstance(d, str) else d for d in t.dims], t.name
 
 
 def test_profiles_cover_both_flows(built):
     artifacts, entries = built
-    shared = entries["shared"]["engines"]["shared"]["profiles"]
+    shared = entries["shared"].engines["shared"].profiles
     m = artifacts.manifest
     P, L = m.prefix_len, m.config.n_layer
     assert list(shared) == ["context", "generation"]
@@ -78,9 +79,9 @@ def test_profiles_cover_both_flows(built):
     assert shared["generation"]["input_ids"] == [[1, 1], [2, 1], [8, 1]]
     # capacity clipped to the model's 128 positions
     assert shared["generation"][f"past_key_values.{L - 1}.value"][2] == [8, 4, 128, 32]
-    decode = entries["two_engines"]["engines"]["decode"]["profiles"]["generation"]
+    decode = entries["two_engines"].engines["decode"].profiles["generation"]
     assert decode["past_key_values.0.key"][0] == [1, 4, 64, 32]
-    assert entries["shared"]["context_past_slots"] == 0  # RTX builds the empty past; the fallback is not needed
+    assert entries["shared"].context_past_slots == 0  # RTX builds the empty past; the fallback is not needed
 
 
 def test_inspection_names_profiles_like_the_build_record(built):
@@ -90,19 +91,32 @@ def test_inspection_names_profiles_like_the_build_record(built):
     assert list(info["profiles"]) == ["context", "generation"]  # the loaded-engine path uses the same names
     text = format_inspection(info)
     assert "past_key_values.0.key" in text and "profile generation:" in text
-    assert artifacts.manifest.engines["shared"]["settings"]["compute_capability"] == "SM89"
+    assert artifacts.manifest.engines["shared"].config.compute_capability == "SM89"
+    moved = artifacts.path.parent / "elsewhere"  # without its model.json beside it, an engine has no record
+    moved.mkdir(exist_ok=True)
+    shutil.copy(artifacts.path / "shared.engine", moved / "shared.engine")
+    with pytest.raises(UserError, match="records no such engine"):
+        inspect_engine(moved / "shared.engine")
 
 
 def test_build_records_the_capture_flag_and_checks_options_first(built, tmp_path):
     artifacts, _ = built
-    record = json.loads((artifacts.path / "shared.engine.json").read_text())
-    assert record["target"] == "SM89" and record["runtime"] == "tensorrt_rtx"
+    record = Manifest.read(artifacts.path).engines["shared"]  # the record as written to model.json, read back
+    assert record.target == "SM89" and record.runtime == "tensorrt_rtx"
+    assert record.config == ENGINE_CFG.replace(strategy="shared") and record.config.profiles.batch == [1, 2, 8]
+    check_engine_config(ENGINE_CFG)  # negative control: the good config passes
+    with pytest.raises(UserError, match="engine.compute_capability='SM999'"):
+        check_engine_config(ENGINE_CFG.replace(compute_capability="SM999"))
+    good = ENGINE_CFG.to_dict()
     for bad, match in (({"strategy": "bogus"}, "engine.strategy='bogus'"),
-                       ({"compute_capability": "SM999"}, "engine.compute_capability='SM999'"),
-                       ({"profiles": {**ENGINE_CFG["profiles"], "batch": [4, 2, 8]}}, r"min <= opt <= max"),
-                       ({"context_past_slots": 3}, "context_past_slots")):
-        with pytest.raises(ValueError, match=match):
-            check_engine_config({**ENGINE_CFG, "strategy": "shared", **bad})
+                       ({"profiles": {**PROFILES, "batch": [4, 2, 8]}}, r"min <= opt <= max"),
+                       ({"context_past_slots": 3}, "context_past_slots"),
+                       ({"tf32": "no"}, "'engine.tf32' must be true or false"),
+                       ({"workspace_mib": None}, "'engine.workspace_mib' must be an integer")):
+        with pytest.raises(UserError, match=match):
+            EngineConfig.from_dict({**good, **bad})
+    with pytest.raises(UserError, match="missing field 'engine.optimization_level'.*conf/engine/auto.yaml"):
+        EngineConfig.from_dict({k: v for k, v in good.items() if k != "optimization_level"})
 
 
 def test_one_masked_past_slot_variant_builds_and_keeps_parity(built, tmp_path):
@@ -122,23 +136,27 @@ def test_one_masked_past_slot_variant_builds_and_keeps_parity(built, tmp_path):
     copy = tmp_path / "digits"
     shutil.copytree(artifacts.path, copy)
     one = Artifacts.open(copy)
-    entry = build_engines(one, {**ENGINE_CFG, "strategy": "shared", "context_past_slots": 1})
-    assert entry["context_past_slots"] == 1
-    assert entry["engines"]["shared"]["profiles"]["context"]["past_key_values.0.key"][0] == [1, 4, 1, 32]
-    sizes = profile_sizes(one, {**ENGINE_CFG}, context_past_slots=1)
+    entry = build_engines(one, ENGINE_CFG.replace(strategy="shared", context_past_slots=1))
+    assert entry.context_past_slots == 1
+    assert entry.engines["shared"].profiles["context"]["past_key_values.0.key"][0] == [1, 4, 1, 32]
+    sizes = profile_sizes(one, ENGINE_CFG, context_past_slots=1)
     assert sizes["context"]["cache_len"] == (1, 1, 1)
 
 
-def test_engine_from_other_weights_is_refused(built):
+def test_engine_from_other_weights_or_replaced_is_refused(built):
     artifacts, _ = built
-    record = artifacts.path / "decode.engine.json"
-    saved = record.read_text()
-    record.write_text(json.dumps({**json.loads(saved), "weights_sha256_tree": "0" * 64}))
-    try:
-        with pytest.raises(EngineError, match="built from other weights"):
-            TensorRTBackend(artifacts, "two_engines", device="cpu", trt=trt)
-    finally:
-        record.write_text(saved)
+    build = artifacts.manifest.engines["two_engines"]
+    other = dataclasses.replace(build, weights_sha256_tree="0" * 64)
+    with pytest.raises(EngineError, match="built from other weights"):
+        TensorRTBackend(Artifacts(artifacts.path, dataclasses.replace(artifacts.manifest,
+                                                                      engines={"two_engines": other})),
+                        "two_engines", device="cpu", trt=trt)
+    resized = dataclasses.replace(build, engines={**build.engines, "decode": dataclasses.replace(
+        build.engines["decode"], bytes=build.engines["decode"].bytes + 1)})
+    with pytest.raises(EngineError, match="the file was replaced after the build"):
+        TensorRTBackend(Artifacts(artifacts.path, dataclasses.replace(artifacts.manifest,
+                                                                      engines={"two_engines": resized})),
+                        "two_engines", device="cpu", trt=trt)
 
 
 def test_cannot_run_message_names_the_alternative():

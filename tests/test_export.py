@@ -98,3 +98,35 @@ def test_failed_reexport_keeps_the_previous_artifacts(exported, trained, monkeyp
                                          f"name={exported.name}", "engine=none"]))
     assert (exported / "model.json").read_text() == before
     assert sorted(p.name for p in exported.parent.iterdir()) == [exported.name]
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda meta: meta.update(format=99), r"format 99, this mmgpt reads format 2: it was written by a newer mmgpt"),
+    (lambda meta: meta.pop("format"), r"format 1, .* an older mmgpt. Use the mmgpt version that wrote it, or re-train"),
+    (lambda meta: meta.pop("schedule"), r"'mmgpt' entry is damaged \(missing field 'mmgpt.schedule'\)"),
+    (lambda meta: meta.update(prefix_len="8"), r"'mmgpt.prefix_len' must be an integer"),
+])
+def test_checkpoint_meta_is_checked_before_export(trained, tmp_path, edit, match):
+    """The checkpoint's mmgpt entry is read through its type: another format or a damaged field is refused, with
+    what to do, before anything is traced; the untouched checkpoint reads (negative control)."""
+    from mmgpt.checkpoint import read_checkpoint
+    ckpt = torch.load(trained["last_ckpt"], map_location="cpu", weights_only=True)
+    assert read_checkpoint(trained["last_ckpt"])[1].format == 2
+    edit(ckpt["mmgpt"])
+    torch.save(ckpt, tmp_path / "edited.ckpt")
+    with pytest.raises(CheckpointError, match=match):
+        export(compose_config("export", [f"ckpt={tmp_path}/edited.ckpt", f"output_root={tmp_path}", "engine=none"]))
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_fp16_parity_holds_each_output_to_its_own_scale():
+    """A KV error of 0.5 on values near 1 fails fp16 parity even beside logits near 30 (relative to the largest
+    logit it would read 0.017 < 0.02); the same logits error alone passes (0.3 of 30: 0.01)."""
+    from mmgpt.export.parity import TOLERANCE, output_error
+    logits, key = torch.full((2, 8), 30.0), torch.ones(2, 4, 3, 8)
+    names = ["logits", "present.0.key"]
+    bad_kv = output_error(names, [logits, key], [logits, key + 0.5], "float16")
+    assert bad_kv["worst_output"] == "present.0.key" and bad_kv["error"] == 0.5 > TOLERANCE["float16"]
+    logits_off = output_error(names, [logits, key], [logits + 0.3, key], "float16")
+    assert logits_off["worst_output"] == "logits" and logits_off["error"] <= TOLERANCE["float16"]
+    assert output_error(names, [logits, key], [logits, key + 2e-4], "float32")["error"] > TOLERANCE["float32"]

@@ -5,15 +5,15 @@ import json
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")  # a test / dev dependency only
-
-from helpers import EOT, SENTENCES, train_tokenizer, write_gpt2
+from helpers import EOT, SENTENCES, require, train_tokenizer, write_gpt2
 from mmgpt.data.captions import IGNORE_INDEX, tokenize_captions
 from mmgpt.hf import HFFormatError, load_hf_gpt2, load_language_model, load_prefix_encoder, save_hf_gpt2
 from mmgpt.model import GPTConfig, MultimodalGPT
 from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
 from mmgpt.tokenizer import ByteTokenizer, TokenizerError, check_tokenizer_fits, load_hf_tokenizer, tokenizer_from_dict
+
+transformers = require("transformers", "transformers is not installed (pip install -e .[dev])")  # a dev dependency
 
 TEXT = "héllo 日本 🙂"
 PREFIX_DIM = 6
@@ -341,7 +341,7 @@ def test_config_validates_activation():
 
 
 def test_fused_kernels_refuse_exact_gelu():
-    pytest.importorskip("triton")
+    require("triton", "triton is not installed (pip install -e .[dev])")
     from mmgpt.runtime.backends.fused_triton import TritonBackend
     with pytest.raises(ValueError, match="tanh GELU"):
         TritonBackend(MultimodalGPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, activation="gelu")))

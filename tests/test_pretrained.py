@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import SENTENCES, compose_config, small_train_overrides, write_gpt2
+from helpers import SENTENCES, compose_config, require, small_train_overrides, write_gpt2
 from mmgpt.checkpoint import load_checkpoint
 from mmgpt.hf import load_hf_gpt2
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers", "transformers is not installed (pip install -e .[dev])")
 
 VOCAB = 50257  # GPT-2's: the tokenizer here is smaller, the model's rows cover GPT-2's ids
 
@@ -23,28 +23,37 @@ def flow(tmp_path_factory):
     captions = [" ".join(s.split()[:4]) for s in SENTENCES] * 6
     np.savez(root / "features.npz", features=rng.random((len(captions), 5, 6)).astype(np.float32),
              texts=np.array(captions))
-    result = train(compose_config("train", [
+    cfg = compose_config("train", [
         "+experiment=gpt2_features", f"model.init_from={root / 'gpt2'}", f"data.path={root / 'features.npz'}",
-        *small_train_overrides(root / "run", steps=6), "data.batch_size=4", "module.max_new_tokens=8"]))
+        *small_train_overrides(root / "run", steps=6), "data.batch_size=4", "module.max_new_tokens=8"])
+    result = train(cfg)
     artifacts = export(compose_config("export", [f"ckpt={result['last_ckpt']}", f"output_root={root / 'artifacts'}",
                                                  "name=gpt2", "engine=none"]))
-    return root, result, artifacts
+    return root, result, artifacts, cfg
 
 
-def test_frozen_language_model_stays_bit_identical(flow):
-    root, result, _ = flow
+def test_frozen_language_model_stays_bit_identical_while_the_prefix_encoder_learns(flow):
+    from mmgpt.training.run import setup
+    root, result, _, cfg = flow
     pretrained = load_hf_gpt2(root / "gpt2", prefix_dim=6)
     trained = load_checkpoint(result["last_ckpt"])
     state = trained.model.state_dict()
     assert trained.model.config.vocab_size == VOCAB and trained.tokenizer.vocab_size < VOCAB
+    lm = [name for name in state if not name.startswith("prefix_encoder.")]
+    assert set(pretrained.state_dict) <= set(lm)
     for name, tensor in pretrained.state_dict.items():
         assert torch.equal(state[name], tensor), name
+    initial = setup(cfg)[0].model.state_dict()  # the same seed: the weights this run started from
+    assert all(torch.equal(initial[name], state[name]) for name in lm)
+    encoder = [name for name in state if name.startswith("prefix_encoder.")]
+    assert encoder and all(not torch.equal(initial[name], state[name]) for name in encoder), \
+        "the prefix encoder did not learn: freeze=lm must still train it"
     assert result["global_step"] == 6
 
 
 def test_export_with_gpt2_vocabulary_keeps_parity_and_writes_hf(flow):
     import json
-    root, _, artifacts = flow
+    root, _, artifacts, _ = flow
     parity = json.loads((artifacts / "parity.json").read_text())
     assert parity["passed"] and parity["worst"] <= 1e-4 and parity["chained"]["tokens_match"]
     manifest = json.loads((artifacts / "model.json").read_text())
@@ -63,7 +72,7 @@ def test_export_with_gpt2_vocabulary_keeps_parity_and_writes_hf(flow):
 
 def test_infer_on_onnxruntime_decodes_bpe_text(flow):
     from mmgpt.inference import infer
-    root, _, artifacts = flow
+    root, _, artifacts, _ = flow
     report = infer(compose_config("infer", [f"artifacts={artifacts}", f"input={root / 'features.npz'}", "limit=4",
                                             "max_new_tokens=8", "show=0"]))
     assert report["backend"] == "onnxruntime" and report["samples"] == 4

@@ -4,7 +4,7 @@ import torch
 
 from mmgpt.model import GPTConfig, MultimodalGPT
 from mmgpt.throughput import flops_per_token, matmul_params, mfu, peak_flops_for
-from mmgpt.training import compile_options
+from mmgpt.training.module import compile_options
 
 TINY = dict(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=8, prefix_dim=3)
 

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from helpers import compose_config
+from helpers import compose_config, require
 from mmgpt.model import GPTConfig, MultimodalGPT
 from mmgpt.runtime.backends.torch_model import TorchBackend
 
-pytest.importorskip("triton", reason="triton is not installed (pip install -e .[dev])")
+require("triton", "triton is not installed (pip install -e .[dev])")
 from mmgpt.runtime.backends.fused_triton import AttentionConfig, GemvConfig, TritonBackend  # noqa: E402
 
 CONFIGS = {"tensor-core": GemvConfig(block_n=16, block_k=32, row_block_n=0),
@@ -84,7 +84,8 @@ def test_tiles_fit_shared_memory_at_every_batch():
     assert backend._tiles(256, 768, 4, 2, GemvConfig(max_block_b=128, gemm_block_k=256)) == (128, 128, 32, 8)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch needs a CUDA GPU")
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_programmatic_dependent_launch_changes_nothing():
     model = tiny_model(n_embd=64, n_head=4).cuda().half()
     if torch.cuda.get_device_capability()[0] < 9:

@@ -42,6 +42,8 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PREFIXES = (0, 64)  # text only, and an 8x8 grid of patches (LLaVA-1.5's 24x24 grid is 576)
 PATCH_DIM = 48  # a 4x4 RGB patch
 GRAPH_IMPL = "mmgpt-graph"  # the row the others are compared with
+WARMUP = 3  # untimed calls of every variant before it is timed: one compiles and captures, the rest settle
+CHECK_TOKENS = 16  # greedy tokens compared between mmgpt and Hugging Face on the timed weights
 
 
 def build_model(size: str, dtype, device, vocab: int = 50257, block: int = 1024) -> MultimodalGPT:
@@ -93,11 +95,17 @@ def to_hf_gpt2(model: MultimodalGPT):
     hf = GPT2LMHeadModel(hf_cfg).to(device=p.device, dtype=p.dtype).eval()
     ours = {k: v for k, v in model.state_dict().items() if not k.startswith("prefix_encoder")}
     theirs = hf.state_dict()
+    unmapped = sorted(set(ours) - set(theirs))
+    unset = sorted(k for k in set(theirs) - set(ours) if not k.endswith(".attn.bias")  # causal-mask buffers
+                   and not (k == "lm_head.weight" and hf_cfg.tie_word_embeddings))
+    if unmapped or unset:  # a benchmark of other weights than mmgpt's would compare nothing
+        raise RuntimeError(f"to_hf_gpt2: mmgpt weights with no GPT2LMHeadModel place {unmapped[:5]}, GPT2LMHeadModel "
+                           f"weights left unset {unset[:5]}")
     with torch.no_grad():
         for k, v in ours.items():
-            if k not in theirs:
-                continue
             transpose = k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) and ".h." in k
+            if theirs[k].shape != (v.t() if transpose else v).shape:
+                raise RuntimeError(f"to_hf_gpt2: {k} is {tuple(v.shape)} in mmgpt, {tuple(theirs[k].shape)} in HF")
             theirs[k].copy_(v.t() if transpose else v)
     return hf
 
@@ -112,7 +120,7 @@ def _seconds(fn, device) -> float:
     return time.perf_counter() - t
 
 
-def bench_mmgpt(be: TorchBackend, batch, prompt_len, new_tokens, prefix_len, device, repeats):
+def bench_mmgpt(be: TorchBackend, batch, prompt_len, new_tokens, prefix_len, device, repeats, warmup=WARMUP):
     model = be.model
     V = model.config.vocab_size
     gen = Generator(be, ByteTokenizer(bos_id=V - 1, eos_id=V - 1, pad_id=V - 1),
@@ -120,7 +128,8 @@ def bench_mmgpt(be: TorchBackend, batch, prompt_len, new_tokens, prefix_len, dev
     g = torch.Generator().manual_seed(1)
     prefix = torch.randn(batch, prefix_len, model.config.prefix_dim, generator=g).to(device)
     prompts = torch.randint(0, V - 1, (batch, prompt_len), generator=g).tolist()
-    gen.generate(prefix, prompts, max_new_tokens=new_tokens)  # warm-up: compile, capture, allocate
+    for _ in range(warmup):  # compile, capture, allocate, and let clocks and caches settle
+        gen.generate(prefix, prompts, max_new_tokens=new_tokens)
     runs = [gen.generate(prefix, prompts, max_new_tokens=new_tokens) for _ in range(repeats)]
     best = min(runs, key=lambda r: r.decode_time_s)
     return {"tokens_per_s": best.decode_tokens_per_s, "ttft_ms": 1e3 * min(r.time_to_first_token_s for r in runs),
@@ -129,7 +138,26 @@ def bench_mmgpt(be: TorchBackend, batch, prompt_len, new_tokens, prefix_len, dev
             "pdl": getattr(be, "pdl", False)}  # only the Triton backend launches with PDL
 
 
-def bench_hf(hf, batch, prompt_len, new_tokens, static_compile, device, repeats):
+def hf_agrees(model: MultimodalGPT, hf, device, prompt_len: int) -> dict:
+    """Greedy tokens of mmgpt (un-captured torch backend) and of the Hugging Face model built from its weights, on
+    the same text prompts: the two rows time the same model only if they generate the same tokens."""
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, V - 1, (2, prompt_len), generator=g)
+    gen = Generator(TorchBackend(model), ByteTokenizer(bos_id=V - 1, eos_id=V - 1, pad_id=V - 1),
+                    max_positions=model.config.block_size, cuda_graph=False, eos_check_interval=CHECK_TOKENS + 1)
+    ours = gen.generate(torch.zeros(2, 0, model.config.prefix_dim, device=device), ids.tolist(),
+                        max_new_tokens=CHECK_TOKENS).tokens[:, :CHECK_TOKENS]
+    with torch.inference_mode():
+        theirs = hf.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+                             max_new_tokens=CHECK_TOKENS, min_new_tokens=CHECK_TOKENS, do_sample=False,
+                             pad_token_id=V - 1, eos_token_id=None)[:, prompt_len:].cpu()
+    same = ours == theirs
+    return {"tokens_match": bool(same.all()), "first_difference": None if same.all() else
+            int((~same).any(0).int().argmax())}
+
+
+def bench_hf(hf, batch, prompt_len, new_tokens, static_compile, device, repeats, warmup=WARMUP):
     g = torch.Generator().manual_seed(1)
     V = hf.config.vocab_size
     ids = torch.randint(0, V - 1, (batch, prompt_len), generator=g).to(device)
@@ -143,8 +171,9 @@ def bench_hf(hf, batch, prompt_len, new_tokens, static_compile, device, repeats)
     def run(n):
         return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **kw)
     with torch.inference_mode():
-        run(1)  # warm-up: compilation and graph capture for prefill and decode (the static cache's length
-        run(new_tokens)  # follows max_new_tokens, so the timed shape itself is warmed up)
+        for _ in range(warmup):  # compilation and graph capture for prefill and decode (the static cache's
+            run(1)  # length follows max_new_tokens, so the timed shape itself is warmed up)
+            run(new_tokens)
         ttft = min(_seconds(lambda: run(1), device) for _ in range(repeats))
         total = min(_seconds(lambda: run(new_tokens), device) for _ in range(repeats))
     steps = new_tokens - 1
@@ -257,20 +286,27 @@ def run(args) -> dict:
             model = build_model(size, DTYPES[dname], device, vocab=args.vocab)
             setup = Setup(size, dname, model, weight_bytes(model), bw, device, args.prompt, args.new_tokens)
             hf = to_hf_gpt2(model) if args.hf else None
+            agreement = hf_agrees(model, hf, device, args.prompt) if hf is not None else None
+            if agreement is not None:
+                verdict = "equal" if agreement["tokens_match"] else "DIFFER from"
+                print(f"{size} {dname}: Hugging Face greedy tokens {verdict} mmgpt's over {CHECK_TOKENS} steps",
+                      flush=True)
             backends = _backends(model, device, args)
             for batch in args.batches:
                 for name, backend in backends.items():
                     for prefix_len in args.prefixes:
                         rows.append(measure_row(setup, name, batch, prefix_len, partial(
                             bench_mmgpt, backend, batch, args.prompt, args.new_tokens, prefix_len, device,
-                            args.repeats)))
+                            args.repeats, args.warmup)))
                 if hf is not None:  # text only: the HF model has no prefix encoder
                     hf_variants = {"hf-eager": False}
                     if device.type == "cuda" and args.compile:
                         hf_variants["hf-static+compile"] = True
                     for name, static_compile in hf_variants.items():
-                        rows.append(measure_row(setup, name, batch, 0, partial(
-                            bench_hf, hf, batch, args.prompt, args.new_tokens, static_compile, device, args.repeats)))
+                        rows.append({**measure_row(setup, name, batch, 0, partial(
+                            bench_hf, hf, batch, args.prompt, args.new_tokens, static_compile, device, args.repeats,
+                            args.warmup)),
+                            "hf_greedy_equals_mmgpt": agreement})
                 if args.partial_out:  # keep what was measured if a later row takes the machine down
                     write_report(_report(args, device, gpu, bw, pair_rows(rows)), Path(args.partial_out))
             del model, hf, backends, setup
@@ -292,7 +328,8 @@ def _report(args, device, gpu, bw, rows) -> dict:
     return {"date": datetime.date.today().isoformat(), "gpu": gpu, "device": str(device), "tag": args.tag,
             "copy_bandwidth_gb_s": None if bw != bw else round(bw / 1e9, 1), "versions": versions(device),
             "settings": {"prompt_len": args.prompt, "new_tokens": args.new_tokens, "sampling": "greedy",
-                         "prefixes": args.prefixes, "repeats": args.repeats, "vocab": args.vocab},
+                         "prefixes": args.prefixes, "repeats": args.repeats, "vocab": args.vocab,
+                         "warmup_calls": args.warmup},
             "rows": rows}
 
 
@@ -355,6 +392,7 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=WARMUP, help="untimed calls of every variant before timing")
     ap.add_argument("--vocab", type=int, default=50257)
     ap.add_argument("--no-hf", dest="hf", action="store_false")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
@@ -373,7 +411,7 @@ def main(argv=None):
         return report
     if args.smoke:
         args.models, args.dtypes, args.batches, args.prefixes = ["smoke"], ["fp32"], [1, 2], [0, 16, 64]
-        args.new_tokens, args.prompt, args.repeats, args.vocab = 8, 4, 1, 512
+        args.new_tokens, args.prompt, args.repeats, args.vocab, args.warmup = 8, 4, 1, 512, 1
     if args.hf and importlib.util.find_spec("transformers") is None:
         print("transformers is not installed: Hugging Face rows skipped (pip install -e .[bench])")
         args.hf = False

@@ -1,12 +1,32 @@
 """The results layout: benchmarks/results/<date>-<gpu>/<date>-<gpu>-<what>.json (and .md beside a report), one
-folder per GPU and day, indexed in benchmarks/results/README.md. Every script that measures writes through here."""
+folder per GPU and day, indexed in benchmarks/results/README.md. Every script that measures writes through here, and
+every report records the commit of the code that measured it."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
 
 from mmgpt.files import write_atomic, write_json
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def git_commit() -> str:
+    """The commit the measuring code is at ('+dirty' when tracked files differ from it). A copy without .git (a GPU
+    machine's working tree) names it with MMGPT_COMMIT=<sha>; otherwise 'unknown', which a reader can see."""
+    if os.environ.get("MMGPT_COMMIT"):
+        return os.environ["MMGPT_COMMIT"]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if sha.returncode != 0:
+        return "unknown"
+    return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def slug(gpu: str) -> str:
@@ -20,21 +40,12 @@ def result_path(root, date: str, gpu: str, what: str, suffix: str = ".json") -> 
 
 
 def write_result(root, report: dict, what: str, table: str | None = None) -> Path:
-    """The report's JSON (and its Markdown table), each written atomically; returns the JSON's path."""
+    """The report's JSON (and its Markdown table), each written atomically; returns the JSON's path. A report
+    without a `commit` gets this checkout's."""
+    report.setdefault("commit", git_commit())
     path = result_path(root, report["date"], report["gpu"], what)
     write_json(path, report)
     if table is not None:
         write_atomic(path.with_suffix(".md"), table + "\n")
     return path
 
-
-def git_commit() -> str | None:
-    """The commit the measured code is at ('+dirty' with uncommitted changes); None outside a git checkout."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

@@ -3,8 +3,12 @@ and compiled, same weights, same shapes, one run.
 
 python -m mmgpt.bench train [--shapes 124m-text 124m-digits 1p5b-p576] [--impls ...] [--steps 20] [--smoke]
 
-A step is what train.py runs per batch, without Lightning around it: forward and loss under bf16 autocast (fp32
-weights), backward, gradient clipping at 1.0, fused AdamW, zero_grad. Each row reports tok/s (sequence positions,
+A step is what train.py runs per batch, without Lightning around it: the module's own loss (MultimodalGPTModule's
+step_loss, compiled and CUDA-graph replayed by its compile_step as module.compile / module.cuda_graph say) under
+bf16 autocast (fp32 weights), backward, gradient clipping at trainer.gradient_clip_val, the module's optimizer
+(conf/train.yaml's, over parameter_groups(), fused where train.py fuses it) and its learning-rate schedule, zero_grad.
+Hugging Face rows get the same optimizer settings, clipping and autocast, eager, compiled and CUDA-graph replayed
+(compile's reduce-overhead mode), so each mmgpt variant has its like. Each row reports tok/s (sequence positions,
 prefix included), MFU (nanoGPT's 6N + 12 L H Dh T FLOPs per token against the GPU's dense bf16 peak), step time
 (CUDA events around --steps steps after --warmup steps), the first step's time (compilation shows there) and peak
 memory. Hugging Face gets the prefix as `inputs_embeds` from the same prefix encoder. `--smoke` runs a tiny CPU
@@ -13,8 +17,11 @@ configuration that only checks the report is well formed (speed is never asserte
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import functools
 import gc
+import importlib
 import importlib.util
 import inspect
 import time
@@ -24,9 +31,13 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mmgpt.bench.decode import _guard, build_model, merge_reports, to_hf_gpt2, versions, write_report
-from mmgpt.model import MultimodalGPT
+from mmgpt.bench.decode import PATCH_DIM, SHAPES as MODEL_SHAPES, _guard, merge_reports, to_hf_gpt2, versions, \
+    write_report
+from mmgpt.contract.typed import conf_defaults
+from mmgpt.model import GPTConfig
 from mmgpt.throughput import device_name, flops_per_token, matmul_params, mfu, peak_flops_for
+from mmgpt.tokenizer import ByteTokenizer
+from mmgpt.training.module import ModuleConfig, MultimodalGPTModule
 
 
 @dataclass(frozen=True)
@@ -45,12 +56,13 @@ SHAPES = {
     "1p5b-p576": Shape("1p5b", batch=8, prefix_len=576, text_len=64, vocab=50257, activation_checkpointing=True),
     "smoke": Shape("smoke", batch=2, prefix_len=4, text_len=8, vocab=512),
 }
-MMGPT_IMPLS = {  # torch.compile's arguments, or None for eager
-    "mmgpt-eager": None,
-    "mmgpt-compile": {"mode": "default", "dynamic": False},
-    "mmgpt-graph": {"mode": "reduce-overhead", "dynamic": False},
+MMGPT_IMPLS = {  # module.compile, module.cuda_graph: what train.py's conf/train.yaml switches
+    "mmgpt-eager": (False, False),
+    "mmgpt-compile": (True, False),
+    "mmgpt-graph": (True, True),
 }
-HF_IMPLS = {"hf-eager": None, "hf-compile": {"mode": "default", "dynamic": False}}
+HF_IMPLS = {"hf-eager": None, "hf-compile": {"mode": "default", "dynamic": False},  # torch.compile's arguments
+            "hf-graph": {"mode": "reduce-overhead", "dynamic": False}}
 IMPLS = [*MMGPT_IMPLS, *HF_IMPLS]
 ATTENTION = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
              "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -63,10 +75,21 @@ def make_batch(shape: Shape, prefix_dim: int, device, seed: int = 1):
     return prefix.to(device), ids[:, :-1].contiguous().to(device), ids[:, 1:].contiguous().to(device)
 
 
-def mmgpt_loss(model: MultimodalGPT):
-    def loss(prefix, input_ids, targets):
-        return model(prefix, input_ids, targets)[1]
-    return loss
+def optimizer_factory():
+    """conf/train.yaml's optimizer, as train.py instantiates it (without Hydra)."""
+    node = conf_defaults("train.yaml", "optimizer")
+    module, name = node["_target_"].rsplit(".", 1)
+    kwargs = {k: v for k, v in node.items() if not k.startswith("_")}
+    return functools.partial(getattr(importlib.import_module(module), name), **kwargs)
+
+
+def build_module(shape: Shape, device) -> MultimodalGPTModule:
+    """The LightningModule train.py trains, at a benchmark shape: conf/train.yaml's module options and optimizer."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=shape.vocab, block_size=1024, prefix_dim=PATCH_DIM, **MODEL_SHAPES[shape.size])
+    tokenizer = ByteTokenizer(bos_id=256, eos_id=257, pad_id=258)
+    options = ModuleConfig.defaults(activation_checkpointing=shape.activation_checkpointing)
+    return MultimodalGPTModule(config.to_dict(), tokenizer.to_dict(), options, optimizer=optimizer_factory()).to(device)
 
 
 def hf_loss(hf, prefix_encoder):
@@ -88,22 +111,28 @@ def hf_loss(hf, prefix_encoder):
     return loss
 
 
-def time_training(loss_fn, params: list, batch, device, warmup: int, steps: int, graph: bool) -> dict:
-    """Run warmup + steps training steps; time the last `steps` with CUDA events (wall clock on a CPU)."""
+def training_step(step_loss, params: list, optimizer, scheduler, device):
+    """One optimizer step as Lightning runs train.py's: the loss under autocast, backward, clipping at
+    trainer.gradient_clip_val, the optimizer and its schedule, zero_grad."""
     cuda = device.type == "cuda"
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    clip = conf_defaults("trainer/default.yaml")["gradient_clip_val"]
 
     def step():
-        if graph:
-            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = loss_fn(*batch)
+            loss = step_loss()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
         return loss
+    return step
 
+
+def time_training(step, device, warmup: int, steps: int) -> dict:
+    """Run warmup + steps training steps; time the last `steps` with CUDA events (wall clock on a CPU)."""
+    cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
     t = time.perf_counter()
@@ -137,28 +166,59 @@ def _free(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def run_impl(loss_fn, options: dict | None, params: list, batch, device, args) -> dict:
-    """One row: the loss compiled as `options` says (None: eager), timed in full training steps."""
-    _free(device)
-    graph = options is not None and options["mode"] == "reduce-overhead"
-    if options is not None and not graph and args.compile_mode != "default":
-        options = {**options, "mode": args.compile_mode}
-    fn = loss_fn if options is None else torch.compile(loss_fn, **options)
+def with_attention(fn, args):
     if args.attention == "auto":
-        return time_training(fn, params, batch, device, args.warmup, args.steps, graph)
+        return fn()
     with sdpa_kernel([ATTENTION[args.attention]]):  # compilation happens inside, so it picks this kernel too
-        return time_training(fn, params, batch, device, args.warmup, args.steps, graph)
+        return fn()
+
+
+def mmgpt_step(module: MultimodalGPTModule, impl: str, batch: dict, device, total_steps: int):
+    """The module's training step for one variant: compiled as its options say, with its optimizer and schedule."""
+    compile, cuda_graph = MMGPT_IMPLS[impl]
+    module.config = dataclasses.replace(module.config, compile=compile, cuda_graph=cuda_graph)
+    module.compile_step(device)
+    optimizer, scheduler = module.make_optimizer(total_steps, device)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return training_step(lambda: module.step_loss(batch), params, optimizer, scheduler, device)
+
+
+def run_mmgpt(module: MultimodalGPTModule, impl: str, batch: dict, device, args) -> dict:
+    """One mmgpt row, in full training steps."""
+    _free(device)
+    step = mmgpt_step(module, impl, batch, device, args.warmup + args.steps)
+    return with_attention(lambda: time_training(step, device, args.warmup, args.steps), args)
+
+
+def run_hf(hf, prefix_encoder, impl: str, batch: dict, device, args) -> dict:
+    """One Hugging Face row: the same optimizer settings (fused where the module's would be), clipping and
+    autocast; the loss eager, compiled, or compiled and CUDA-graph replayed."""
+    _free(device)
+    options = HF_IMPLS[impl]
+    loss = hf_loss(hf, prefix_encoder)
+    fn = loss if options is None else torch.compile(loss, **options)
+    graph = options is not None and options["mode"] == "reduce-overhead"
+
+    def step_loss():
+        if graph:  # as the module does: this replay may overwrite the previous step's graph outputs
+            torch.compiler.cudagraph_mark_step_begin()
+        return fn(batch["prefix"], batch["input_ids"], batch["targets"])
+    params = [*hf.parameters(), *prefix_encoder.parameters()]
+    factory = optimizer_factory()
+    optimizer = factory(params, **({"fused": True} if device.type == "cuda" else {}))
+    step = training_step(step_loss, params, optimizer, None, device)
+    return with_attention(lambda: time_training(step, device, args.warmup, args.steps), args)
 
 
 def bench_shape(name: str, shape: Shape, impls: list[str], device, peak, args) -> list[dict]:
-    torch.manual_seed(0)
-    model = build_model(shape.size, torch.float32, device, vocab=shape.vocab).train()
-    model.activation_checkpointing = shape.activation_checkpointing
+    module = build_module(shape, device).train()
+    model = module.model
     c = model.config
     seq = shape.prefix_len + shape.text_len
     n = matmul_params(model)
     fpt = flops_per_token(n, c.n_layer, c.n_head, c.head_dim, seq)
-    batch = make_batch(shape, c.prefix_dim, device)
+    prefix, input_ids, targets = make_batch(shape, c.prefix_dim, device)
+    batch = {"prefix": prefix, "input_ids": input_ids, "targets": targets}
     rows = []
 
     def record(impl, res):
@@ -183,30 +243,29 @@ def bench_shape(name: str, shape: Shape, impls: list[str], device, peak, args) -
               flush=True)
 
     for impl in (i for i in impls if i in MMGPT_IMPLS):
-        record(impl, _guard(lambda: run_impl(mmgpt_loss(model), MMGPT_IMPLS[impl], list(model.parameters()), batch,
-                                             device, args)))
+        record(impl, _guard(lambda: run_mmgpt(module, impl, batch, device, args)))
         model.zero_grad(set_to_none=True)
     hf_impls = [i for i in impls if i in HF_IMPLS] if args.hf else []
     if hf_impls:
         prefix_encoder = model.prefix_encoder
         hf = to_hf_gpt2(model).train()
-        del model  # one model's weights on the device at a time
+        del model, module  # one model's weights on the device at a time
         if shape.activation_checkpointing:
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        params = [*hf.parameters(), *prefix_encoder.parameters()]
         for impl in hf_impls:
-            record(impl, _guard(lambda: run_impl(hf_loss(hf, prefix_encoder), HF_IMPLS[impl], params, batch, device,
-                                                 args)))
+            record(impl, _guard(lambda: run_hf(hf, prefix_encoder, impl, batch, device, args)))
             hf.zero_grad(set_to_none=True)
     return rows
 
 
 def compare_with_hf(rows: list[dict]) -> None:
-    """Each mmgpt row's speed over Hugging Face compiled on the same shape, where both ran."""
-    hf = {r["model"]: r["tokens_per_s"] for r in rows if r["impl"] == "hf-compile" and "error" not in r}
+    """Each mmgpt row's speed over its Hugging Face like on the same shape (compiled over compiled, CUDA graphs over
+    CUDA graphs, eager over eager), where both ran."""
+    hf = {(r["model"], r["impl"]): r["tokens_per_s"] for r in rows if r["impl"].startswith("hf-") and "error" not in r}
     for r in rows:
-        if r["impl"].startswith("mmgpt") and "error" not in r and r["model"] in hf:
-            r["over_hf_compile"] = round(r["tokens_per_s"] / hf[r["model"]], 2)
+        like = (r["model"], "hf-" + r["impl"].removeprefix("mmgpt-"))
+        if r["impl"].startswith("mmgpt") and "error" not in r and like in hf:
+            r["over_hf_like"] = round(r["tokens_per_s"] / hf[like], 2)
 
 
 def run(args) -> dict:
@@ -215,10 +274,11 @@ def run(args) -> dict:
     peak = args.peak_flops or peak_flops_for(gpu)
     report = {"date": datetime.date.today().isoformat(), "gpu": gpu, "device": str(device),
               "tag": "-".join(t for t in ("train", args.tag) if t), "versions": versions(device), "peak_flops": peak,
-              "settings": {"warmup": args.warmup, "steps": args.steps, "compile_mode": args.compile_mode,
-                           "attention": args.attention,
+              "settings": {"warmup": args.warmup, "steps": args.steps, "attention": args.attention,
                            "precision": "bf16 autocast, fp32 weights" if device.type == "cuda" else "fp32",
-                           "optimizer": "AdamW fused, gradient clipping at 1.0",
+                           "optimizer": f"conf/train.yaml's {conf_defaults('train.yaml', 'optimizer')}, fused on a "
+                                        "GPU; clipping at trainer.gradient_clip_val "
+                                        f"{conf_defaults('trainer/default.yaml')['gradient_clip_val']}",
                            "shapes": {s: asdict(SHAPES[s]) for s in args.shapes}},
               "rows": []}
     for name in args.shapes:
@@ -233,10 +293,10 @@ def markdown_table(report: dict) -> str:
     peak = f"{report['peak_flops'] / 1e12:.0f} TFLOP/s peak" if report.get("peak_flops") else "no peak FLOP/s known"
     s = report["settings"]
     lines = [f"{report['gpu']}, {report['date']}, {s['precision']}, {s['optimizer']}; {s['steps']} timed steps "
-             f"after {s['warmup']}; compile mode {s['compile_mode']}, attention {s['attention']}; MFU against {peak}",
+             f"after {s['warmup']}; attention {s['attention']}; MFU against {peak}",
              "",
              "| shape | impl | batch | prefix + text | tok/s | MFU | step ms | peak GiB | first step s "
-             "| vs HF compiled |",
+             "| vs HF like |",
              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         head = f"| {r['model']} | {r['impl']} | {r['batch']} | {r['prefix_len']} + {r['text_len']} |"
@@ -245,7 +305,7 @@ def markdown_table(report: dict) -> str:
             continue
         achieved = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
         lines.append(f"{head} {r['tokens_per_s']:,.0f} | {achieved} | {r['step_ms']:.2f} | {r.get('peak_mem_gib', '')} "
-                     f"| {r['first_step_s']} | {r.get('over_hf_compile', '')} |")
+                     f"| {r['first_step_s']} | {r.get('over_hf_like', '')} |")
     return "\n".join(lines)
 
 
@@ -257,8 +317,6 @@ def main(argv=None):
     ap.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first: compilation, CUDA-graph recording")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
-                    help="torch.compile mode of the *-compile rows (the graph row is always reduce-overhead)")
     ap.add_argument("--attention", default="auto", choices=["auto", *ATTENTION],
                     help="restrict scaled_dot_product_attention to one kernel (auto: PyTorch's choice)")
     ap.add_argument("--peak-flops", type=float, default=None, help="per-GPU FLOP/s for MFU (default: from the name)")

@@ -6,7 +6,7 @@
     tokenizer files            where the tokenizer has any (a Hugging Face tokenizer.json)
     parity.json                ONNX Runtime against PyTorch, written by the export
     hf/                        the same model as a transformers GPT-2 + the prefix encoder's weights
-    *.engine (+ .engine.json)  TensorRT engines, built on the machine that runs them
+    *.engine                   TensorRT engines, built on the machine that runs them (recorded in model.json)
 
 `Artifacts.open` checks the manifest, the files it names, the weights' hash and that the weights have the shapes
 the manifest's model config implies, before any backend sees them.
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from mmgpt.contract import weights as weights_file
+from mmgpt.contract.engines import EngineBuild
 from mmgpt.files import STAGING
 from mmgpt.contract.manifest import MANIFEST_FILE, ArtifactsError, Manifest
 from mmgpt.model import MultimodalGPT
@@ -65,7 +66,7 @@ class Artifacts:
             model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied tensor
         return model.to(device).eval()
 
-    def record_engines(self, strategy: str, entry: dict) -> None:
+    def record_engines(self, strategy: str, entry: EngineBuild) -> None:
         self.manifest.engines = {**self.manifest.engines, strategy: entry}
         self.manifest.write(self.path)
 

@@ -10,14 +10,13 @@ into the directory later and carry their own record: they, and the `engines` fie
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import types
-import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mmgpt.contract.engines import EngineBuild
+from mmgpt.contract.typed import build
 from mmgpt.contract.graphs import BATCH, CACHE, PREFIX, TEXT, ModelDims
 from mmgpt.model import GPTConfig
 from mmgpt.errors import UserError
@@ -90,7 +89,7 @@ class Manifest:
     capacity_buckets: list[int]  # KV-cache capacities the decode loop may use
     weights: WeightsFile
     graphs: dict[str, GraphFile]
-    engines: dict[str, dict] = field(default_factory=dict)  # strategy -> build record (engines/build.py)
+    engines: dict[str, EngineBuild] = field(default_factory=dict)  # strategy -> what engines/build.py built
     stats: dict = field(default_factory=dict)  # export statistics: node counts, sizes, timings
     files: dict[str, FileRecord] = field(default_factory=dict)  # every other file, by relative path (seal())
     content_sha256: dict[str, str] = field(default_factory=dict)  # field -> hash of its JSON (seal())
@@ -144,7 +143,7 @@ class Manifest:
                                  f"{SCHEMA_VERSION}); re-export: `python export.py ckpt=<its checkpoint>`")
         check_seal(path, raw)
         try:
-            manifest = _build(cls, raw, "")
+            manifest = build(cls, raw, "")
             manifest.validate()
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactsError(f"{path}: {e}; it was edited or damaged: re-run `python export.py`") from None
@@ -197,41 +196,3 @@ def check_seal(path: Path, raw: dict) -> None:
                              "after export (they no longer match the hashes model.json recorded); an edited manifest "
                              "would decode wrongly: re-export: `python export.py ckpt=<its checkpoint>`")
 
-
-def _build(cls, raw, where: str):
-    """A dataclass from its asdict() form, checking every field's presence and type on the way."""
-    if not isinstance(raw, dict):
-        raise TypeError(f"{where or 'the manifest'} must be an object, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        key = f"{where}.{f.name}" if where else f.name
-        if f.name not in raw:
-            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
-                continue
-            raise KeyError(f"missing field '{key}'")
-        kwargs[f.name] = _convert(hints[f.name], raw[f.name], key)
-    return cls(**kwargs)
-
-
-def _convert(hint, value, key):
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        return _convert(next(a for a in args if a is not type(None)), value, key)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise TypeError(f"'{key}' must be an object")
-        return {k: _convert(args[1], v, f"{key}.{k}") for k, v in value.items()} if args else value
-    if origin is list:
-        if not isinstance(value, list):
-            raise TypeError(f"'{key}' must be a list")
-        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)] if args else value
-    if hint is int and (not isinstance(value, int) or isinstance(value, bool)):
-        raise TypeError(f"'{key}' must be an integer, got {value!r}")
-    if hint is str and not isinstance(value, str):
-        raise TypeError(f"'{key}' must be a string, got {value!r}")
-    return value

@@ -15,64 +15,47 @@ import time
 from pathlib import Path
 
 from mmgpt.contract.artifacts import Artifacts
-from mmgpt.files import write_atomic, write_json
+from mmgpt.contract.engines import ENGINES, EngineBuild, EngineConfig, EngineFile, min_opt_max
+from mmgpt.files import write_atomic
 from mmgpt.contract.graphs import BATCH, CACHE, PREFIX, TEXT, GraphDecl, declare_graphs
 from mmgpt.engines.trt import EngineError, TensorRTUnavailable, TrtLog, dtype_name, import_runtime, is_rtx, \
-    record_path, runtime_name
+    runtime_name
 from mmgpt.errors import UserError
 
-STRATEGIES = ("two_engines", "shared")
-# engine name -> graph it is built from; profile names in the order they are added (TensorRT numbers them)
-ENGINES = {"two_engines": {"prefill": ("prefill", ("context",)), "decode": ("decode", ("generation",))},
-           "shared": {"shared": ("context_generation", ("context", "generation"))}}
 _WEIGHTS_LOG = re.compile(r"Total Weights Memory:\s*(\d+)\s*bytes", re.I)
 
 
-def check_engine_config(cfg: dict) -> None:
-    """Everything about the engine options that can be wrong, checked before any tracing or building."""
-    if cfg.get("runtime", "auto") == "none":
+def check_engine_config(cfg: EngineConfig) -> None:
+    """What the engine options can get wrong beyond their own fields (EngineConfig checks those): the runtime and
+    the target GPU, checked before any tracing or building."""
+    if cfg.runtime == "none":
         return
-    if cfg.get("strategy") not in STRATEGIES:
-        raise UserError(f"engine.strategy={cfg.get('strategy')!r}: choose one of {STRATEGIES}")
-    if cfg.get("context_past_slots", "auto") not in ("auto", 0, 1):
-        raise UserError(f"engine.context_past_slots={cfg['context_past_slots']!r}: choose auto, 0 or 1")
-    for key in ("batch", "prompt", "capacity"):
-        _min_opt_max(cfg["profiles"][key], f"profiles.{key}")
-    runtime = cfg.get("runtime", "auto")
     try:
-        trt = import_runtime(runtime)
+        trt = import_runtime(cfg.runtime)
     except TensorRTUnavailable:
-        if runtime == "auto":
+        if cfg.runtime == "auto":
             return
         raise
-    cc = str(cfg.get("compute_capability", "auto"))
-    if is_rtx(trt) and (cc != "auto" or runtime != "auto"):  # auto without a GPU skips the build instead
-        _rtx_target(trt, cc)
-
-
-def _min_opt_max(mom, what) -> tuple[int, int, int]:
-    mom = tuple(int(x) for x in mom)
-    if len(mom) != 3 or not 1 <= mom[0] <= mom[1] <= mom[2]:
-        raise UserError(f"engine.{what}={list(mom)} must be [min, opt, max] with 1 <= min <= opt <= max")
-    return mom
+    if is_rtx(trt) and (cfg.compute_capability != "auto" or cfg.runtime != "auto"):  # auto without a GPU skips
+        _rtx_target(trt, cfg.compute_capability)
 
 
 def _clip(mom, hi, what):
-    lo, opt, top = _min_opt_max(mom, what)
+    lo, opt, top = min_opt_max(mom, what)
     if lo > hi:
         raise UserError(f"engine.{what}={list(mom)}: min exceeds {hi}, the largest size exported into the ONNX "
                          "graphs (raise the export's limits.* to widen it)")
     return lo, min(opt, hi), min(top, hi)
 
 
-def profile_sizes(artifacts: Artifacts, cfg: dict, context_past_slots: int = 0) -> dict[str, dict]:
+def profile_sizes(artifacts: Artifacts, cfg: EngineConfig, context_past_slots: int = 0) -> dict[str, dict]:
     """Per profile name: (min, opt, max) of every dynamic dim, from the engine config clipped to the exported
     limits (so one default serves every model size)."""
     m = artifacts.manifest
     limits = m.limits
-    b = _clip(cfg["profiles"]["batch"], limits.max_batch, "profiles.batch")
-    t = _clip(cfg["profiles"]["prompt"], limits.max_text, "profiles.prompt")
-    s = _clip(cfg["profiles"]["capacity"], limits.max_cache, "profiles.capacity")
+    b = _clip(cfg.profiles.batch, limits.max_batch, "profiles.batch")
+    t = _clip(cfg.profiles.prompt, limits.max_text, "profiles.prompt")
+    s = _clip(cfg.profiles.capacity, limits.max_cache, "profiles.capacity")
     p = (m.prefix_len,) * 3 if m.prefix_len is not None else (0, min(64, limits.max_prefix), limits.max_prefix)
     past = (context_past_slots,) * 3
     return {"context": {BATCH: b, PREFIX: p, TEXT: t, CACHE: past},
@@ -84,12 +67,12 @@ def profile_shapes(graph: GraphDecl, sizes: dict) -> dict[str, list[list[int]]]:
     return {t.name: [list(t.shape({k: v[i] for k, v in sizes.items()})) for i in range(3)] for t in graph.inputs}
 
 
-def build_engines(artifacts: Artifacts, cfg: dict) -> dict | None:
+def build_engines(artifacts: Artifacts, cfg: EngineConfig) -> EngineBuild | None:
     """Build the configured strategy's engines into the artifacts directory and record them in model.json.
     Returns the manifest's `engines` entry. Raises with the reason, or returns None when `runtime: auto` finds
     no TensorRT module or no GPU to build for (printing how to build them)."""
     check_engine_config(cfg)
-    runtime, strategy = cfg.get("runtime", "auto"), cfg["strategy"]
+    runtime, strategy = cfg.runtime, cfg.strategy
     try:
         trt = import_runtime(runtime)
     except TensorRTUnavailable as e:
@@ -98,13 +81,13 @@ def build_engines(artifacts: Artifacts, cfg: dict) -> dict | None:
                   f"tensorrt-rtx-cu13, then `python export.py artifacts={artifacts.path} engine=tensorrt`")
             return None
         raise
-    if runtime == "auto" and not _have_gpu() and not (is_rtx(trt) and cfg.get("compute_capability") != "auto"):
+    if runtime == "auto" and not _have_gpu() and not (is_rtx(trt) and cfg.compute_capability != "auto"):
         print(f"engines: skipped (no GPU here; engines are built on the machine that runs them): on the serving "
               f"GPU run `python export.py artifacts={artifacts.path} engine=tensorrt`; to check the graphs compile "
               f"on this CPU, `engine=tensorrt_rtx engine.compute_capability=SM89`")
         return None
     graphs = declare_graphs(artifacts.manifest.dims)
-    slots = cfg.get("context_past_slots", "auto")
+    slots = cfg.context_past_slots
     for past in ((0, 1) if slots == "auto" else (int(slots),)):
         try:
             entry = _build_strategy(trt, artifacts, cfg, strategy, graphs, past)
@@ -120,7 +103,7 @@ def build_engines(artifacts: Artifacts, cfg: dict) -> dict | None:
     return entry
 
 
-def _build_strategy(trt, artifacts, cfg, strategy, graphs, context_past_slots) -> dict:
+def _build_strategy(trt, artifacts, cfg: EngineConfig, strategy, graphs, context_past_slots) -> EngineBuild:
     sizes = profile_sizes(artifacts, cfg, context_past_slots)
     cache_file = timing_cache_file(trt, cfg)
     built = {}
@@ -128,32 +111,22 @@ def _build_strategy(trt, artifacts, cfg, strategy, graphs, context_past_slots) -
         t0 = time.perf_counter()
         graph = graphs[graph_name]
         profiles = {p: profile_shapes(graph, sizes[p]) for p in profile_names}
-        plan, io, weights_bytes = _build_one(trt, artifacts.graph_path(graph_name), profiles, cfg, cache_file,
-                                             artifacts.manifest.dtype)
+        plan, io, weights_bytes = _build_one(trt, artifacts.graph_path(graph_name), profiles, cfg, cache_file)
         out = artifacts.path / f"{engine_name}.engine"
         write_atomic(out, plan)
-        record = {"weights_sha256_tree": artifacts.manifest.weights.sha256_tree, "runtime": runtime_name(trt),
-                  "version": trt.__version__, "strategy": strategy, "source": graph.name, "io": io,
-                  "profile_names": list(profile_names), "profiles": profiles,
-                  "context_past_slots": context_past_slots, "builder_weights_bytes": weights_bytes,
-                  "target": _target_description(trt, cfg)}
-        write_json(record_path(out), record)  # the backend refuses an engine whose weights differ from model.json
-        built[engine_name] = {"file": out.name, "bytes": out.stat().st_size, "source": graph.name,
-                              "builder_weights_bytes": weights_bytes, "profiles": profiles,
-                              "build_s": round(time.perf_counter() - t0, 2)}
+        built[engine_name] = EngineFile(file=out.name, bytes=out.stat().st_size, source=graph.name, io=io,
+                                        profiles=profiles, builder_weights_bytes=weights_bytes,
+                                        build_s=round(time.perf_counter() - t0, 2))
         weights = f", weights {weights_bytes / 2**20:.2f} MiB" if weights_bytes else ""
         print(f"  {out.name:<15} {out.stat().st_size / 2**20:8.2f} MiB{weights}  profiles {list(profile_names)}  "
-              f"({built[engine_name]['build_s']:.1f}s, {runtime_name(trt)} {trt.__version__})")
-    known = [e["builder_weights_bytes"] for e in built.values()]
-    return {"runtime": runtime_name(trt), "version": trt.__version__, "strategy": strategy, "engines": built,
-            "total_bytes": sum(e["bytes"] for e in built.values()),
-            "builder_weights_bytes": sum(known) if all(known) else None,
-            "context_past_slots": context_past_slots, "target": _target_description(trt, cfg),
-            "settings": {k: cfg.get(k) for k in ("workspace_mib", "optimization_level", "compute_capability",
-                                                  "tf32")}}
+              f"({built[engine_name].build_s:.1f}s, {runtime_name(trt)} {trt.__version__})")
+    return EngineBuild(strategy=strategy, runtime=runtime_name(trt), version=trt.__version__,
+                       weights_sha256_tree=artifacts.manifest.weights.sha256_tree,
+                       target=_target_description(trt, cfg), context_past_slots=context_past_slots,
+                       config=cfg.replace(strategy=strategy), engines=built)
 
 
-def _build_one(trt, onnx_path: Path, profiles: dict, cfg: dict, cache_file: Path | None, model_dtype: str):
+def _build_one(trt, onnx_path: Path, profiles: dict, cfg: EngineConfig, cache_file: Path | None):
     log = TrtLog(trt)
     builder = trt.Builder(log.logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -162,14 +135,14 @@ def _build_one(trt, onnx_path: Path, profiles: dict, cfg: dict, cache_file: Path
         errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineError(f"TensorRT's ONNX parser rejected {onnx_path.name}:\n{errors}")
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg["workspace_mib"]) << 20)
-    config.builder_optimization_level = int(cfg["optimization_level"])
-    if not cfg.get("tf32", False):
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_mib << 20)
+    config.builder_optimization_level = cfg.optimization_level
+    if not cfg.tf32:
         # fp32 exports are compared token for token with PyTorch; TF32 matmuls (on by default) would break that
         config.clear_flag(trt.BuilderFlag.TF32)
     if is_rtx(trt):
         config.num_compute_capabilities = 1
-        config.set_compute_capability(_rtx_target(trt, str(cfg.get("compute_capability", "auto"))), 0)
+        config.set_compute_capability(_rtx_target(trt, cfg.compute_capability), 0)
         # stream capture of an RTX engine needs user-managed allocation, fixed at build time
         config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
     cache = _load_timing_cache(config, cache_file) if cache_file else None
@@ -218,9 +191,9 @@ def _rtx_target(trt, cc: str):
         raise UserError(f"engine.compute_capability={cc!r}: TensorRT-RTX knows {options}") from None
 
 
-def _target_description(trt, cfg) -> str:
-    if is_rtx(trt) and str(cfg.get("compute_capability", "auto")) != "auto":
-        return str(cfg["compute_capability"]).upper()
+def _target_description(trt, cfg: EngineConfig) -> str:
+    if is_rtx(trt) and cfg.compute_capability != "auto":
+        return cfg.compute_capability.upper()
     import torch
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
@@ -228,10 +201,10 @@ def _target_description(trt, cfg) -> str:
     return "unknown"
 
 
-def timing_cache_file(trt, cfg: dict) -> Path | None:
+def timing_cache_file(trt, cfg: EngineConfig) -> Path | None:
     """Full TensorRT's timing cache, one file per TensorRT version and GPU: a cache is only valid for the device
     properties and exact version it was made with. TensorRT-RTX has no build-time timing cache."""
-    directory = cfg.get("timing_cache")
+    directory = cfg.timing_cache
     if not directory or is_rtx(trt) or not _have_gpu():
         return None
     import torch

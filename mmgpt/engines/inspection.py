@@ -1,16 +1,28 @@
 """Engine inspection: I/O tensor names, dtypes, per-profile (min, opt, max) shapes, and size.
 
 Read from the deserialized engine where an installed runtime can load it here; otherwise (a CPU-only machine, or an
-engine for another GPU) from the build record written beside it, which holds what the builder was given. Profiles
-are named the same way on both paths (TensorRT numbers them; the build record says which number is which).
+engine for another GPU) from its build record in the model.json beside it, which holds what the builder was given.
+Profiles are named the same way on both paths (TensorRT numbers them; the build record says which number is which).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from mmgpt.engines.trt import dtype_name, import_runtime, record_path
+from mmgpt.contract.engines import EngineBuild, EngineFile
+from mmgpt.contract.manifest import MANIFEST_FILE, ArtifactsError, Manifest
+from mmgpt.engines.trt import dtype_name, import_runtime
 from mmgpt.errors import UserError
+
+
+def engine_record(path: Path) -> tuple[EngineBuild, EngineFile] | None:
+    """The build record of the engine at `path`, from the manifest of its artifacts directory, or None."""
+    if not (path.parent / MANIFEST_FILE).is_file():
+        return None
+    try:
+        manifest = Manifest.read(path.parent)
+    except ArtifactsError:
+        return None
+    return next(((b, e) for b in manifest.engines.values() for e in b.engines.values() if e.file == path.name), None)
 
 
 def inspect_engine(path) -> dict:
@@ -18,26 +30,28 @@ def inspect_engine(path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: no such engine; `python export.py` builds them into artifacts/<name>/")
     out = {"file": str(path), "bytes": path.stat().st_size}
-    side = record_path(path)
-    record = json.loads(side.read_text()) if side.is_file() else None
+    record = engine_record(path)
     loaded = _from_engine(path, record)
     if loaded is not None:
         out.update(loaded, source="engine")
     elif record is not None:
-        out.update(source="build record (no runtime here can load the engine)", runtime=record["runtime"],
-                   version=record["version"], io=record["io"], profiles=record["profiles"],
-                   builder_weights_bytes=record.get("builder_weights_bytes"))
+        build, engine = record
+        out.update(source="build record (no runtime here can load the engine)", runtime=build.runtime,
+                   version=build.version, io=engine.io, profiles=engine.profiles,
+                   builder_weights_bytes=engine.builder_weights_bytes)
     else:
-        raise RuntimeError(f"{path}: cannot be loaded here and has no build record {side.name}")
+        raise UserError(f"{path}: cannot be loaded here, and the {MANIFEST_FILE} beside it records no such engine; "
+                        "inspect it on the GPU that built it, or rebuild it with `python export.py artifacts=<dir> "
+                        "engine=...`")
     return out
 
 
-def _from_engine(path: Path, record: dict | None) -> dict | None:
+def _from_engine(path: Path, record: tuple[EngineBuild, EngineFile] | None) -> dict | None:
     try:
         import torch
         if not torch.cuda.is_available():
             return None
-        trt = import_runtime(record["runtime"] if record else "auto")
+        trt = import_runtime(record[0].runtime if record else "auto")
         engine = trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine(path.read_bytes())
     except Exception:  # noqa: BLE001 -- falls back to the build record, which says so
         return None
@@ -47,7 +61,7 @@ def _from_engine(path: Path, record: dict | None) -> dict | None:
     io = {n: {"mode": "input" if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT else "output",
               "dtype": dtype_name(engine.get_tensor_dtype(n)), "shape": list(engine.get_tensor_shape(n))}
           for n in names}
-    profile_names = (record or {}).get("profile_names") or []
+    profile_names = record[1].profile_names if record else []
     profiles = {}
     for p in range(engine.num_optimization_profiles):
         key = profile_names[p] if p < len(profile_names) else str(p)

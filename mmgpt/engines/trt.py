@@ -3,7 +3,6 @@ importing either, its logger, and the names both the builder and the runtime use
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from types import ModuleType
 
 from mmgpt.errors import UserError
@@ -49,11 +48,6 @@ def is_rtx(trt: ModuleType) -> bool:
 def dtype_name(dt) -> str:
     """trt.DataType.HALF -> 'half': how build records and inspection spell a tensor dtype."""
     return str(dt).split(".")[-1].lower()
-
-
-def record_path(engine_path: Path) -> Path:
-    """The build record written beside each engine: what it was built from and with."""
-    return engine_path.with_name(engine_path.name + ".json")
 
 
 class TrtLog:

@@ -20,6 +20,7 @@ from mmgpt.files import check_component, remove_stale_staging, staging_dir, writ
 from mmgpt.contract.graphs import ModelDims, declare_graphs
 from mmgpt.contract.manifest import MANIFEST_FILE, GraphFile, Limits, Manifest, WeightsFile
 from mmgpt.contract.weights import index_state_dict, record_files
+from mmgpt.contract.engines import EngineConfig
 from mmgpt.engines.build import build_engines, check_engine_config
 from mmgpt.engines.trt import EngineError
 from mmgpt.export.onnx_graphs import OPSET, WEIGHTS_FILE, ExportError, check_against_declaration, cleanup, \
@@ -41,7 +42,7 @@ def resolve_checkpoint(cfg: DictConfig) -> Path:
 
 
 def export(cfg: DictConfig) -> Path:
-    engine_cfg = OmegaConf.to_container(cfg.engine, resolve=True)
+    engine_cfg = EngineConfig.from_dict(OmegaConf.to_container(cfg.engine, resolve=True))
     check_engine_config(engine_cfg)  # a bad engine option fails in the first second, not after the tracing
     if cfg.artifacts:
         return build_from_artifacts(Path(cfg.artifacts), engine_cfg)
@@ -120,7 +121,7 @@ def export(cfg: DictConfig) -> Path:
     print(f"weights: {mb:.1f} MiB stored once in {WEIGHTS_FILE} "
           f"({sizes['bytes_if_not_shared'] / 2**20:.1f} MiB if each graph kept its own)")
     print(f"wrote {final}  ({time.perf_counter() - t_start:.0f}s)")
-    if engine_cfg.get("runtime", "auto") != "none":
+    if engine_cfg.runtime != "none":
         build_from_artifacts(final, engine_cfg)
     return final
 
@@ -137,11 +138,11 @@ def export_name(name: str | None, ckpt: Path) -> str:
     return check_component(str(name))
 
 
-def build_from_artifacts(path: Path, engine_cfg: dict) -> Path:
+def build_from_artifacts(path: Path, engine_cfg: EngineConfig) -> Path:
     """Engines into an existing artifacts directory (the TensorRT samples' build step). A failure leaves the
     artifacts as they were and says how to retry."""
     artifacts = Artifacts.open(path)
-    if engine_cfg.get("runtime", "auto") == "none":
+    if engine_cfg.runtime == "none":
         raise UserError("artifacts=... builds engines: pass engine=tensorrt or engine=tensorrt_rtx (or auto)")
     try:
         build_engines(artifacts, engine_cfg)

@@ -31,7 +31,7 @@ class GemvConfig:
     max_block_b: int = 64  # rows per program; a larger batch takes several row blocks
     # once the row block reaches max_block_b the GEMV is a GEMM: every program re-reads its rows' input tile, so
     # wider tiles read it fewer times, and more warps hold the larger tiles without spilling
-    gemm_block_n: int = 128  # 64 -> 128: 77k -> 95k tok/s at 124M B=128 on an H100 (NOTES.md, attempt 4)
+    gemm_block_n: int = 128  # wider output tiles re-read each input tile fewer times (measured: NOTES.md)
     gemm_block_k: int = 64
     gemm_num_warps: int = 8
     num_stages: int = 3  # software-pipelining depth of the tensor-core kernel (sizes its shared memory)
@@ -88,8 +88,8 @@ class TritonBackend(TorchBackend):
     def __init__(self, model: MultimodalGPT, prefix_len: int | None = None, gemv: GemvConfig = GemvConfig(),
                  head_gemv: GemvConfig = HEAD_GEMV, attention: AttentionConfig = AttentionConfig(),
                  pdl: bool = False):
-        """pdl: launch every kernel with programmatic dependent launch. Off by default: on an H100 it gained 2% at
-        GPT-2 124M and lost 25% at 1.5B (benchmarks/NOTES.md, attempt 4)."""
+        """pdl: launch every kernel with programmatic dependent launch. Off by default: it did not gain across model
+        sizes where it was measured (benchmarks/NOTES.md)."""
         super().__init__(model, compile=False, prefix_len=prefix_len)
         cfg = model.config
         if cfg.head_dim & (cfg.head_dim - 1):

@@ -17,7 +17,6 @@ and TensorRT-LLM's runtime:
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,25 +24,27 @@ import torch
 
 from mmgpt.contract.artifacts import Artifacts
 from mmgpt.contract.graphs import BATCH, CACHE, PREFIX, TEXT, GraphDecl, declare_graphs, interleave, past_names
-from mmgpt.engines.trt import EngineError, TrtLog, import_runtime, is_rtx, record_path
+from mmgpt.contract.engines import EngineBuild, EngineFile
+from mmgpt.engines.trt import EngineError, TrtLog, import_runtime, is_rtx
 from mmgpt.runtime.backends import Backend, write_kv
 
 ALIGNMENT = 256  # bytes: what setTensorAddress and setDeviceMemory require
 
 
-def check_engine_record(artifacts: Artifacts, engine_path: Path) -> dict:
-    """The engine's build record must name the weights the manifest describes."""
-    record_file = record_path(engine_path)
-    if not record_file.is_file():
-        raise EngineError(f"{engine_path}: no build record {record_file.name} beside it; rebuild the engines: "
-                          f"`python export.py artifacts={artifacts.path} engine=tensorrt`")
-    record = json.loads(record_file.read_text())
+def check_engine_record(artifacts: Artifacts, build: EngineBuild, engine: EngineFile) -> Path:
+    """The engine file must be the one its build record describes, built from the weights the manifest names."""
+    path = artifacts.path / engine.file
+    rebuild = f"rebuild the engines on this machine: `python export.py artifacts={artifacts.path} engine=tensorrt`"
+    if not path.is_file():
+        raise EngineError(f"{path}: missing, though model.json records it; {rebuild}")
+    if path.stat().st_size != engine.bytes:
+        raise EngineError(f"{path}: {path.stat().st_size} bytes, but model.json records the engine built as "
+                          f"{engine.bytes} bytes: the file was replaced after the build; {rebuild}")
     want = artifacts.manifest.weights.sha256_tree
-    if record.get("weights_sha256_tree") != want:
-        raise EngineError(f"{engine_path.name} was built from other weights (hash "
-                          f"{str(record.get('weights_sha256_tree'))[:12]}… vs model.json {want[:12]}…); rebuild it: "
-                          f"`python export.py artifacts={artifacts.path} engine=tensorrt`")
-    return record
+    if build.weights_sha256_tree != want:
+        raise EngineError(f"{engine.file} was built from other weights (hash {build.weights_sha256_tree[:12]}… vs "
+                          f"model.json {want[:12]}…); {rebuild}")
+    return path
 
 
 def cannot_run_message(runtime: str, err: str) -> str:
@@ -68,6 +69,16 @@ def current_stream_handle(device: torch.device) -> int:
         raise EngineError("TensorRT engines must run on a non-default CUDA stream: call the backend inside "
                           "`with torch.cuda.stream(torch.cuda.Stream()):` (mmgpt's Generator does this)")
     return handle
+
+
+@dataclass(frozen=True)
+class Flow:
+    """One way the engines are called: the engine session, its optimization profile and the graph it was built
+    from. `context` (prefill) and `generation` (decode) are named by their profiles, whatever the strategy."""
+    name: str
+    session: "EngineSession"
+    profile: int  # TensorRT's index of the profile in its engine
+    graph: GraphDecl
 
 
 @dataclass
@@ -126,28 +137,23 @@ class TensorRTBackend(Backend):
         strategy = strategy or ("shared" if "shared" in m.engines else next(iter(m.engines)))
         if strategy not in m.engines:
             raise EngineError(f"{artifacts.path}: no '{strategy}' engines; built: {sorted(m.engines)}")
-        entry = m.engines[strategy]
+        build = m.engines[strategy]
         device = torch.device(device)
         if device.type != "cuda" and trt is None:
             raise EngineError("executing a TensorRT engine needs a CUDA GPU; this machine has none. Use "
                               "backend=onnxruntime (CPU) instead")
         super().__init__(m.dims, device, m.torch_dtype, prefix_len=m.prefix_len)
-        self.strategy, self.runtime = strategy, entry["runtime"]
-        self.context_past = int(entry.get("context_past_slots", 0))
-        paths = {name: artifacts.path / e["file"] for name, e in entry["engines"].items()}
-        for path in paths.values():  # refuse foreign weights before loading anything
-            check_engine_record(artifacts, path)
+        self.strategy, self.runtime = strategy, build.runtime
+        self.context_past = build.context_past_slots
+        paths = {name: check_engine_record(artifacts, build, e) for name, e in build.engines.items()}  # before any load
         self.trt = trt or import_runtime(self.runtime)
         self.log = TrtLog(self.trt)
         self.sessions = {name: EngineSession(self.trt, path, self.runtime, self.log) for name, path in paths.items()}
         graphs = declare_graphs(self.dims)
-        if strategy == "shared":
-            self._prefill = (self.sessions["shared"], 0, graphs["context_generation"])  # context profile
-            self._decode = (self.sessions["shared"], 1, graphs["context_generation"])  # generation profile
-        else:
-            self._prefill = (self.sessions["prefill"], 0, graphs["prefill"])
-            self._decode = (self.sessions["decode"], 0, graphs["decode"])
-        self.max_batch = self._prefill[0].max_shape("input_ids", self._prefill[1])[0]
+        flows = {profile: Flow(profile, self.sessions[name], index, graphs[e.source])
+                 for name, e in build.engines.items() for index, profile in enumerate(e.profile_names)}
+        self.prefill_flow, self.decode_flow = flows["context"], flows["generation"]
+        self.max_batch = self.prefill_flow.session.max_shape("input_ids", self.prefill_flow.profile)[0]
         # one activation block for every context: they all run on one stream, one after another
         size = max(s.memory_size() for s in self.sessions.values())
         self._memory = torch.empty(max(size, ALIGNMENT), dtype=torch.uint8, device=self.device)
@@ -167,13 +173,12 @@ class TensorRTBackend(Backend):
                               "TensorRT requires it: pass a tensor of its own, not a view at an offset")
         return t.data_ptr()
 
-    def _bind(self, context, inputs: dict, outputs: dict, profile: int) -> None:
+    def _bind(self, flow: Flow, context, inputs: dict, outputs: dict) -> None:
         for name, t in inputs.items():
             if not context.set_input_shape(name, tuple(t.shape)):
-                session = self._prefill[0] if profile == self._prefill[1] else self._decode[0]
-                raise EngineError(f"input {name} of shape {tuple(t.shape)} lies outside the engine's profile "
-                                  f"{profile} (max {session.max_shape(name, profile)}); rebuild with wider "
-                                  f"engine.profiles. {self.log.take_errors()}")
+                raise EngineError(f"input {name} of shape {tuple(t.shape)} lies outside the {flow.name} profile of "
+                                  f"{flow.session.path.name} (max {flow.session.max_shape(name, flow.profile)}); "
+                                  f"rebuild with wider engine.profiles. {self.log.take_errors()}")
         for name, t in {**inputs, **outputs}.items():
             context.set_tensor_address(name, self._address(name, t))
 
@@ -187,7 +192,7 @@ class TensorRTBackend(Backend):
 
     # ---------------------------------------------------------------- the two flows
     def prefill(self, prefix, input_ids, input_lengths):
-        session, profile, graph = self._prefill
+        flow = self.prefill_flow
         stream = current_stream_handle(self.device)
         B, P, T = input_ids.shape[0], prefix.shape[1], input_ids.shape[1]
         inputs = {"prefix": prefix.to(self.device, self.dtype).contiguous(), "input_ids": input_ids.contiguous(),
@@ -198,10 +203,10 @@ class TensorRTBackend(Backend):
             past = [torch.zeros((B, self.dims.n_head, S, self.dims.head_dim), dtype=self.dtype, device=self.device)
                     for _ in range(2 * self.dims.n_layer)]
             inputs.update(zip(past_names(self.dims.n_layer), past))
-        outputs = self._outputs(graph, {BATCH: B, PREFIX: P, TEXT: T, CACHE: 0})
+        outputs = self._outputs(flow.graph, {BATCH: B, PREFIX: P, TEXT: T, CACHE: 0})
         if self._prefill_context is None:
-            self._prefill_context = session.new_context(profile, self._memory, stream)
-        self._bind(self._prefill_context, inputs, outputs, profile)
+            self._prefill_context = flow.session.new_context(flow.profile, self._memory, stream)
+        self._bind(flow, self._prefill_context, inputs, outputs)
         self._execute(self._prefill_context, stream)
         kv = list(outputs.values())[1:]
         return outputs["logits"], kv[0::2], kv[1::2]
@@ -210,7 +215,7 @@ class TensorRTBackend(Backend):
         key = (input_ids.shape[0], k_cache.shape[3], input_ids.data_ptr(), position_ids.data_ptr(),
                k_cache.data_ptr(), v_cache.data_ptr())
         if key not in self._decode_bindings:
-            session, profile, graph = self._decode
+            flow = self.decode_flow
             B, S = key[:2]
             inputs = {"input_ids": input_ids, "position_ids": position_ids}
             keep = ()
@@ -219,9 +224,9 @@ class TensorRTBackend(Backend):
                         torch.ones(B, dtype=torch.long, device=self.device))
                 inputs.update(prefix=keep[0], input_lengths=keep[1])
             inputs.update(zip(past_names(self.dims.n_layer), interleave(k_cache.unbind(0), v_cache.unbind(0))))
-            outputs = self._outputs(graph, {BATCH: B, PREFIX: 0, TEXT: 1, CACHE: S})
-            context = session.new_context(profile, self._memory, stream)
-            self._bind(context, inputs, outputs, profile)
+            outputs = self._outputs(flow.graph, {BATCH: B, PREFIX: 0, TEXT: 1, CACHE: S})
+            context = flow.session.new_context(flow.profile, self._memory, stream)
+            self._bind(flow, context, inputs, outputs)
             self._decode_bindings[key] = _Binding(context, outputs, keep)
         return self._decode_bindings[key]
 

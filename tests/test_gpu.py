@@ -1,0 +1,90 @@
+"""The GPU suite, `pytest -m gpu` on a CUDA machine: what only a GPU can show, with the kernels compiled (the default
+suite runs them in Triton's interpreter). Skipped only where there is no CUDA device.
+
+- CUDA-graph replay gives the tokens of un-captured execution on every backend that captures: the torch backend
+  eager and compiled, and the fused Triton kernels; a second call captures nothing.
+- Interleaved buckets: one generator serving 24, then 100, then 24 new tokens replays the first bucket's graph
+  with the first bucket's tokens.
+- The fused Triton kernels give the torch backend's greedy tokens on a small trained model's validation inputs.
+"""
+import pytest
+import torch
+
+from mmgpt.model import GPTConfig, MultimodalGPT
+from mmgpt.runtime.backends.torch_model import TorchBackend
+from mmgpt.runtime.generator import Generator
+from mmgpt.runtime.sampling import SamplingConfig
+from mmgpt.tokenizer import ByteTokenizer
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+BACKENDS = ["torch", "torch-compile", "torch-triton"]
+
+
+def backend_of(name: str, model):
+    if name == "torch-triton":
+        from mmgpt.runtime.backends.fused_triton import TritonBackend
+        return TritonBackend(model)
+    return TorchBackend(model, compile=name == "torch-compile")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=256, prefix_dim=8, vocab_size=300)
+    model = MultimodalGPT(config).cuda().half().eval()
+    with torch.no_grad():  # wider than the init, so logits are far apart and greedy choices are not near-ties
+        for p in model.parameters():
+            p.mul_(4.0)
+    return model
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=0.8, top_k=50, seed=7)],
+                         ids=["greedy", "seeded"])
+def test_graph_replay_gives_the_uncaptured_tokens(model, name, sampling):
+    tok = ByteTokenizer()
+    backend = backend_of(name, model)
+    eager = Generator(backend, tok, max_positions=256, cuda_graph=False, eos_check_interval=1000)
+    graphed = Generator(backend, tok, max_positions=256, cuda_graph=True, eos_check_interval=1000)
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.randn(3, 8, 8, generator=g)
+    prompts = [[256], [256, 116, 104], [256, 102, 111, 117, 114]]  # ragged
+    want = eager.generate(prefix, prompts, max_new_tokens=48, sampling=sampling)
+    got = graphed.generate(prefix, prompts, max_new_tokens=48, sampling=sampling)
+    captures = graphed.graph_captures
+    again = graphed.generate(prefix, prompts, max_new_tokens=48, sampling=sampling)
+    assert got.cuda_graph and captures >= 1
+    assert torch.equal(got.tokens, want.tokens), (got.tokens, want.tokens)
+    assert torch.equal(again.tokens, want.tokens) and graphed.graph_captures == captures  # replayed, not re-captured
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_interleaved_buckets_keep_their_own_graphs(model, name):
+    tok = ByteTokenizer()
+    backend = backend_of(name, model)
+    graphed = Generator(backend, tok, capacity_buckets=(64, 128, 256), max_positions=256, cuda_graph=True,
+                        eos_check_interval=1000)
+    eager = Generator(backend, tok, capacity_buckets=(64, 128, 256), max_positions=256, cuda_graph=False,
+                      eos_check_interval=1000)
+    prefix = torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(3))
+    runs = [graphed.generate(prefix, max_new_tokens=n) for n in (24, 100, 24)]
+    assert runs[0].capacity == runs[2].capacity < runs[1].capacity
+    assert torch.equal(runs[2].tokens, runs[0].tokens)
+    assert torch.equal(runs[2].tokens, eager.generate(prefix, max_new_tokens=24).tokens)
+    assert torch.equal(runs[1].tokens, eager.generate(prefix, max_new_tokens=100).tokens)
+
+
+def test_triton_gives_the_torch_tokens_on_a_trained_model(exported):
+    from mmgpt.contract.artifacts import Artifacts
+    from mmgpt.data.inputs import load_inputs
+    from mmgpt.runtime.backends.fused_triton import TritonBackend
+    artifacts = Artifacts.open(exported)
+    model = artifacts.load_model("cuda")
+    inputs = load_inputs("digits", artifacts.manifest.data, limit=32)
+    prefix, captions = inputs.prefixes, inputs.references
+    runs = {}
+    for name, backend in (("torch", TorchBackend(model)), ("triton", TritonBackend(model))):
+        gen = Generator(backend, artifacts.tokenizer, max_positions=model.config.block_size)
+        runs[name] = gen.generate(prefix, max_new_tokens=24)
+    assert torch.equal(runs["triton"].tokens, runs["torch"].tokens)
+    assert sum(t == c for t, c in zip(runs["torch"].texts, captions)) >= len(captions) // 2  # a trained model
