@@ -21,10 +21,10 @@ DEFAULT_BUCKETS = (64, 128, 256, 512, 1024)
 
 
 def check_prefix(prefix, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A (B, P, F) float tensor, every dim positive, and finite in `dtype`, the dtype the backend runs (a value
-    that fits float32 may overflow float16)."""
-    if not torch.is_tensor(prefix) or prefix.ndim != 3 or min(prefix.shape) < 1:
-        raise UserError(f"prefix must be a (B, P, F) tensor with every dim >= 1, got shape "
+    """A (B, P, F) float tensor with B, F >= 1 (P = 0: a text-only prompt), finite in `dtype`, the dtype the
+    backend runs (a value that fits float32 may overflow float16)."""
+    if not torch.is_tensor(prefix) or prefix.ndim != 3 or prefix.shape[0] < 1 or prefix.shape[2] < 1:
+        raise UserError(f"prefix must be a (B, P, F) tensor with B >= 1 and F >= 1, got shape "
                         f"{tuple(getattr(prefix, 'shape', ()))}")
     if not prefix.is_floating_point():
         raise UserError(f"prefix must be a float tensor, got {prefix.dtype}")
