@@ -19,8 +19,8 @@ def conf_defaults(file: str, section: str | None = None) -> dict:
 
 
 def build(cls, raw, where: str):
-    """A `cls` from its asdict() form. Raises KeyError for a missing field and TypeError for a mistyped one, each
-    naming the field by its dotted path under `where`."""
+    """A `cls` from its asdict() form. Raises TypeError for a missing or mistyped field, naming the field by its
+    dotted path under `where` (a KeyError's message would come quoted)."""
     if not isinstance(raw, dict):
         raise TypeError(f"{where or 'the record'} must be an object, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
@@ -30,7 +30,7 @@ def build(cls, raw, where: str):
         if f.name not in raw:
             if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
                 continue
-            raise KeyError(f"missing field '{key}'")
+            raise TypeError(f"missing field '{key}'")
         kwargs[f.name] = convert(hints[f.name], raw[f.name], key)
     return cls(**kwargs)
 
