@@ -274,9 +274,16 @@ def test_engines_built_later_do_not_break_the_seal(copy_of):
     """Engines and their record are written into the directory after export: the export stays valid (negative
     control for the checks above: an untouched copy, plus an engine, decodes)."""
     from mmgpt.contract.artifacts import Artifacts
+    from mmgpt.contract.engines import EngineBuild, EngineConfig, EngineFile
     (copy_of / "shared.engine").write_bytes(b"plan")
-    (copy_of / "shared.engine.json").write_text("{}")
-    Artifacts.open(copy_of).record_engines("shared", {"engine": "shared.engine"})
+    artifacts = Artifacts.open(copy_of)
+    artifacts.record_engines("shared", EngineBuild(
+        strategy="shared", runtime="tensorrt", version="10.99.fake",
+        weights_sha256_tree=artifacts.manifest.weights.sha256_tree, target="stand-in", context_past_slots=0,
+        config=EngineConfig.defaults(strategy="shared"),
+        engines={"shared": EngineFile(file="shared.engine", bytes=4, source="context_generation", io={}, profiles={},
+                                      builder_weights_bytes=None, build_s=0.0)}))
+    assert "shared" in Artifacts.open(copy_of).manifest.engines  # the record reads back: the seal ignores it
     report = _infer(copy_of, "limit=2", "backend=onnxruntime")()
     assert report["samples"] == 2
 
