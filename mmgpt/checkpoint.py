@@ -75,7 +75,7 @@ def check_resume(path, model_fields: dict) -> None:
     """ckpt_path=: the checkpoint must hold the model the config describes (n_layer, n_head, n_embd, ...), else
     resuming fails deep inside the weight loading with a size-mismatch traceback. `model_fields` are the configured
     model's fields; fields the config does not set (the data sets vocab_size, prefix_dim) are not compared."""
-    saved = read_checkpoint(path)["mmgpt"].get("model_config")
+    saved = read_checkpoint(path)[1].model_config
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path}: its model config is missing or not an object; use a checkpoint written by "
                               "mmgpt's train.py")

@@ -86,7 +86,7 @@ def test_an_edited_tokenizer_file_is_refused(flow, tmp_path, capsys):
 
     from helpers import fails
     from mmgpt.inference import infer
-    root, _, artifacts = flow
+    root, _, artifacts, _ = flow
     copy = tmp_path / "gpt2"
     shutil.copytree(artifacts, copy)
     name = json.loads((copy / "model.json").read_text())["tokenizer"]["file"]
