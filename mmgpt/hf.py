@@ -1,9 +1,12 @@
-"""Hugging Face GPT-2 in and out: a local `save_pretrained` directory becomes an mmgpt config + language-model
-weights + tokenizer, and an mmgpt model becomes such a directory again, plus its prefix encoder.
+"""Hugging Face in and out: a local `save_pretrained` directory of GPT-2 or of the Llama family (LlamaForCausalLM,
+Qwen2ForCausalLM; SmolLM2 is a Llama) becomes an mmgpt config + language-model weights + tokenizer, and an mmgpt
+model becomes such a directory of its own family again, plus its prefix encoder.
 
-The two models differ only in storage: transformers' GPT-2 keeps `c_attn`, `c_proj` and `c_fc` in Conv1D layout
-(in, out), mmgpt in nn.Linear layout (out, in); parameter names are otherwise GPT-2's on both sides. Both add the
-learned position table to every input position, so a prefix enters HF as `inputs_embeds` and reproduces mmgpt:
+GPT-2: the two models differ only in storage: transformers keeps `c_attn`, `c_proj` and `c_fc` in Conv1D layout
+(in, out), mmgpt in nn.Linear layout (out, in); parameter names are otherwise GPT-2's on both sides. Llama family:
+names and layouts are Hugging Face's on both sides (`model.layers.{i}.self_attn.q_proj.weight`, ...); a Qwen2 is a
+Llama with q/k/v biases. Both families position every input element alike (learned table or RoPE at 0, 1, ...),
+so a prefix enters HF as `inputs_embeds` and reproduces mmgpt (GPT-2's names shown):
 
     hf = transformers.GPT2LMHeadModel.from_pretrained(d)
     embeds = torch.cat([load_prefix_encoder(d)(prefix), hf.get_input_embeddings()(input_ids)], dim=1)
@@ -14,7 +17,7 @@ Only json, safetensors and torch are needed here: transformers stays a test / se
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,18 +26,19 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from mmgpt.files import staging_dir
-from mmgpt.model import GPTConfig, MultimodalGPT
+from mmgpt.model import GPTConfig, MultimodalGPT, RopeScaling
 from mmgpt.tokenizer import (ByteTokenizer, HFTokenizer, TextTokenizer, as_hf_tokenizer, check_tokenizer_fits,
                              load_hf_tokenizer)
 from mmgpt.errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("gpt2",)
+LLAMA_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # model_type -> class
+SUPPORTED_MODEL_TYPES = ("gpt2", *LLAMA_ARCHITECTURES)
 # config.json field -> GPTConfig field, for what maps one to one. The first five are required; the others
 # default as in GPT2Config, to the same values as GPTConfig's defaults.
 SAME_FIELDS = {"vocab_size": "vocab_size", "n_positions": "block_size", "n_layer": "n_layer", "n_head": "n_head",
                "n_embd": "n_embd", "layer_norm_epsilon": "layer_norm_epsilon", "tie_word_embeddings": "tie_weights"}
 REQUIRED_FIELDS = ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd")
-# GPT2Config's activation_function -> GPTConfig.activation; the first name of each is what save_hf_gpt2 writes.
+# GPT2Config's activation_function -> GPTConfig.activation; the first name of each is what save_hf writes.
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 # GPT2Config switches mmgpt's attention has no counterpart for, at the value that matches mmgpt.
 FIXED_FIELDS = {
@@ -47,7 +51,27 @@ FIXED_FIELDS = {
 # GPTConfig fields a GPT-2 config.json says nothing about: the caller's choice.
 FREE_FIELDS = ("prefix_dim", "prefix_encoder", "dropout")
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Llama / Qwen2 config.json field -> GPTConfig field, and the value transformers assumes where a field is absent
+# (None: required).
+LLAMA_FIELDS = {"vocab_size": ("vocab_size", None), "max_position_embeddings": ("block_size", None),
+                "num_hidden_layers": ("n_layer", None), "num_attention_heads": ("n_head", None),
+                "hidden_size": ("n_embd", None), "intermediate_size": ("intermediate_size", None),
+                "num_key_value_heads": ("n_kv_head", "num_attention_heads"),
+                "rms_norm_eps": ("layer_norm_epsilon", 1e-6), "tie_word_embeddings": ("tie_weights", False)}
+# Llama-family switches mmgpt's block has no counterpart for, at the value that matches it (absent: matches).
+LLAMA_FIXED_FIELDS = {
+    "hidden_act": ("silu", "mmgpt's Llama MLP is SwiGLU with SiLU"),
+    "attention_bias": (False, "a bias on o_proj too; mmgpt's Llama has q/k/v biases for Qwen2 only"),
+    "mlp_bias": (False, "mmgpt's SwiGLU has no biases"),
+    "use_sliding_window": (False, "mmgpt's attention is full, never windowed"),
+    "partial_rotary_factor": (1.0, "mmgpt rotates the whole head"),
+    "num_experts": (None, "mixture-of-experts MLPs are not represented"),
+    "num_local_experts": (None, "mixture-of-experts MLPs are not represented"),
+}
+ROPE_TYPES = ("default", "llama3")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+SHARD_INDEX = "model.safetensors.index.json"
+DROPPED_BUFFERS = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")  # buffers older versions saved
 PREFIX_WEIGHTS, PREFIX_SPEC = "prefix_encoder.safetensors", "prefix_encoder.json"
 
 
@@ -55,7 +79,7 @@ class HFFormatError(UserError):
     """A Hugging Face directory mmgpt cannot load or represent; the message names the file or field."""
 
 
-class HFGPT2(NamedTuple):
+class HFLanguageModel(NamedTuple):
     config: GPTConfig
     state_dict: dict[str, torch.Tensor]  # mmgpt names and layout, without prefix_encoder.*
     tokenizer: HFTokenizer
@@ -63,12 +87,18 @@ class HFGPT2(NamedTuple):
 
 # ---------------------------------------------------------------- in
 def config_from_hf(hf: dict, source: str = "config.json", **free) -> GPTConfig:
-    """GPTConfig from a GPT-2 config.json's fields; `free` sets FREE_FIELDS. Anything mmgpt cannot represent is
-    an HFFormatError naming the field."""
+    """GPTConfig from a GPT-2, Llama or Qwen2 config.json's fields; `free` sets FREE_FIELDS. Anything mmgpt cannot
+    represent is an HFFormatError naming the field."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise HFFormatError(f"{source}: model_type {model_type!r} is not supported; mmgpt loads "
-                            f"{', '.join(SUPPORTED_MODEL_TYPES)} (a GPT-2 decoder)")
+                            f"{', '.join(SUPPORTED_MODEL_TYPES)} (a GPT-2 or Llama-family decoder)")
+    wrong = set(free) - set(FREE_FIELDS)
+    if wrong:
+        raise HFFormatError(f"{sorted(wrong)} cannot be set: with a Hugging Face directory, {source} determines "
+                            f"every model config field except {', '.join(FREE_FIELDS)}")
+    if model_type in LLAMA_ARCHITECTURES:
+        return _llama_config_from_hf(hf, source, **free)
     for field, (value, why) in FIXED_FIELDS.items():
         if hf.get(field, value) != value:
             raise HFFormatError(f"{source}: {field}={hf[field]!r} is not supported ({why}); mmgpt needs {value!r}")
@@ -84,10 +114,6 @@ def config_from_hf(hf: dict, source: str = "config.json", **free) -> GPTConfig:
     if activation not in ACTIVATIONS:
         raise HFFormatError(f"{source}: activation_function={activation!r} is not supported; choose one of "
                             f"{', '.join(ACTIVATIONS)}")
-    wrong = set(free) - set(FREE_FIELDS)
-    if wrong:
-        raise HFFormatError(f"{sorted(wrong)} cannot be set: with a GPT-2 directory, {source} determines every "
-                            f"model config field except {', '.join(FREE_FIELDS)}")
     mapped = {ours: hf[theirs] for theirs, ours in SAME_FIELDS.items() if theirs in hf}
     try:
         return GPTConfig(**mapped, activation=ACTIVATIONS[activation], bias=True, **free)
@@ -95,16 +121,68 @@ def config_from_hf(hf: dict, source: str = "config.json", **free) -> GPTConfig:
         raise HFFormatError(f"{source}: {e}") from None
 
 
+def _rope_from_hf(hf: dict, source: str) -> dict:
+    """rope_theta and rope_scaling from either form: transformers 5's `rope_parameters`, or the `rope_theta` +
+    `rope_scaling` that hub files carry."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise HFFormatError(f"{source}: rope_parameters / rope_scaling must be an object, got {params!r}")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise HFFormatError(f"{source}: RoPE type {kind!r} is not supported; mmgpt applies "
+                            f"{' or '.join(ROPE_TYPES)} RoPE")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise HFFormatError(f"{source}: partial_rotary_factor={params['partial_rotary_factor']} is not supported; "
+                            "mmgpt rotates the whole head")
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if kind == "default":
+        return {"rope_theta": float(theta), "rope_scaling": None}
+    scaling = {k: v for k, v in params.items() if k not in ("rope_type", "type", "rope_theta", "partial_rotary_factor")}
+    try:
+        return {"rope_theta": float(theta), "rope_scaling": RopeScaling.from_dict(scaling)}
+    except (UserError, TypeError) as e:
+        raise HFFormatError(f"{source}: llama3 RoPE scaling: {e}") from None
+
+
+def _llama_config_from_hf(hf: dict, source: str, **free) -> GPTConfig:
+    for field, (value, why) in LLAMA_FIXED_FIELDS.items():
+        if hf.get(field, value) != value:
+            raise HFFormatError(f"{source}: {field}={hf[field]!r} is not supported ({why}); mmgpt needs {value!r}")
+    for field, (_, default) in LLAMA_FIELDS.items():
+        value = hf.get(field)
+        if default is None and (type(value) is not int or value < 1):
+            raise HFFormatError(f"{source}: {field} is {repr(value) if field in hf else 'missing'}; a Llama-family "
+                                "config.json has positive integers " + ", ".join(
+                                    f for f, (_, d) in LLAMA_FIELDS.items() if d is None))
+    layer_types = set(hf.get("layer_types") or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        raise HFFormatError(f"{source}: layer_types {sorted(layer_types)} is not supported; mmgpt's attention is "
+                            "full_attention in every layer (no sliding windows)")
+    head_dim = hf["hidden_size"] // hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, head_dim):
+        raise HFFormatError(f"{source}: head_dim={hf['head_dim']} is not supported; mmgpt's head size is "
+                            f"hidden_size / num_attention_heads = {head_dim}")
+    mapped = {ours: hf.get(theirs, hf.get(default) if isinstance(default, str) else default)
+              for theirs, (ours, default) in LLAMA_FIELDS.items()}
+    try:
+        return GPTConfig(**mapped, **_rope_from_hf(hf, source), family="llama",
+                         qkv_bias=hf["model_type"] == "qwen2", **free)
+    except (TypeError, ValueError) as e:
+        raise HFFormatError(f"{source}: {e}") from None
+
+
 def state_dict_from_hf(weights: dict[str, torch.Tensor], config: GPTConfig, source: str = "weights"):
-    """mmgpt's language-model state dict from HF GPT-2 weights: either naming (GPT2LMHeadModel's
-    `transformer.h.0...` or GPT2Model's `h.0...`), Conv1D weights transposed, causal-mask buffers dropped."""
+    """mmgpt's language-model state dict from HF weights: either naming (GPT2LMHeadModel's `transformer.h.0...` or
+    GPT2Model's `h.0...`; LlamaForCausalLM's `model.layers.0...` or LlamaModel's `layers.0...`), GPT-2's Conv1D
+    weights transposed, buffers (causal masks, RoPE frequencies) dropped."""
     state = {}
+    trunk = "transformer." if config.family == "gpt2" else "model."
     for name, t in weights.items():
-        if name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers older versions saved
+        if name.endswith(DROPPED_BUFFERS):
             continue
-        if not name.startswith(("transformer.", "lm_head.")):
-            name = "transformer." + name
-        state[name] = t.t().contiguous() if name.endswith(CONV1D_WEIGHTS) else t
+        if not name.startswith((trunk, "lm_head.")):
+            name = trunk + name
+        state[name] = t.t().contiguous() if config.family == "gpt2" and name.endswith(CONV1D_WEIGHTS) else t
     if config.tie_weights:
         state.pop("lm_head.weight", None)  # a tied head is wte; some files store a copy
     with torch.device("meta"):  # names and shapes only, no memory
@@ -122,6 +200,8 @@ def state_dict_from_hf(weights: dict[str, torch.Tensor], config: GPTConfig, sour
 
 
 def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    if (directory / SHARD_INDEX).is_file():
+        return _read_shards(directory / SHARD_INDEX), directory / SHARD_INDEX
     for fname in WEIGHT_FILES:
         path = directory / fname
         if not path.is_file():
@@ -133,12 +213,35 @@ def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
         except Exception as e:  # truncated file, foreign format, pickle that is not a plain state dict, ...
             raise HFFormatError(f"{path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
                 from None
-    raise HFFormatError(f"{directory}: no {' or '.join(WEIGHT_FILES)}; save the model there with "
-                        "`model.save_pretrained(dir)` (sharded checkpoints are not supported)")
+    raise HFFormatError(f"{directory}: no {' or '.join((SHARD_INDEX, *WEIGHT_FILES))}; save the model there with "
+                        "`model.save_pretrained(dir)`")
 
 
-def load_hf_gpt2(directory, **free) -> HFGPT2:
-    """A local Hugging Face GPT-2 directory -> (GPTConfig, language-model state dict, tokenizer).
+def _read_shards(index_path: Path) -> dict[str, torch.Tensor]:
+    """A sharded safetensors checkpoint: the index's weight_map names the file of every tensor."""
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise HFFormatError(f"{index_path}: not a safetensors index with a weight_map ({type(e).__name__})") \
+            from None
+    weights = {}
+    for fname in sorted(set(weight_map.values())):
+        path = index_path.parent / fname
+        if not path.is_file():
+            raise HFFormatError(f"{index_path}: names the shard {fname}, which is missing; copy every shard")
+        try:
+            weights.update(load_file(path))
+        except Exception as e:  # truncated file, foreign format
+            raise HFFormatError(f"{path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
+                from None
+    missing = sorted(set(weight_map) - set(weights))
+    if missing:
+        raise HFFormatError(f"{index_path}: the shards lack {missing[:5]}, which the index names; copy them again")
+    return weights
+
+
+def load_hf(directory, **free) -> HFLanguageModel:
+    """A local Hugging Face GPT-2 / Llama / Qwen2 directory -> (GPTConfig, language-model state dict, tokenizer).
 
     `free` sets the fields config.json does not determine (prefix_dim, prefix_encoder, dropout). The state dict
     has no prefix encoder: it starts fresh (`load_language_model`). Every check runs before any training can.
@@ -146,8 +249,8 @@ def load_hf_gpt2(directory, **free) -> HFGPT2:
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
-        raise HFFormatError(f"{directory}: no config.json; expected a Hugging Face GPT-2 directory "
-                            "(config.json, model.safetensors or pytorch_model.bin, tokenizer files)")
+        raise HFFormatError(f"{directory}: no config.json; expected a Hugging Face GPT-2 or Llama-family directory "
+                            "(config.json, model.safetensors (sharded or not) or pytorch_model.bin, tokenizer files)")
     try:
         hf = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -159,18 +262,18 @@ def load_hf_gpt2(directory, **free) -> HFGPT2:
     tokenizer = load_hf_tokenizer(directory)
     check_tokenizer_fits(tokenizer, config)
     weights, path = _read_weights(directory)
-    return HFGPT2(config, state_dict_from_hf(weights, config, str(path)), tokenizer)
+    return HFLanguageModel(config, state_dict_from_hf(weights, config, str(path)), tokenizer)
 
 
 def load_language_model(model: MultimodalGPT, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load `load_hf_gpt2`'s weights into a model built from its config; only the prefix encoder keeps its
+    """Load `load_hf`'s weights into a model built from its config; only the prefix encoder keeps its
     fresh initialisation."""
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     missing = [k for k in missing if not k.startswith("prefix_encoder.")
                and not (k == "lm_head.weight" and model.config.tie_weights)]
     if missing or unexpected:
         raise HFFormatError(f"the language-model weights do not fit this model (missing {missing[:5]}, "
-                            f"unexpected {unexpected[:5]}); build it from load_hf_gpt2's config")
+                            f"unexpected {unexpected[:5]}); build it from load_hf's config")
 
 
 # ---------------------------------------------------------------- out
@@ -187,20 +290,20 @@ PREFIX_TENSORS = {
     "mlp": {"ln_weight": "proj.0.weight", "ln_bias": "proj.0.bias", "W1": "proj.1.weight", "b1": "proj.1.bias",
             "W2": "proj.3.weight", "b2": "proj.3.bias"},
 }
-README = """# {name}: a GPT-2 with a prefix encoder, written by mmgpt
+README = """# {name}: a {family} with a prefix encoder, written by mmgpt
 
 - config.json, model.safetensors, generation_config.json: the language model, loadable with
-  `transformers.GPT2LMHeadModel.from_pretrained(this_dir)`.
+  `transformers.{architecture}.from_pretrained(this_dir)`.
 - tokenizer.json, tokenizer_config.json: `transformers.AutoTokenizer.from_pretrained(this_dir)`.{byte_note}
 - prefix_encoder.safetensors, prefix_encoder.json: maps raw prefix features X (B, P, {prefix_dim}) to P
   embeddings E (B, P, {n_embd}); prefix_encoder.json states the function and every tensor's shape.
 
-mmgpt's input is [E; token embeddings], with learned positions 0, 1, ... over both, which is exactly what
-GPT-2 computes for `inputs_embeds`. With mmgpt installed:
+mmgpt's input is [E; token embeddings], with positions 0, 1, ... over both, which is exactly what
+transformers computes for `inputs_embeds`. With mmgpt installed:
 
     import torch, transformers
     from mmgpt.hf import load_prefix_encoder
-    hf = transformers.GPT2LMHeadModel.from_pretrained(this_dir)
+    hf = transformers.{architecture}.from_pretrained(this_dir)
     tok = transformers.AutoTokenizer.from_pretrained(this_dir)
     X = ...  # (1, P, {prefix_dim}) float32: the prefix features, as mmgpt was given them
     ids = torch.tensor([[tok.bos_token_id]])  # mmgpt's default prompt: BOS alone
@@ -216,16 +319,38 @@ BYTE_NOTE = """
   no merges (token id = UTF-8 byte value, specials at mmgpt's ids)."""
 
 
+def hf_model_type(config: GPTConfig) -> str:
+    """The transformers model_type a model is written as: a Llama with q/k/v biases is a Qwen2."""
+    if config.family == "gpt2":
+        return "gpt2"
+    return "qwen2" if config.qkv_bias else "llama"
+
+
+def hf_architecture(config: GPTConfig) -> str:
+    return "GPT2LMHeadModel" if config.family == "gpt2" else LLAMA_ARCHITECTURES[hf_model_type(config)]
+
+
 def _hf_config(config: GPTConfig, tokenizer: HFTokenizer, dtype: torch.dtype) -> dict:
+    common = {"architectures": [hf_architecture(config)], "model_type": hf_model_type(config),
+              "initializer_range": 0.02, "use_cache": True, "bos_token_id": tokenizer.bos_id,
+              "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
+              "dtype": str(dtype).removeprefix("torch.")}
+    if config.family != "gpt2":
+        scaling = config.rope_scaling and {"rope_type": "llama3", **asdict(config.rope_scaling)}
+        fixed = {field: value for field, (value, _) in LLAMA_FIXED_FIELDS.items() if value is not None}
+        if hf_model_type(config) == "llama":
+            fixed.pop("use_sliding_window")  # a Qwen2 field
+        else:
+            fixed.pop("attention_bias")  # Qwen2's q/k/v biases are implied by its type
+        # rope_theta + rope_scaling as hub files carry them: read by every transformers version
+        return {**common, **{theirs: getattr(config, ours) for theirs, (ours, _) in LLAMA_FIELDS.items()},
+                **fixed, "rope_theta": config.rope_theta, "rope_scaling": scaling, "head_dim": config.head_dim,
+                "attention_dropout": config.dropout}
     activation = next(theirs for theirs, ours in ACTIVATIONS.items() if ours == config.activation)
-    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-            **{theirs: getattr(config, ours) for theirs, ours in SAME_FIELDS.items()},
+    return {**common, **{theirs: getattr(config, ours) for theirs, ours in SAME_FIELDS.items()},
             "n_inner": None, "activation_function": activation,
             **{field: value for field, (value, _) in FIXED_FIELDS.items()},
-            "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
-            "initializer_range": 0.02, "use_cache": True, "bos_token_id": tokenizer.bos_id,
-            "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
-            "dtype": str(dtype).removeprefix("torch.")}
+            "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout}
 
 
 def _prefix_spec(model: MultimodalGPT, tensors: dict[str, torch.Tensor]) -> dict:
@@ -243,20 +368,22 @@ def _prefix_spec(model: MultimodalGPT, tensors: dict[str, torch.Tensor]) -> dict
     return spec
 
 
-def save_hf_gpt2(model: MultimodalGPT, tokenizer: TextTokenizer, directory) -> Path:
-    """Write `model` as a transformers-loadable GPT-2 directory plus its prefix encoder (see README in it).
+def save_hf(model: MultimodalGPT, tokenizer: TextTokenizer, directory) -> Path:
+    """Write `model` as a transformers-loadable directory of its family (GPT-2, Llama or Qwen2) plus its prefix
+    encoder (see README in it).
 
     Written into a temporary sibling that replaces `directory` only when complete.
     """
     c = model.config
-    if not c.bias:
+    if c.family == "gpt2" and not c.bias:
         raise HFFormatError("transformers' GPT-2 always has biases; a model.bias=false model has no HF equivalent")
     byte_level = isinstance(tokenizer, ByteTokenizer)
     tokenizer = as_hf_tokenizer(tokenizer)
     check_tokenizer_fits(tokenizer, c)
     params = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    dtype = params["transformer.wte.weight"].dtype
-    lm = {k: (v.t() if k.endswith(CONV1D_WEIGHTS) else v).contiguous() for k, v in params.items()
+    dtype = model.token_embedding.weight.dtype
+    conv1d = CONV1D_WEIGHTS if c.family == "gpt2" else ()
+    lm = {k: (v.t() if k.endswith(conv1d) else v).contiguous() for k, v in params.items()
           if not k.startswith("prefix_encoder.") and not (c.tie_weights and k == "lm_head.weight")}
     names = PREFIX_TENSORS[c.prefix_encoder]
     prefix = {sym: params[f"prefix_encoder.{name}"].contiguous() for sym, name in names.items()}
@@ -271,7 +398,8 @@ def save_hf_gpt2(model: MultimodalGPT, tokenizer: TextTokenizer, directory) -> P
         save_file(prefix, tmp / PREFIX_WEIGHTS, metadata={"format": "pt"})
         (tmp / PREFIX_SPEC).write_text(json.dumps(_prefix_spec(model, prefix), indent=2) + "\n")
         (tmp / "README.md").write_text(README.format(
-            name=directory.name, prefix_dim=c.prefix_dim, n_embd=c.n_embd,
+            name=directory.name, family=hf_model_type(c), architecture=hf_architecture(c),
+            prefix_dim=c.prefix_dim, n_embd=c.n_embd,
             byte_note=BYTE_NOTE if byte_level else ""))
     return directory
 
@@ -294,11 +422,11 @@ class PrefixProjector:
 
 
 def load_prefix_encoder(directory, device: str | torch.device = "cpu") -> PrefixProjector:
-    """The prefix encoder of a directory save_hf_gpt2 wrote."""
+    """The prefix encoder of a directory save_hf wrote."""
     directory = Path(directory)
     spec_path = directory / PREFIX_SPEC
     if not spec_path.is_file():
-        raise HFFormatError(f"{directory}: no {PREFIX_SPEC}; only directories written by mmgpt's save_hf_gpt2 "
+        raise HFFormatError(f"{directory}: no {PREFIX_SPEC}; only directories written by mmgpt's save_hf "
                             "have a prefix encoder")
     spec = json.loads(spec_path.read_text())
     if spec.get("format") != "mmgpt-prefix-encoder" or spec.get("kind") not in PREFIX_TENSORS:

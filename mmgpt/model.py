@@ -1,8 +1,13 @@
-"""The multimodal GPT: a GPT-2 decoder whose input is [modality-1 prefix] + [text tokens].
+"""The multimodal GPT: a decoder whose input is [modality-1 prefix] + [text tokens].
 
-One file, nanoGPT style. Parameter names match GPT-2 checkpoints (`transformer.wte`, `h.{i}.attn.c_attn`, ...).
-The prefix encoder maps raw modality-1 inputs (B, P, F) to P embeddings; learned positions cover the whole
-sequence, prefix first. Generation never needs the prefix again after prefill: it lives in the KV cache.
+One file, nanoGPT style, two families of decoder chosen by `GPTConfig.family`:
+- gpt2: pre-LayerNorm, learned positions, GELU MLP; parameter names match GPT-2 checkpoints (`transformer.wte`,
+  `transformer.h.{i}.attn.c_attn`, ...);
+- llama: RMSNorm, rotary positions (RoPE, optionally Llama 3's frequency scaling), SwiGLU MLP, grouped-query
+  attention (n_kv_head <= n_head), optional q/k/v biases (Qwen2); parameter names match Hugging Face's Llama
+  (`model.embed_tokens`, `model.layers.{i}.self_attn.q_proj`, ...), so its checkpoints load with no renaming.
+The prefix encoder maps raw modality-1 inputs (B, P, F) to P embeddings; positions cover the whole sequence,
+prefix first. Generation never needs the prefix again after prefill: it lives in the KV cache.
 
 `forward` is the training path (causal SDPA over prefix + text). `forward_cached` is the one inference path that
 every exported graph and the PyTorch backend share: a new segment (an optional prefix, then tokens) attends to a
@@ -20,6 +25,85 @@ from torch.utils.checkpoint import checkpoint
 from mmgpt.errors import UserError
 
 
+FAMILIES = ("gpt2", "llama")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3's RoPE frequency scaling (rope_type "llama3"): long wavelengths are divided by `factor`, short
+    ones kept, the band between interpolated."""
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+    def __post_init__(self):
+        if not (self.factor > 0 and 0 < self.low_freq_factor < self.high_freq_factor
+                and self.original_max_position_embeddings > 0):
+            raise UserError(f"rope_scaling={self!r}: needs factor > 0, 0 < low_freq_factor < high_freq_factor and "
+                            "original_max_position_embeddings > 0")
+
+    @classmethod
+    def from_dict(cls, d) -> "RopeScaling":
+        d = {k: v for k, v in dict(d).items() if k not in ("rope_type", "type")}
+        known = {f.name for f in fields(cls)}
+        if set(d) != known:
+            raise UserError(f"rope_scaling: needs exactly the keys {sorted(known)} (Llama 3 scaling), got "
+                            f"{sorted(d)}")
+        return cls(**d)
+
+
+def rope_inv_freq(cfg: "GPTConfig", device) -> torch.Tensor:
+    """(D/2,) fp32 inverse frequencies, as Hugging Face computes them (llama3 type when rope_scaling is set).
+    Computed on the device inside the graph: a few tiny ops, constant-folded by every exporter."""
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device=device).float() / D))
+    r = cfg.rope_scaling
+    if r is None:
+        return inv_freq
+    low_wavelen = r.original_max_position_embeddings / r.low_freq_factor
+    high_wavelen = r.original_max_position_embeddings / r.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / r.factor, inv_freq)
+    smooth = (r.original_max_position_embeddings / wavelen - r.low_freq_factor) / (r.high_freq_factor
+                                                                                    - r.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / r.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotate(x: torch.Tensor, rope) -> torch.Tensor:
+    """RoPE on x (B, H, N, D) with rope = (cos, sin), each (B, N, D): Hugging Face's rotate-half convention."""
+    cos, sin = (t[:, None] for t in rope)  # (B, 1, N, D)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def cached_attention(q, k, v, past_k, past_v, mask):
+    """Attention of a new segment to a past cache and to itself, grouped-query aware.
+
+    q (B, H, N, D); k/v (B, H_kv, N, D); past_k/v (B, H_kv, S, D) or None; mask (B, 1, N, [S +] N) bool, True =
+    attend. Scores against the past and against the new segment are computed separately and softmaxed together,
+    so the cache is read once and never concatenated (a concat would copy all of it every step); the H / H_kv
+    query heads of a group are stacked along N, so each key/value head is read once per group.
+    Returns (B, H, N, D).
+    """
+    B, H, N, D = q.shape
+    G = H // k.shape[1]
+    q = q.reshape(B, k.shape[1], G * N, D)  # (B, H_kv, G*N, D)
+    scale = 1.0 / math.sqrt(D)
+    scores = q @ k.transpose(-2, -1)  # (B, H_kv, G*N, N)
+    if past_k is not None:
+        scores = torch.cat([q @ past_k.transpose(-2, -1), scores], dim=-1)  # (B, H_kv, G*N, S+N)
+    scores = scores.unflatten(2, (G, N))  # (B, H_kv, G, N, S+N)
+    scores = (scores * scale).masked_fill(~mask[:, :, None], float("-inf"))
+    att = torch.softmax(scores.float(), dim=-1).to(q.dtype).flatten(2, 3)  # fp32 softmax: fp16 exp overflows
+    y = att[..., -N:] @ v  # (B, H_kv, G*N, D)
+    if past_k is not None:
+        y = y + att[..., :-N] @ past_v
+    return y.reshape(B, H, N, D)
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 259
@@ -33,11 +117,42 @@ class GPTConfig:
     prefix_dim: int = 16  # F: features per prefix element (a flattened image patch, a CLIP vector, ...)
     prefix_encoder: str = "linear"  # "linear" (patch embedding) | "mlp" (feature projector, LLaVA-style)
     layer_norm_epsilon: float = 1e-5  # of the decoder's LayerNorms (ln_1, ln_2, ln_f), as in a GPT-2 config.json
-    activation: str = "gelu_tanh"  # the MLP's GELU: "gelu_tanh" (GPT-2's gelu_new) | "gelu" (exact, erf)
+    activation: str = "gelu_tanh"  # gpt2's MLP GELU: "gelu_tanh" (GPT-2's gelu_new) | "gelu" (exact, erf)
+    family: str = "gpt2"  # "gpt2" | "llama" (RMSNorm, RoPE, SwiGLU, GQA; also Qwen2 and SmolLM2)
+    n_kv_head: int | None = None  # key/value heads (grouped-query attention); None: n_head. gpt2: n_head
+    intermediate_size: int | None = None  # the MLP's hidden width; None: 4 * n_embd (gpt2 only)
+    rope_theta: float = 10000.0  # llama: RoPE base
+    rope_scaling: RopeScaling | None = None  # llama: Llama 3's frequency scaling, or None
+    qkv_bias: bool = False  # llama: biases on q/k/v (Qwen2); gpt2's biases are `bias`
 
     def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise UserError(f"family={self.family!r}: choose one of {FAMILIES}")
         if self.n_embd % self.n_head:
             raise UserError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling.from_dict(self.rope_scaling)
+        if self.family == "gpt2":
+            gpt2 = {"n_kv_head": self.n_head, "intermediate_size": 4 * self.n_embd, "rope_scaling": None,
+                    "qkv_bias": False}
+            self.intermediate_size = self.intermediate_size or gpt2["intermediate_size"]
+            wrong = [f"{k}={getattr(self, k)!r}" for k, v in gpt2.items() if getattr(self, k) != v]
+            if wrong:
+                raise UserError(f"{', '.join(wrong)}: GPT-2 has n_kv_head = n_head, a 4 * n_embd MLP, learned "
+                                "positions and `bias` for every bias; set family=llama for these")
+        else:
+            if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+                raise UserError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head} (each key/value "
+                                "head serves a group of query heads)")
+            if self.intermediate_size is None or self.intermediate_size < 1:
+                raise UserError(f"intermediate_size={self.intermediate_size}: a llama model needs its MLP width "
+                                "(the config.json's intermediate_size)")
+            if self.head_dim % 2:
+                raise UserError(f"head_dim={self.head_dim} (n_embd / n_head) must be even: RoPE rotates pairs")
+            if not self.rope_theta > 0:
+                raise UserError(f"rope_theta={self.rope_theta} must be > 0")
         if self.prefix_encoder not in ("linear", "mlp"):
             raise UserError(f"prefix_encoder={self.prefix_encoder!r}: choose 'linear' or 'mlp'")
         if self.activation not in ("gelu_tanh", "gelu"):
@@ -100,23 +215,11 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, N, C))
 
     def forward_cached(self, x, past_k, past_v, mask):
-        """x (B, N, C) new segment; past_k/v (B, H, S, D) or None; mask (B, 1, [S +] N, ...) bool, True = attend.
-
-        Scores against the past and against the new segment are computed separately and softmaxed together,
-        so the cache is read once and never concatenated (a concat would copy all of it every step).
-        Returns the output and the new segment's keys and values (B, H, N, D) for the caller to store.
-        """
+        """x (B, N, C) new segment; past_k/v (B, H, S, D) or None; mask (B, 1, N, [S +] N) bool, True = attend.
+        Returns the output and the new segment's keys and values (B, H, N, D) for the caller to store."""
         B, N, C = x.shape
         q, k, v = self.qkv(x)
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        scores = q @ k.transpose(-2, -1)  # (B, H, N, N)
-        if past_k is not None:
-            scores = torch.cat([q @ past_k.transpose(-2, -1), scores], dim=-1)  # (B, H, N, S+N)
-        scores = (scores * scale).masked_fill(~mask, float("-inf"))
-        att = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # fp32 softmax: fp16 exp overflows
-        y = att[..., -N:] @ v  # (B, H, N, D)
-        if past_k is not None:
-            y = y + att[..., :-N] @ past_v
+        y = cached_attention(q, k, v, past_k, past_v, mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, N, C)), k, v
 
 
@@ -140,14 +243,92 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x):
+    def forward(self, x, rope=None):
+        """rope: unused, GPT-2's positions were added to the input."""
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
-    def forward_cached(self, x, past_k, past_v, mask):
+    def forward_cached(self, x, past_k, past_v, mask, rope=None):
         a, k, v = self.attn.forward_cached(self.ln_1(x), past_k, past_v, mask)
         x = x + a
         return x + self.mlp(self.ln_2(x)), k, v
+
+
+# ---------------------------------------------------------------- the Llama family
+class RMSNorm(nn.Module):
+    """Hugging Face's LlamaRMSNorm: normalised in fp32 (an fp16 square overflows), scaled in the input dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+        self.dropout = cfg.dropout
+
+    def qkv(self, x, rope):
+        """q (B, H, N, D), k and v (B, H_kv, N, D); q and k rotated to their positions."""
+        B, N, _ = x.shape
+        q = self.q_proj(x).view(B, N, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, N, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, N, self.n_kv_head, self.head_dim).transpose(1, 2)
+        return rotate(q, rope), rotate(k, rope), v
+
+    def forward(self, x, rope):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x, rope)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, N, -1))
+
+    def forward_cached(self, x, past_k, past_v, mask, rope):
+        """As CausalSelfAttention.forward_cached, with H_kv key/value heads; the cache holds rotated keys."""
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x, rope)
+        y = cached_attention(q, k, v, past_k, past_v, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, N, -1)), k, v
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.layer_norm_epsilon)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.layer_norm_epsilon)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, rope):
+        x = x + self.self_attn(self.input_layernorm(x), rope)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_cached(self, x, past_k, past_v, mask, rope):
+        a, k, v = self.self_attn.forward_cached(self.input_layernorm(x), past_k, past_v, mask, rope)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
 
 class MultimodalGPT(nn.Module):
@@ -155,19 +336,25 @@ class MultimodalGPT(nn.Module):
         super().__init__()
         self.config = cfg
         self.prefix_encoder = PrefixEncoder(cfg)
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-            drop=nn.Dropout(cfg.dropout),
-            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
-            ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, bias=cfg.bias),
-        ))
+        if cfg.family == "gpt2":
+            self.transformer = nn.ModuleDict(dict(
+                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+                drop=nn.Dropout(cfg.dropout),
+                h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+                ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, bias=cfg.bias),
+            ))
+        else:
+            self.model = nn.ModuleDict(dict(
+                embed_tokens=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                layers=nn.ModuleList([LlamaBlock(cfg) for _ in range(cfg.n_layer)]),
+                norm=RMSNorm(cfg.n_embd, cfg.layer_norm_epsilon),
+            ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         # A training choice, not part of the model (the config is what checkpoints and exports carry): recompute
         # each block in the backward pass instead of keeping its activations.
         self.activation_checkpointing = False
-        if cfg.tie_weights:
-            self.lm_head.weight = self.transformer.wte.weight
+        self.tie_head()
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scaled init of the residual projections
             if name.endswith("c_proj.weight"):
@@ -182,27 +369,60 @@ class MultimodalGPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
+    def tie_head(self) -> None:
+        """With tie_weights the head is the token table (again, after a load that assigned new tensors)."""
+        if self.config.tie_weights:
+            self.lm_head.weight = self.token_embedding.weight
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.transformer.wte if self.config.family == "gpt2" else self.model.embed_tokens
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.h if self.config.family == "gpt2" else self.model.layers
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.transformer.ln_f if self.config.family == "gpt2" else self.model.norm
+
+    @staticmethod
+    def positions(start_pos: torch.Tensor, N: int) -> torch.Tensor:
+        """(B, N): start_pos[b] + 0, 1, ..."""
+        return start_pos[:, None] + torch.arange(N, device=start_pos.device)
+
+    def rope(self, start_pos: torch.Tensor, N: int, dtype: torch.dtype):
+        """(cos, sin), each (B, N, D), for RoPE at positions start_pos[b] + 0, 1, ...; None for gpt2."""
+        if self.config.family == "gpt2":
+            return None
+        freqs = self.positions(start_pos, N)[..., None].float() * rope_inv_freq(self.config, start_pos.device)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, N, D)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
     def embed(self, prefix: torch.Tensor | None, input_ids: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
-        """[prefix] + tokens -> (B, P+T, C) with learned positions start_pos[b] + 0, 1, ..."""
-        x = self.transformer.wte(input_ids)  # (B, T, C)
+        """[prefix] + tokens -> (B, P+T, C), with learned positions start_pos[b] + 0, 1, ... for gpt2 (llama
+        rotates q and k in attention instead)."""
+        x = self.token_embedding(input_ids)  # (B, T, C)
         if prefix is not None:
             x = torch.cat([self.prefix_encoder(prefix).to(x.dtype), x], dim=1)  # (B, P+T, C)
-        N = x.shape[1]
-        pos = start_pos[:, None] + torch.arange(N, device=x.device)  # (B, N)
-        return self.transformer.drop(x + self.transformer.wpe(pos))
+        if self.config.family != "gpt2":
+            return x
+        return self.transformer.drop(x + self.transformer.wpe(self.positions(start_pos, x.shape[1])))
 
     def forward(self, prefix: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor | None = None):
         """Training forward. Returns logits over the text positions (B, T, V) and, given targets (B, T) with
         -100 where no loss is taken, the mean cross-entropy over text tokens only."""
         B, P = prefix.shape[:2]
-        x = self.embed(prefix, input_ids, torch.zeros(B, dtype=torch.long, device=input_ids.device))
+        start = torch.zeros(B, dtype=torch.long, device=input_ids.device)
+        x = self.embed(prefix, input_ids, start)
+        rope = self.rope(start, x.shape[1], x.dtype)
         recompute = self.activation_checkpointing and self.training
-        for block in self.transformer.h:
-            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
-        logits = self.lm_head(self.transformer.ln_f(x[:, P:]))  # (B, T, V): the prefix has no targets
+        for block in self.blocks:
+            x = checkpoint(block, x, rope, use_reentrant=False) if recompute else block(x, rope)
+        logits = self.lm_head(self.final_norm(x[:, P:]))  # (B, T, V): the prefix has no targets
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
@@ -212,26 +432,27 @@ class MultimodalGPT(nn.Module):
         """The inference step shared by prefill, decode and every backend.
 
         prefix (B, P, F) or None; input_ids (B, T) right-padded; input_lengths (B,) real tokens per row;
-        start_pos (B,) position of the segment's first element; past_keys/values: one (B, H, S, D) per layer,
+        start_pos (B,) position of the segment's first element; past_keys/values: one (B, H_kv, S, D) per layer,
         slot j valid for row b iff j < start_pos[b] (S may be 0), or None for a prefill with no past.
         Returns logits (B, V) at each row's last real token, and per layer the new segment's keys and values
-        (B, H, P+T, D).
+        (B, H_kv, P+T, D).
         """
         x = self.embed(prefix, input_ids, start_pos)
         B, N, _ = x.shape
+        rope = self.rope(start_pos, N, x.dtype)
         P = N - input_ids.shape[1]
         mask = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()[None, None].expand(B, 1, N, N)
         if past_keys is None:  # prefill: no past inputs at all, so the graph has no zero-size tensors
-            past_keys = past_values = [None] * len(self.transformer.h)
+            past_keys = past_values = [None] * len(self.blocks)
         else:
             slots = torch.arange(past_keys[0].shape[2], device=x.device)
             past_ok = (slots[None, :] < start_pos[:, None])[:, None, None, :]  # (B, 1, 1, S)
             mask = torch.cat([past_ok.expand(B, 1, N, slots.shape[0]), mask], dim=-1)  # (B, 1, N, S+N)
         new_keys, new_values = [], []
-        for block, pk, pv in zip(self.transformer.h, past_keys, past_values):
-            x, k, v = block.forward_cached(x, pk, pv, mask)
+        for block, pk, pv in zip(self.blocks, past_keys, past_values):
+            x, k, v = block.forward_cached(x, pk, pv, mask, rope)
             new_keys.append(k)
             new_values.append(v)
         last = (P + input_lengths - 1)[:, None, None].expand(B, 1, x.shape[-1])  # (B, 1, C)
-        h = self.transformer.ln_f(torch.gather(x, 1, last)[:, 0])  # (B, C): only the rows' last real tokens
+        h = self.final_norm(torch.gather(x, 1, last)[:, 0])  # (B, C): only the rows' last real tokens
         return self.lm_head(h), new_keys, new_values

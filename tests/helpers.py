@@ -111,3 +111,42 @@ def write_gpt2(directory, activation="gelu_new", tokenizer_files="json", seed=0,
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg)).eval()
     hf.save_pretrained(directory)
     return hf
+
+
+# ---------------------------------------------------------------- tiny Hugging Face Llama-family directories
+BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32}
+# The three acceptance shapes in miniature: Llama 3 (RoPE scaling, GQA), Qwen2 (q/k/v biases), SmolLM2 (tied).
+LLAMA_KINDS = {
+    "llama": ("LlamaForCausalLM", "LlamaConfig", dict(num_key_value_heads=2, rope_theta=500000.0,
+                                                     rope_scaling=LLAMA3_SCALING, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(num_key_value_heads=2, rope_theta=1000000.0,
+                                                     tie_word_embeddings=False)),
+    "smollm2": ("LlamaForCausalLM", "LlamaConfig", dict(num_key_value_heads=4, rope_theta=100000.0,
+                                                       tie_word_embeddings=True)),
+}
+
+
+def write_llama(directory, kind="llama", seed=0, **overrides):
+    """A tiny random Llama-family model saved by transformers (kind: LLAMA_KINDS), with a tokenizer whose BOS and
+    EOS are distinct named tokens, as Llama 3's are. Weights drawn wider than the usual init (see write_gpt2)."""
+    import transformers
+    directory.mkdir(parents=True, exist_ok=True)
+    bpe = train_tokenizer(special=None)
+    bpe.add_special_tokens([BOS, EOS])
+    bpe.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": BOS, "eos_token": EOS}))
+    architecture, config_class, fields = LLAMA_KINDS[kind]
+    cfg = dict(vocab_size=bpe.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.2,
+               bos_token_id=bpe.token_to_id(BOS), eos_token_id=bpe.token_to_id(EOS), **fields)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    hf = getattr(transformers, architecture)(getattr(transformers, config_class)(**cfg)).eval()
+    if kind == "qwen2":  # transformers initialises biases at zero: make them matter
+        for name, p in hf.named_parameters():
+            if name.endswith("proj.bias"):
+                torch.nn.init.normal_(p, std=0.2)
+    hf.save_pretrained(directory)
+    return hf

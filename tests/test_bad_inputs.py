@@ -302,10 +302,10 @@ def test_tokenizer_files_of_a_pretrained_directory(tmp_path, capsys):
 
 @pytest.mark.parametrize("content", ["[1, 2]", '"gpt2"', "null"])
 def test_an_init_from_config_that_is_not_an_object(tmp_path, capsys, content):
-    from mmgpt.hf import load_hf_gpt2
+    from mmgpt.hf import load_hf
     write_gpt2(tmp_path)
     (tmp_path / "config.json").write_text(content)
-    fails(lambda: load_hf_gpt2(tmp_path, prefix_dim=16), capsys, "config.json: must hold a JSON object")
+    fails(lambda: load_hf(tmp_path, prefix_dim=16), capsys, "config.json: must hold a JSON object")
 
 
 # ---------------------------------------------------------------- inputs, in the dtype that runs

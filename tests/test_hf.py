@@ -7,7 +7,7 @@ import torch
 
 from helpers import EOT, SENTENCES, require, train_tokenizer, write_gpt2
 from mmgpt.data.captions import IGNORE_INDEX, tokenize_captions
-from mmgpt.hf import HFFormatError, load_hf_gpt2, load_language_model, load_prefix_encoder, save_hf_gpt2
+from mmgpt.hf import HFFormatError, load_hf, load_language_model, load_prefix_encoder, save_hf
 from mmgpt.model import GPTConfig, MultimodalGPT
 from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
@@ -27,7 +27,7 @@ def gpt2_dir(tmp_path_factory):
 
 
 def load_mmgpt(directory, **free):
-    config, state, tok = load_hf_gpt2(directory, prefix_dim=PREFIX_DIM, **free)
+    config, state, tok = load_hf(directory, prefix_dim=PREFIX_DIM, **free)
     torch.manual_seed(1)
     model = MultimodalGPT(config)
     load_language_model(model, state)
@@ -112,9 +112,9 @@ def test_tokenizer_must_fit_the_model_vocabulary(tmp_path):
     check_tokenizer_fits(tok, GPTConfig(vocab_size=tok.vocab_size))
     with pytest.raises(TokenizerError, match=f"ids up to {tok.vocab_size - 1}, but the model's vocab_size is 300"):
         check_tokenizer_fits(tok, GPTConfig(vocab_size=300))
-    with pytest.raises(TokenizerError, match="model's vocab_size is 300"):  # load_hf_gpt2 checks it too
+    with pytest.raises(TokenizerError, match="model's vocab_size is 300"):  # load_hf checks it too
         write_gpt2(tmp_path, vocab_size=300)
-        load_hf_gpt2(tmp_path)
+        load_hf(tmp_path)
 
 
 # ---------------------------------------------------------------- GPT-2 in
@@ -131,11 +131,11 @@ def test_text_and_multimodal_logits_match_transformers(gpt2_dir):
 
 
 def test_greedy_ragged_batch_matches_transformers_generate(gpt2_dir, tmp_path):
-    """HF from the directory save_hf_gpt2 wrote, prefix through prefix_encoder.json's function: what a serving
+    """HF from the directory save_hf wrote, prefix through prefix_encoder.json's function: what a serving
     stack would do. HF generates a batch left-padded (it derives positions from the attention mask); mmgpt's
     generator right-pads."""
     model, tok = load_mmgpt(gpt2_dir)
-    save_hf_gpt2(model, tok, tmp_path / "hf")
+    save_hf(model, tok, tmp_path / "hf")
     hf, projector = hf_model(tmp_path / "hf"), load_prefix_encoder(tmp_path / "hf")
     P, new = 4, 10
     prefix = torch.randn(3, P, PREFIX_DIM, generator=torch.Generator().manual_seed(2))
@@ -176,7 +176,7 @@ def test_exact_gelu_round_trip(tmp_path):
     model, tok = load_mmgpt(tmp_path / "in")
     assert model.config.activation == "gelu"
     ids = torch.tensor([tok.encode(SENTENCES[1])])
-    save_hf_gpt2(model, tok, tmp_path / "out")
+    save_hf(model, tok, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["activation_function"] == "gelu"
     with torch.no_grad():
         tanh_model = MultimodalGPT(GPTConfig(**{**model.config.to_dict(), "activation": "gelu_tanh"}))
@@ -190,7 +190,7 @@ def test_exact_gelu_round_trip(tmp_path):
 @pytest.mark.parametrize("encoder", ["linear", "mlp"])
 def test_save_hf_gpt2_reloads_in_transformers(gpt2_dir, tmp_path, encoder):
     model, tok = load_mmgpt(gpt2_dir, prefix_encoder=encoder)
-    out = save_hf_gpt2(model, tok, tmp_path / "hf")
+    out = save_hf(model, tok, tmp_path / "hf")
     reloaded = hf_model(out)
     ids = torch.tensor([tok.encode(s)[:12] for s in SENTENCES])
     with torch.no_grad():
@@ -210,7 +210,7 @@ def test_save_hf_gpt2_reloads_in_transformers(gpt2_dir, tmp_path, encoder):
     with torch.no_grad():
         assert torch.allclose(load_prefix_encoder(out)(prefix), model.prefix_encoder(prefix), atol=1e-6)
 
-    again, state, tok_again = load_hf_gpt2(out, prefix_dim=PREFIX_DIM, prefix_encoder=encoder)
+    again, state, tok_again = load_hf(out, prefix_dim=PREFIX_DIM, prefix_encoder=encoder)
     assert again == model.config
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert tok_again.encode(TEXT) == tok.encode(TEXT)
@@ -220,7 +220,7 @@ def test_save_hf_gpt2_reloads_in_transformers(gpt2_dir, tmp_path, encoder):
 def test_byte_tokenizer_is_written_as_an_equivalent_hf_tokenizer(tmp_path):
     tok = ByteTokenizer()
     model = MultimodalGPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=tok.vocab_size))
-    save_hf_gpt2(model, tok, tmp_path / "hf")
+    save_hf(model, tok, tmp_path / "hf")
     text = TEXT + "\n\t<x> the end"
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert auto(text).input_ids == tok.encode(text, bos=False)
@@ -239,7 +239,7 @@ def test_untied_head_round_trip(tmp_path):
     model, tok = load_mmgpt(tmp_path / "in")
     assert not model.config.tie_weights
     assert not torch.equal(model.lm_head.weight, model.transformer.wte.weight)
-    save_hf_gpt2(model, tok, tmp_path / "out")
+    save_hf(model, tok, tmp_path / "out")
     ids = torch.tensor([tok.encode(SENTENCES[2])])
     with torch.no_grad():
         assert (text_logits(model, ids) - hf(input_ids=ids).logits).abs().max() <= 1e-5
@@ -248,20 +248,20 @@ def test_untied_head_round_trip(tmp_path):
 
 def test_a_failed_save_leaves_the_previous_directory(gpt2_dir, tmp_path, monkeypatch):
     model, tok = load_mmgpt(gpt2_dir)
-    save_hf_gpt2(model, tok, tmp_path / "hf")
+    save_hf(model, tok, tmp_path / "hf")
     before = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
 
     def disk_full(*args, **kwargs):
         raise OSError("disk full")
     monkeypatch.setattr("mmgpt.hf.save_file", disk_full)
     with pytest.raises(OSError, match="disk full"):
-        save_hf_gpt2(model, tok, tmp_path / "hf")
+        save_hf(model, tok, tmp_path / "hf")
     assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
 def test_load_language_model_refuses_another_shape(gpt2_dir):
-    config, state, _ = load_hf_gpt2(gpt2_dir)
+    config, state, _ = load_hf(gpt2_dir)
     with pytest.raises(HFFormatError, match="do not fit this model"):
         load_language_model(MultimodalGPT(GPTConfig(**{**config.to_dict(), "n_layer": 3})), state)
 
@@ -269,7 +269,7 @@ def test_load_language_model_refuses_another_shape(gpt2_dir):
 def test_save_refuses_a_model_without_biases(tmp_path):
     model = MultimodalGPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, bias=False))
     with pytest.raises(HFFormatError, match="always has biases"):
-        save_hf_gpt2(model, ByteTokenizer(), tmp_path / "hf")
+        save_hf(model, ByteTokenizer(), tmp_path / "hf")
     assert not any(tmp_path.iterdir())
 
 
@@ -294,45 +294,45 @@ def test_config_fields_mmgpt_cannot_represent(tmp_path, fields, message):
     write_gpt2(tmp_path)
     edit_config(tmp_path, **fields)
     with pytest.raises(HFFormatError, match=message):
-        load_hf_gpt2(tmp_path)
+        load_hf(tmp_path)
 
 
 def test_bad_directories(tmp_path):
     with pytest.raises(HFFormatError, match="no config.json; expected a Hugging Face GPT-2 directory"):
-        load_hf_gpt2(tmp_path)
+        load_hf(tmp_path)
     write_gpt2(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     del config["n_head"]
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(HFFormatError, match="n_head is missing; a GPT-2 config.json"):
-        load_hf_gpt2(tmp_path)
+        load_hf(tmp_path)
     write_gpt2(tmp_path)
     with pytest.raises(HFFormatError, match=r"\['n_layer', 'prefix_len'\] cannot be set: .* determines every "
                                             "model config field except prefix_dim, prefix_encoder, dropout"):
-        load_hf_gpt2(tmp_path, n_layer=3, prefix_len=3)
+        load_hf(tmp_path, n_layer=3, prefix_len=3)
 
     weights = tmp_path / "model.safetensors"
     from safetensors.torch import load_file, save_file
     state = load_file(weights)
     save_file({k: v for k, v in state.items() if "h.1.mlp" not in k}, weights)
     with pytest.raises(HFFormatError, match=r"weights do not match config.json \(missing \['transformer.h.1.mlp"):
-        load_hf_gpt2(tmp_path)
+        load_hf(tmp_path)
     save_file({**state, "transformer.extra": torch.zeros(1)}, weights)
     with pytest.raises(HFFormatError, match=r"unexpected \['transformer.extra'\]"):
-        load_hf_gpt2(tmp_path)
+        load_hf(tmp_path)
     weights.write_bytes(b"not safetensors")
     with pytest.raises(HFFormatError, match="model.safetensors: cannot be read"):
-        load_hf_gpt2(tmp_path)
+        load_hf(tmp_path)
     weights.unlink()
     (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle")
     with pytest.raises(HFFormatError, match="pytorch_model.bin: cannot be read"):
-        load_hf_gpt2(tmp_path)
+        load_hf(tmp_path)
     (tmp_path / "pytorch_model.bin").unlink()
     with pytest.raises(HFFormatError, match="no model.safetensors or pytorch_model.bin"):
-        load_hf_gpt2(tmp_path)
+        load_hf(tmp_path)
     (tmp_path / "tokenizer.json").unlink()
     with pytest.raises(TokenizerError, match="no tokenizer.json or vocab.json"):
-        load_hf_gpt2(tmp_path)
+        load_hf(tmp_path)
 
 
 def test_config_validates_activation():

@@ -6,7 +6,7 @@ import torch
 
 from helpers import SENTENCES, compose_config, require, small_train_overrides, write_gpt2
 from mmgpt.checkpoint import load_checkpoint
-from mmgpt.hf import load_hf_gpt2
+from mmgpt.hf import load_hf
 
 transformers = require("transformers", "transformers is not installed (pip install -e .[dev])")
 
@@ -35,7 +35,7 @@ def flow(tmp_path_factory):
 def test_frozen_language_model_stays_bit_identical_while_the_prefix_encoder_learns(flow):
     from mmgpt.training.run import setup
     root, result, _, cfg = flow
-    pretrained = load_hf_gpt2(root / "gpt2", prefix_dim=6)
+    pretrained = load_hf(root / "gpt2", prefix_dim=6)
     trained = load_checkpoint(result["last_ckpt"])
     state = trained.model.state_dict()
     assert trained.model.config.vocab_size == VOCAB and trained.tokenizer.vocab_size < VOCAB

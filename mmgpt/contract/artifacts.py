@@ -63,7 +63,7 @@ class Artifacts:
             model = MultimodalGPT(self.manifest.config)
         model.load_state_dict(self.state_dict(), assign=True)
         if model.config.tie_weights:
-            model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied tensor
+            model.tie_head()  # assign=True replaced the tied tensor
         return model.to(device).eval()
 
     def record_engines(self, strategy: str, entry: EngineBuild) -> None:

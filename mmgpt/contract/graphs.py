@@ -5,15 +5,16 @@ Everything that needs a graph's shapes derives from these declarations: torch.ex
 the saved ONNX file, the TensorRT optimization profiles, and the TensorRT backend's output buffers.
 
   prefill             prefix (B, P, F), input_ids (B, T) right-padded, input_lengths (B,)
-                      -> logits (B, V) at each row's last real token, present.{i}.key/value (B, H, P+T, D)
-  decode              input_ids (B, 1), position_ids (B, 1), past_key_values.{i}.key/value (B, H, S, D)
-                      -> logits (B, V), present.{i}.key/value (B, H, 1, D): the NEW slot only
+                      -> logits (B, V) at each row's last real token, present.{i}.key/value (B, H_kv, P+T, D)
+  decode              input_ids (B, 1), position_ids (B, 1), past_key_values.{i}.key/value (B, H_kv, S, D)
+                      -> logits (B, V), present.{i}.key/value (B, H_kv, 1, D): the NEW slot only
   context_generation  both flows' inputs, for one engine with two optimization profiles: the context profile
                       sets S = 0, the generation profile P = 0 and T = 1.
 
 Names follow Hugging Face optimum, with one difference in meaning: optimum's `present` is past + new, mmgpt's
 decode `present` is the new slot alone, which the runtime writes into its fixed-capacity cache at `position_ids`
-(returning the whole cache would copy it every step).
+(returning the whole cache would copy it every step). H_kv is the model's key/value head count (n_kv_head: fewer
+than the query heads under grouped-query attention).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ Dim = str | int
 class ModelDims:
     """The model dimensions every stage after training needs."""
     n_layer: int
-    n_head: int
+    n_kv_head: int  # the KV cache's heads
     head_dim: int
     prefix_dim: int
     vocab_size: int
@@ -41,7 +42,7 @@ class ModelDims:
     @classmethod
     def of(cls, config) -> "ModelDims":
         """From a GPTConfig (or anything with its fields)."""
-        return cls(config.n_layer, config.n_head, config.n_embd // config.n_head, config.prefix_dim,
+        return cls(config.n_layer, config.n_kv_head, config.n_embd // config.n_head, config.prefix_dim,
                    config.vocab_size, config.block_size)
 
 
@@ -100,7 +101,7 @@ def interleave(keys, values) -> list:
 
 
 def declare_graphs(dims: ModelDims) -> dict[str, GraphDecl]:
-    L, H, D, F, V = dims.n_layer, dims.n_head, dims.head_dim, dims.prefix_dim, dims.vocab_size
+    L, H, D, F, V = dims.n_layer, dims.n_kv_head, dims.head_dim, dims.prefix_dim, dims.vocab_size
     prefix = TensorDecl("prefix", (BATCH, PREFIX, F), MODEL_DTYPE)
     prompt = TensorDecl("input_ids", (BATCH, TEXT), "int64")
     lengths = TensorDecl("input_lengths", (BATCH,), "int64")

@@ -55,7 +55,7 @@ def run_parity(model: MultimodalGPT, artifacts: Artifacts, prefix_len: int, seed
                     continue
                 positions = torch.randint(1, S, (B, 1), generator=g)
                 ids = torch.randint(0, cfg.vocab_size, (B, 1), generator=g)
-                past = [torch.randn(B, cfg.n_head, S, cfg.head_dim, generator=g).to(torch_dtype)
+                past = [torch.randn(B, cfg.n_kv_head, S, cfg.head_dim, generator=g).to(torch_dtype)
                         for _ in range(2 * cfg.n_layer)]
                 logits, k, v = model.forward_cached(None, ids, torch.ones(B, dtype=torch.long), positions[:, 0],
                                                     past[0::2], past[1::2])

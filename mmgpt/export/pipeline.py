@@ -103,8 +103,8 @@ def export(cfg: DictConfig) -> Path:
             manifest.write(out)
             artifacts = Artifacts.open(out)
             if cfg.hf.enabled:
-                from mmgpt.hf import save_hf_gpt2
-                save_hf_gpt2(model, loaded.tokenizer, out / "hf")
+                from mmgpt.hf import save_hf
+                save_hf(model, loaded.tokenizer, out / "hf")
             if cfg.parity.enabled:
                 parity = run_parity(model, artifacts, loaded.prefix_len or 8, seed=cfg.parity.seed)
                 write_json(out / "parity.json", parity)

@@ -147,7 +147,7 @@ class Generator:
         key = (B, S)
         if key not in self._state:
             be, dev = self.backend, self.device
-            shape = (be.dims.n_layer, B, be.dims.n_head, S, be.dims.head_dim)
+            shape = (be.dims.n_layer, B, be.dims.n_kv_head, S, be.dims.head_dim)
             self._state[key] = _Bucket(
                 k=torch.zeros(shape, dtype=be.dtype, device=dev), v=torch.zeros(shape, dtype=be.dtype, device=dev),
                 token=torch.zeros(B, 1, dtype=torch.long, device=dev),

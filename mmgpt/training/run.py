@@ -39,32 +39,33 @@ def check_train_config(cfg: DictConfig) -> ModuleConfig:
     module = ModuleConfig.from_dict(OmegaConf.to_container(cfg.module, resolve=True))
     if module.freeze != "none" and not cfg.model.get("init_from"):
         raise UserError(f"module.freeze={module.freeze} keeps the language model as it is, which only makes "
-                        "sense for a pretrained one: set model.init_from=<Hugging Face GPT-2 directory>")
+                        "sense for a pretrained one: set model.init_from=<a Hugging Face GPT-2 or Llama-family "
+                        "directory>")
     if cfg.get("ckpt_path"):
         check_resume(cfg.ckpt_path, steps)
     return module
 
 
 def load_pretrained(cfg: DictConfig, datamodule):
-    """model.init_from, checked before any training: a Hugging Face GPT-2 directory (its config, weights and
-    tokenizer; the prefix encoder sized for the data, fresh) or an mmgpt checkpoint (every weight, e.g. a first
-    stage's; a fresh optimizer and schedule). None when training from scratch."""
+    """model.init_from, checked before any training: a Hugging Face GPT-2 or Llama-family directory (its config,
+    weights and tokenizer; the prefix encoder sized for the data, fresh) or an mmgpt checkpoint (every weight, e.g.
+    a first stage's; a fresh optimizer and schedule). None when training from scratch."""
     source = cfg.model.get("init_from")
     if not source:
         return None
-    from mmgpt.hf import HFGPT2, load_hf_gpt2
+    from mmgpt.hf import HFLanguageModel, load_hf
     if Path(source).is_file():
         loaded = load_checkpoint(source)
         if loaded.model.config.prefix_dim != datamodule.prefix_dim:
             raise UserError(f"model.init_from={source} reads prefixes of {loaded.model.config.prefix_dim} features, "
                             f"but the data's have {datamodule.prefix_dim}")
-        return HFGPT2(loaded.model.config, loaded.model.state_dict(), loaded.tokenizer)
+        return HFLanguageModel(loaded.model.config, loaded.model.state_dict(), loaded.tokenizer)
     free = {k: cfg.model[k] for k in ("prefix_encoder", "dropout") if k in cfg.model}
-    return load_hf_gpt2(source, prefix_dim=datamodule.prefix_dim, **free)
+    return load_hf(source, prefix_dim=datamodule.prefix_dim, **free)
 
 
 def build_module(cfg: DictConfig, datamodule, pretrained=None) -> MultimodalGPTModule:
-    """The model config, tokenizer and initial weights: from conf/model/ or from a pretrained GPT-2."""
+    """The model config, tokenizer and initial weights: from conf/model/ or from a pretrained Hugging Face model."""
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.pop("init_from", None)
     if model_cfg.get("prefix_dim", datamodule.prefix_dim) != datamodule.prefix_dim:

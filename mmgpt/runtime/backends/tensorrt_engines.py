@@ -200,7 +200,7 @@ class TensorRTBackend(Backend):
         if self.strategy == "shared":  # the context profile: positions from 0, an empty (or one masked) past
             inputs["position_ids"] = torch.zeros((B, 1), dtype=torch.long, device=self.device)
             S = self.context_past
-            past = [torch.zeros((B, self.dims.n_head, S, self.dims.head_dim), dtype=self.dtype, device=self.device)
+            past = [torch.zeros((B, self.dims.n_kv_head, S, self.dims.head_dim), dtype=self.dtype, device=self.device)
                     for _ in range(2 * self.dims.n_layer)]
             inputs.update(zip(past_names(self.dims.n_layer), past))
         outputs = self._outputs(flow.graph, {BATCH: B, PREFIX: P, TEXT: T, CACHE: 0})
