@@ -280,7 +280,7 @@ def edit_config(directory, **fields):
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"model_type": "llama"}, "model_type 'llama' is not supported; mmgpt loads gpt2"),
+    ({"model_type": "mistral"}, "model_type 'mistral' is not supported; mmgpt loads gpt2, llama, qwen2"),
     ({"activation_function": "relu"}, ("activation_function='relu' is not supported; choose one of gelu_new, "
                                        "gelu_pytorch_tanh, gelu")),
     ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True is not supported"),
@@ -298,7 +298,7 @@ def test_config_fields_mmgpt_cannot_represent(tmp_path, fields, message):
 
 
 def test_bad_directories(tmp_path):
-    with pytest.raises(HFFormatError, match="no config.json; expected a Hugging Face GPT-2 directory"):
+    with pytest.raises(HFFormatError, match="no config.json; expected a Hugging Face GPT-2 or Llama-family directory"):
         load_hf(tmp_path)
     write_gpt2(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -328,7 +328,7 @@ def test_bad_directories(tmp_path):
     with pytest.raises(HFFormatError, match="pytorch_model.bin: cannot be read"):
         load_hf(tmp_path)
     (tmp_path / "pytorch_model.bin").unlink()
-    with pytest.raises(HFFormatError, match="no model.safetensors or pytorch_model.bin"):
+    with pytest.raises(HFFormatError, match="no model.safetensors.index.json or model.safetensors or pytorch_model.bin"):
         load_hf(tmp_path)
     (tmp_path / "tokenizer.json").unlink()
     with pytest.raises(TokenizerError, match="no tokenizer.json or vocab.json"):
