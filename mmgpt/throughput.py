@@ -34,11 +34,13 @@ PEAK_FLOPS = (
 
 
 def matmul_params(model: MultimodalGPT) -> int:
-    """N of the 6N term: every parameter except the position table, and except the token table when it is not also
-    the output head (a table lookup costs no FLOPs; a tied table does the head's matmul)."""
-    n = model.num_params() - model.transformer.wpe.weight.numel()
+    """N of the 6N term: every parameter except GPT-2's position table, and except the token table when it is not
+    also the output head (a table lookup costs no FLOPs; a tied table does the head's matmul)."""
+    n = model.num_params()
+    if model.config.family == "gpt2":
+        n -= model.transformer.wpe.weight.numel()
     if not model.config.tie_weights:
-        n -= model.transformer.wte.weight.numel()
+        n -= model.token_embedding.weight.numel()
     return n
 
 

@@ -328,7 +328,8 @@ def test_bad_directories(tmp_path):
     with pytest.raises(HFFormatError, match="pytorch_model.bin: cannot be read"):
         load_hf(tmp_path)
     (tmp_path / "pytorch_model.bin").unlink()
-    with pytest.raises(HFFormatError, match="no model.safetensors.index.json or model.safetensors or pytorch_model.bin"):
+    with pytest.raises(HFFormatError, match="no model.safetensors.index.json or model.safetensors or "
+                                            "pytorch_model.bin"):
         load_hf(tmp_path)
     (tmp_path / "tokenizer.json").unlink()
     with pytest.raises(TokenizerError, match="no tokenizer.json or vocab.json"):

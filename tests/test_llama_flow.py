@@ -1,0 +1,96 @@
+"""The Llama family end to end (slow: minutes on 2 cores): a tiny Llama trained from scratch on digits (train ->
+export -> infer), and per family (Llama 3, Qwen2, SmolLM2-style) the pretrained recipe: train from a Hugging Face
+directory with the language model frozen, export (ONNX Runtime parity, chained tokens, hf/), infer on ONNX
+Runtime."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from helpers import LLAMA_KINDS, SENTENCES, compose_config, require, small_train_overrides, write_llama
+from mmgpt.checkpoint import load_checkpoint
+from mmgpt.contract.artifacts import Artifacts
+from mmgpt.export.onnx_graphs import io_dims
+from mmgpt.hf import load_hf
+
+transformers = require("transformers", "transformers is not installed (pip install -e .[dev])")
+
+
+@pytest.mark.slow
+def test_tiny_llama_digits_train_export_infer(tmp_path):
+    from mmgpt.export.pipeline import export
+    from mmgpt.inference import infer
+    from mmgpt.training import train
+    result = train(compose_config("train", ["+experiment=digits", "model=tiny_llama",
+                                            *small_train_overrides(tmp_path / "run", steps=4)]))
+    path = export(compose_config("export", [f"ckpt={result['last_ckpt']}", f"output_root={tmp_path}",
+                                            "name=llama", "engine=none"]))
+    a = Artifacts.open(path)
+    c = a.manifest.config
+    assert (c.family, c.n_head, c.n_kv_head) == ("llama", 4, 2)
+    dims = io_dims(onnx.load(a.graph_path("decode"), load_external_data=False))
+    assert dims["past_key_values.0.key"] == ["batch", 2, "cache_len", 32]  # the cache has the KV heads only
+    assert dims["present.0.key"] == ["batch", 2, 1, 32]
+    parity = json.loads((path / "parity.json").read_text())
+    assert parity["passed"] and parity["worst"] <= 1e-4 and parity["chained"]["tokens_match"]
+    assert json.loads((path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    report = infer(compose_config("infer", [f"artifacts={path}", "limit=4", "max_new_tokens=6", "show=0",
+                                            "backend=onnxruntime"]))
+    assert report["backend"] == "onnxruntime" and report["samples"] == 4
+
+
+@pytest.fixture(scope="module", params=[pytest.param(k, marks=pytest.mark.slow) for k in LLAMA_KINDS])
+def flow(request, tmp_path_factory):
+    from mmgpt.export.pipeline import export
+    from mmgpt.training import train
+    kind = request.param
+    root = tmp_path_factory.mktemp(kind)
+    write_llama(root / "hf_in", kind, max_position_embeddings=128)
+    rng = np.random.default_rng(0)
+    captions = [" ".join(s.split()[:4]) for s in SENTENCES] * 6
+    np.savez(root / "features.npz", features=rng.random((len(captions), 5, 6)).astype(np.float32),
+             texts=np.array(captions))
+    cfg = compose_config("train", [
+        "+experiment=llama_features", f"model.init_from={root / 'hf_in'}", f"data.path={root / 'features.npz'}",
+        *small_train_overrides(root / "run", steps=4), "data.batch_size=4", "module.max_new_tokens=8"])
+    result = train(cfg)
+    artifacts = export(compose_config("export", [f"ckpt={result['last_ckpt']}", f"output_root={root / 'artifacts'}",
+                                                 f"name={kind}", "engine=none"]))
+    return kind, root, result, artifacts
+
+
+def test_frozen_language_model_stays_bit_identical(flow):
+    kind, root, result, _ = flow
+    pretrained = load_hf(root / "hf_in", prefix_dim=6)
+    state = load_checkpoint(result["last_ckpt"]).model.state_dict()
+    for name, tensor in pretrained.state_dict.items():
+        assert torch.equal(state[name], tensor), name
+    assert len(pretrained.state_dict) == len([n for n in state if not n.startswith("prefix_encoder.")]) - (
+        1 if LLAMA_KINDS[kind][2]["tie_word_embeddings"] else 0)  # a tied head is the token table, stored once
+    assert result["global_step"] == 4
+
+
+def test_export_parity_chained_tokens_and_hf_in_its_own_family(flow):
+    kind, root, _, artifacts = flow
+    parity = json.loads((artifacts / "parity.json").read_text())
+    assert parity["passed"] and parity["worst"] <= 1e-4 and parity["chained"]["tokens_match"]
+    assert {c["graph"] for c in parity["cases"]} == {"prefill", "decode"}
+    original = json.loads((root / "hf_in" / "config.json").read_text())
+    written = json.loads((artifacts / "hf" / "config.json").read_text())
+    assert written["architectures"] == original["architectures"]
+    ids = torch.tensor([[5, 17, 42, 300]])
+    with torch.no_grad():
+        before = transformers.AutoModelForCausalLM.from_pretrained(root / "hf_in").eval()(ids).logits
+        after = transformers.AutoModelForCausalLM.from_pretrained(artifacts / "hf").eval()(ids).logits
+    assert torch.equal(before, after)
+
+
+def test_infer_on_onnxruntime(flow):
+    from mmgpt.inference import infer
+    _, root, _, artifacts = flow
+    report = infer(compose_config("infer", [f"artifacts={artifacts}", f"input={root / 'features.npz'}", "limit=4",
+                                            "max_new_tokens=8", "show=0", "backend=onnxruntime"]))
+    assert report["backend"] == "onnxruntime" and report["samples"] == 4
+    assert all(isinstance(t, str) for t in report["texts"])
