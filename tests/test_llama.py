@@ -189,3 +189,11 @@ def test_gpt2_config_refuses_llama_fields():
         GPTConfig(n_head=4, n_embd=64, family="llama")
     with pytest.raises(Exception, match="family='mamba': choose one of"):
         GPTConfig(family="mamba")
+
+
+def test_fused_kernels_refuse_a_llama_model():
+    require("triton", "triton is not installed (pip install -e .[dev])")
+    from mmgpt.runtime.backends.fused_triton import TritonBackend
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, family="llama", intermediate_size=32)
+    with pytest.raises(ValueError, match="llama-family model: use backend=torch"):
+        TritonBackend(MultimodalGPT(cfg))

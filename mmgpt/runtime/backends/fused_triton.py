@@ -92,6 +92,9 @@ class TritonBackend(TorchBackend):
         sizes where it was measured (benchmarks/NOTES.md)."""
         super().__init__(model, compile=False, prefix_len=prefix_len)
         cfg = model.config
+        if cfg.family != "gpt2":
+            raise UserError(f"the fused kernels compute GPT-2's block; this is a {cfg.family}-family model: use "
+                            "backend=torch (or tensorrt / onnxruntime)")
         if cfg.head_dim & (cfg.head_dim - 1):
             raise UserError(f"the fused attention kernel needs a power-of-two head size, got {cfg.head_dim}")
         if not cfg.bias:
