@@ -330,7 +330,7 @@ def hf_architecture(config: GPTConfig) -> str:
     return "GPT2LMHeadModel" if config.family == "gpt2" else LLAMA_ARCHITECTURES[hf_model_type(config)]
 
 
-def _hf_config(config: GPTConfig, tokenizer: HFTokenizer, dtype: torch.dtype) -> dict:
+def hf_config(config: GPTConfig, tokenizer: HFTokenizer, dtype: torch.dtype) -> dict:
     common = {"architectures": [hf_architecture(config)], "model_type": hf_model_type(config),
               "initializer_range": 0.02, "use_cache": True, "bos_token_id": tokenizer.bos_id,
               "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
@@ -389,7 +389,7 @@ def save_hf(model: MultimodalGPT, tokenizer: TextTokenizer, directory) -> Path:
     prefix = {sym: params[f"prefix_encoder.{name}"].contiguous() for sym, name in names.items()}
     directory = Path(directory)
     with staging_dir(directory) as tmp:
-        (tmp / "config.json").write_text(json.dumps(_hf_config(c, tokenizer, dtype), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_config(c, tokenizer, dtype), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id},
             indent=2) + "\n")

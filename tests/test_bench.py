@@ -98,3 +98,23 @@ def test_training_benchmark_times_the_module_step(tmp_path, monkeypatch):
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0, 0.1, 0.0] and sched.last_epoch == 3
     assert rows["mmgpt-eager"]["over_hf_like"] == pytest.approx(
         rows["mmgpt-eager"]["tokens_per_s"] / rows["hf-eager"]["tokens_per_s"], rel=0.01)
+
+
+def test_llama_shapes_and_their_hf_peer_on_the_same_weights():
+    """The Llama-family rows time HF's own class (here LlamaForCausalLM) on mmgpt's weights: equal greedy tokens,
+    and a changed weight is caught. The KV bytes per step count the KV heads only."""
+    require("transformers", "transformers is not installed (pip install -e .[dev])")
+    import torch
+    from mmgpt.bench.decode import build_model, hf_agrees, kv_bytes_used, shape_fields, to_hf, weight_bytes
+    assert shape_fields("smollm2_135m", 50257)["vocab_size"] == 49152  # the model's own vocabulary
+    model = build_model("tiny_llama", torch.float32, torch.device("cpu"), vocab=300, block=64)
+    c = model.config
+    assert (c.family, c.n_kv_head, c.tie_weights) == ("llama", 2, True)
+    assert weight_bytes(model) == 4 * model.num_params()  # no position table; the tied token table is the head
+    assert kv_bytes_used(model, 1, 10, 1, torch.float32) == 2 * c.n_layer * 2 * c.head_dim * 10 * 4
+    hf = to_hf(model)
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert hf_agrees(model, hf, torch.device("cpu"), prompt_len=4)["tokens_match"]
+    with torch.no_grad():  # negative control
+        hf.model.layers[0].mlp.up_proj.weight.mul_(-3.0)
+    assert not hf_agrees(model, hf, torch.device("cpu"), prompt_len=4)["tokens_match"]

@@ -1,10 +1,13 @@
 """Decode-speed benchmark: mmgpt's decode loop against Hugging Face transformers, same weights, same GPU, one run.
 
 python -m mmgpt.bench [decode] [--models 124m 355m 1p5b] [--dtypes fp16 bf16] [--batches 1 8] [--prefixes 0 64]
-                              [--smoke]
+                              [--skip IMPL ...] [--smoke]
 
-Rows: mmgpt torch backend in a CUDA graph, with and without torch.compile, and with the fused Triton kernels, at
-every batch x image-prefix length; HF GPT2LMHeadModel eager, and with a static cache + torch.compile, text only.
+Models: GPT-2 shapes (124m, 355m, 1p5b), and Llama-family shapes read from conf/model/ (smollm2_135m,
+qwen2p5_0p5b, llama3p2_1b) with their own vocabularies. Rows: mmgpt torch backend in a CUDA graph, with and without
+torch.compile, and with the fused Triton kernels (GPT-2), at every batch x image-prefix length; Hugging Face's own
+class for the family (GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM) on the same weights, eager and with a
+static cache + torch.compile, text only.
 Each row reports tok/s, time to first token, GB/s and % of the memory-bandwidth floor (copy bandwidth measured in
 the same run), and peak memory. Rows with an image prefix carry the multimodal / text-only ratio of the same decode
 loop, the ratio the byte count allows (weights + mean KV bytes per step without the prefix, over the same with
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 
 from mmgpt.bench.results import write_result
+from mmgpt.hf import hf_config
 from mmgpt.model import GPTConfig, MultimodalGPT
 from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
@@ -38,6 +42,10 @@ SHAPES = {  # GPT-2 shapes; vocab 50257 like GPT-2 so the head costs what it cos
     "1p5b": dict(n_layer=48, n_head=25, n_embd=1600),
     "smoke": dict(n_layer=2, n_head=2, n_embd=64),
 }
+# Llama-family shapes: conf/model/<name>.yaml, the file training uses, with the model's own vocabulary
+CONF_MODELS = Path(__file__).resolve().parents[2] / "conf" / "model"
+LLAMA_SHAPES = ("smollm2_135m", "qwen2p5_0p5b", "llama3p2_1b", "tiny_llama")
+IMPLS = ("mmgpt-graph", "mmgpt-graph+compile", "mmgpt-graph+triton", "hf-eager", "hf-static+compile")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PREFIXES = (0, 64)  # text only, and an 8x8 grid of patches (LLaVA-1.5's 24x24 grid is 576)
 PATCH_DIM = 48  # a 4x4 RGB patch
@@ -46,23 +54,40 @@ WARMUP = 3  # untimed calls of every variant before it is timed: one compiles an
 CHECK_TOKENS = 16  # greedy tokens compared between mmgpt and Hugging Face on the timed weights
 
 
+def shape_fields(size: str, vocab: int) -> dict:
+    """GPTConfig fields of a benchmark shape: GPT-2's at `vocab`, a Llama family's from its conf/model/ file."""
+    if size in SHAPES:
+        return dict(vocab_size=vocab, **SHAPES[size])
+    from omegaconf import OmegaConf
+    fields = OmegaConf.to_container(OmegaConf.load(CONF_MODELS / f"{size}.yaml"))
+    fields.setdefault("vocab_size", vocab)
+    return {k: v for k, v in fields.items() if k not in ("block_size", "prefix_encoder")}
+
+
 def build_model(size: str, dtype, device, vocab: int = 50257, block: int = 1024) -> MultimodalGPT:
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=vocab, block_size=block, prefix_dim=PATCH_DIM, **SHAPES[size])
+    cfg = GPTConfig(**{**shape_fields(size, vocab), "block_size": block, "prefix_dim": PATCH_DIM})
     return MultimodalGPT(cfg).to(device=device, dtype=dtype).eval()
 
 
 def weight_bytes(model: MultimodalGPT) -> int:
-    """Bytes one decode step must read: every parameter once, except the position table (one row per token)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    return total - model.transformer.wpe.weight.numel() * model.transformer.wpe.weight.element_size()
+    """Bytes one decode step must read: every parameter once, except tables read one row per token (GPT-2's
+    positions; the token table where it is not also the head)."""
+    def size(p):
+        return p.numel() * p.element_size()
+    total = sum(size(p) for p in model.parameters())
+    if model.config.family == "gpt2":
+        total -= size(model.transformer.wpe.weight)
+    if not model.config.tie_weights:
+        total -= size(model.token_embedding.weight)
+    return total
 
 
 def kv_bytes_used(model: MultimodalGPT, batch: int, start: int, steps: int, dtype) -> float:
-    """Mean KV bytes a step must read: keys and values of the positions filled so far."""
+    """Mean KV bytes a step must read: keys and values (n_kv_head heads) of the positions filled so far."""
     c = model.config
     mean_len = start + (steps - 1) / 2
-    return 2 * c.n_layer * batch * c.n_embd * mean_len * torch.tensor([], dtype=dtype).element_size()
+    return 2 * c.n_layer * batch * c.n_kv_head * c.head_dim * mean_len * torch.tensor([], dtype=dtype).element_size()
 
 
 def copy_bandwidth(device) -> float:
@@ -82,6 +107,29 @@ def copy_bandwidth(device) -> float:
     end.record()
     torch.cuda.synchronize()
     return 2 * n * 20 / (start.elapsed_time(end) / 1e3)
+
+
+def to_hf(model: MultimodalGPT):
+    """The same weights in Hugging Face's own class for the model's family."""
+    return to_hf_gpt2(model) if model.config.family == "gpt2" else to_hf_llama(model)
+
+
+def to_hf_llama(model: MultimodalGPT):
+    """The same weights as LlamaForCausalLM / Qwen2ForCausalLM, built from the config hf/ would carry: the names are
+    the same on both sides."""
+    import transformers
+    V = model.config.vocab_size
+    p = next(model.parameters())
+    fields = hf_config(model.config, ByteTokenizer(bos_id=V - 1, eos_id=V - 1, pad_id=V - 1), p.dtype)
+    hf_cfg = transformers.CONFIG_MAPPING[fields.pop("model_type")](**fields)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).to(device=p.device, dtype=p.dtype).eval()
+    ours = {k: v for k, v in model.state_dict().items() if not k.startswith("prefix_encoder")}
+    missing, unexpected = hf.load_state_dict(ours, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_weights)]
+    if missing or unexpected:  # a benchmark of other weights than mmgpt's would compare nothing
+        raise RuntimeError(f"to_hf_llama: mmgpt weights with no {type(hf).__name__} place {unexpected[:5]}, its "
+                           f"weights left unset {missing[:5]}")
+    return hf
 
 
 def to_hf_gpt2(model: MultimodalGPT):
@@ -270,10 +318,10 @@ def _backends(model: MultimodalGPT, device, args) -> dict:
     backends = {GRAPH_IMPL: TorchBackend(model)}
     if args.compile:
         backends["mmgpt-graph+compile"] = TorchBackend(model, compile=True)
-    if args.triton:
+    if args.triton and model.config.family == "gpt2":  # the fused kernels cover GPT-2's block
         from mmgpt.runtime.backends.fused_triton import TritonBackend
         backends["mmgpt-graph+triton"] = TritonBackend(model, pdl=args.pdl)
-    return backends
+    return {name: be for name, be in backends.items() if name not in args.skip}
 
 
 def run(args) -> dict:
@@ -285,7 +333,7 @@ def run(args) -> dict:
         for dname in args.dtypes:
             model = build_model(size, DTYPES[dname], device, vocab=args.vocab)
             setup = Setup(size, dname, model, weight_bytes(model), bw, device, args.prompt, args.new_tokens)
-            hf = to_hf_gpt2(model) if args.hf else None
+            hf = to_hf(model) if args.hf else None
             agreement = hf_agrees(model, hf, device, args.prompt) if hf is not None else None
             if agreement is not None:
                 verdict = "equal" if agreement["tokens_match"] else "DIFFER from"
@@ -303,6 +351,8 @@ def run(args) -> dict:
                     if device.type == "cuda" and args.compile:
                         hf_variants["hf-static+compile"] = True
                     for name, static_compile in hf_variants.items():
+                        if name in args.skip:
+                            continue
                         rows.append({**measure_row(setup, name, batch, 0, partial(
                             bench_hf, hf, batch, args.prompt, args.new_tokens, static_compile, device, args.repeats,
                             args.warmup)),
@@ -384,7 +434,7 @@ def merge_reports(paths: list[Path]) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["124m", "355m", "1p5b"], choices=list(SHAPES))
+    ap.add_argument("--models", nargs="+", default=["124m", "355m", "1p5b"], choices=[*SHAPES, *LLAMA_SHAPES])
     ap.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=list(DTYPES))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--prefixes", nargs="+", type=int, default=list(PREFIXES),
@@ -397,6 +447,7 @@ def main(argv=None):
     ap.add_argument("--no-hf", dest="hf", action="store_false")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--no-triton", dest="triton", action="store_false", help="skip the fused Triton kernels")
+    ap.add_argument("--skip", nargs="+", default=[], choices=IMPLS, help="leave out these rows")
     ap.add_argument("--pdl", action="store_true",
                     help="launch the Triton kernels with programmatic dependent launch (Hopper; off by default)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run that checks the report's form")
