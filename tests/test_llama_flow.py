@@ -18,15 +18,22 @@ from mmgpt.hf import load_hf
 transformers = require("transformers", "transformers is not installed (pip install -e .[dev])")
 
 
-@pytest.mark.slow
-def test_tiny_llama_digits_train_export_infer(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A tiny Llama trained from scratch on digits for 4 steps, exported fp32 without engines."""
     from mmgpt.export.pipeline import export
-    from mmgpt.inference import infer
     from mmgpt.training import train
+    root = tmp_path_factory.mktemp("tiny_llama")
     result = train(compose_config("train", ["+experiment=digits", "model=tiny_llama",
-                                            *small_train_overrides(tmp_path / "run", steps=4)]))
-    path = export(compose_config("export", [f"ckpt={result['last_ckpt']}", f"output_root={tmp_path}",
-                                            "name=llama", "engine=none"]))
+                                            *small_train_overrides(root / "run", steps=4)]))
+    return export(compose_config("export", [f"ckpt={result['last_ckpt']}", f"output_root={root}", "name=llama",
+                                            "engine=none"]))
+
+
+@pytest.mark.slow
+def test_tiny_llama_digits_train_export_infer(tiny_llama):
+    from mmgpt.inference import infer
+    path = tiny_llama
     a = Artifacts.open(path)
     c = a.manifest.config
     assert (c.family, c.n_head, c.n_kv_head) == ("llama", 4, 2)
@@ -39,6 +46,26 @@ def test_tiny_llama_digits_train_export_infer(tmp_path):
     report = infer(compose_config("infer", [f"artifacts={path}", "limit=4", "max_new_tokens=6", "show=0",
                                             "backend=onnxruntime"]))
     assert report["backend"] == "onnxruntime" and report["samples"] == 4
+
+
+@pytest.mark.slow
+def test_tiny_llama_engines_build_with_tensorrt_rtx(tiny_llama, tmp_path):
+    """Both strategies build on this CPU; the engines' KV inputs have the model's 2 KV heads, not its 4 query heads."""
+    import shutil
+    from mmgpt.export.pipeline import export
+    require("tensorrt_rtx", "TensorRT-RTX is not installed (pip install tensorrt-rtx-cu13)")
+    path = tmp_path / "llama"
+    shutil.copytree(tiny_llama, path)
+    for strategy in ("two_engines", "shared"):
+        export(compose_config("export", [f"artifacts={path}", "engine=tensorrt_rtx", f"engine.strategy={strategy}",
+                                         "engine.compute_capability=SM89", "engine.profiles.batch=[1,2,8]",
+                                         "engine.profiles.prompt=[1,4,32]", "engine.profiles.capacity=[64,128]"]))
+    entries = Artifacts.open(path).manifest.engines
+    assert set(entries) == {"two_engines", "shared"}
+    for strategy in entries.values():
+        for engine in strategy.engines.values():
+            assert engine.io["past_key_values.0.key"]["shape"] == [-1, 2, -1, 32]
+    assert entries["shared"].total_bytes < entries["two_engines"].total_bytes
 
 
 @pytest.fixture(scope="module", params=[pytest.param(k, marks=pytest.mark.slow) for k in LLAMA_KINDS])
