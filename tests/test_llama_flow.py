@@ -26,14 +26,14 @@ def tiny_llama(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_llama")
     result = train(compose_config("train", ["+experiment=digits", "model=tiny_llama",
                                             *small_train_overrides(root / "run", steps=4)]))
-    return export(compose_config("export", [f"ckpt={result['last_ckpt']}", f"output_root={root}", "name=llama",
-                                            "engine=none"]))
+    return result["last_ckpt"], export(compose_config("export", [f"ckpt={result['last_ckpt']}", f"output_root={root}",
+                                                             "name=llama", "engine=none"]))
 
 
 @pytest.mark.slow
 def test_tiny_llama_digits_train_export_infer(tiny_llama):
     from mmgpt.inference import infer
-    path = tiny_llama
+    _, path = tiny_llama
     a = Artifacts.open(path)
     c = a.manifest.config
     assert (c.family, c.n_head, c.n_kv_head) == ("llama", 4, 2)
@@ -55,7 +55,7 @@ def test_tiny_llama_engines_build_with_tensorrt_rtx(tiny_llama, tmp_path):
     from mmgpt.export.pipeline import export
     require("tensorrt_rtx", "TensorRT-RTX is not installed (pip install tensorrt-rtx-cu13)")
     path = tmp_path / "llama"
-    shutil.copytree(tiny_llama, path)
+    shutil.copytree(tiny_llama[1], path)
     for strategy in ("two_engines", "shared"):
         export(compose_config("export", [f"artifacts={path}", "engine=tensorrt_rtx", f"engine.strategy={strategy}",
                                          "engine.compute_capability=SM89", "engine.profiles.batch=[1,2,8]",
@@ -66,6 +66,16 @@ def test_tiny_llama_engines_build_with_tensorrt_rtx(tiny_llama, tmp_path):
         for engine in strategy.engines.values():
             assert engine.io["past_key_values.0.key"]["shape"] == [-1, 2, -1, 32]
     assert entries["shared"].total_bytes < entries["two_engines"].total_bytes
+
+
+@pytest.mark.slow
+def test_tiny_llama_fp16_export_parity(tiny_llama, tmp_path):
+    """RMSNorm's statistics and RoPE's angles stay fp32 inside an fp16 graph: parity holds at fp16's bound."""
+    from mmgpt.export.pipeline import export
+    path = export(compose_config("export", [f"ckpt={tiny_llama[0]}", f"output_root={tmp_path}", "name=h",
+                                            "dtype=fp16", "engine=none"]))
+    parity = json.loads((path / "parity.json").read_text())
+    assert parity["dtype"] == "float16" and parity["bound_held"] and parity["chained"]["tokens_match"], parity["worst"]
 
 
 @pytest.fixture(scope="module", params=[pytest.param(k, marks=pytest.mark.slow) for k in LLAMA_KINDS])
