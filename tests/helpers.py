@@ -150,3 +150,68 @@ def write_llama(directory, kind="llama", seed=0, **overrides):
                 torch.nn.init.normal_(p, std=0.2)
     hf.save_pretrained(directory)
     return hf
+
+
+def greedy_ours_and_hf(model, tok, directory, prefix_dim: int, new: int = 10):
+    """Greedy tokens (B, new) of mmgpt's generator and of transformers' generate(inputs_embeds=...) on the same
+    ragged batch with a 4-element prefix. HF runs from the directory save_hf writes into `directory`, the prefix
+    through prefix_encoder.json's function: what a serving stack would do. HF generates a batch left-padded (it
+    derives positions from the attention mask); mmgpt's generator right-pads."""
+    import transformers
+    from mmgpt.hf import load_prefix_encoder, save_hf
+    from mmgpt.runtime.backends.torch_model import TorchBackend
+    from mmgpt.runtime.generator import Generator
+    save_hf(model, tok, directory)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    projector = load_prefix_encoder(directory)
+    P = 4
+    prefix = torch.randn(3, P, prefix_dim, generator=torch.Generator().manual_seed(2))
+    prompts = [tok.encode("the quick"), [tok.bos_id], tok.encode("héllo")]
+    gen = Generator(TorchBackend(model), tok, max_positions=64, eos_check_interval=new + 1)
+    ours = gen.generate(prefix, prompts, max_new_tokens=new).tokens
+    T = max(len(p) for p in prompts)
+    embeds, mask = [], []
+    with torch.no_grad():
+        for row, p in zip(prefix, prompts):
+            pad = T - len(p)
+            embeds.append(torch.cat([torch.zeros(pad, model.config.n_embd), projector(row),
+                                     hf.get_input_embeddings()(torch.tensor(p))]))
+            mask.append([0] * pad + [1] * (P + len(p)))
+        theirs = hf.generate(inputs_embeds=torch.stack(embeds), attention_mask=torch.tensor(mask), do_sample=False,
+                             max_new_tokens=new, min_new_tokens=new, eos_token_id=None, pad_token_id=tok.pad_id)
+    return ours, theirs
+
+
+def write_features(root: Path, dim: int = 6) -> Path:
+    """features.npz for data=features: 24 captions of four words from SENTENCES, 5 random feature vectors each."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    captions = [" ".join(s.split()[:4]) for s in SENTENCES] * 6
+    np.savez(root / "features.npz", features=rng.random((len(captions), 5, dim)).astype(np.float32),
+             texts=np.array(captions))
+    return root / "features.npz"
+
+
+# ---------------------------------------------------------------- mmgpt and transformers on the same directory
+HF_PREFIX_DIM = 6  # features per prefix element of the models built from tiny Hugging Face directories
+
+
+def load_mmgpt(directory, **free):
+    """An mmgpt model from a Hugging Face directory (its prefix encoder seeded), in eval mode, and its tokenizer."""
+    from mmgpt.hf import load_hf, load_language_model
+    from mmgpt.model import MultimodalGPT
+    config, state, tok = load_hf(directory, prefix_dim=HF_PREFIX_DIM, **free)
+    torch.manual_seed(1)
+    model = MultimodalGPT(config)
+    load_language_model(model, state)
+    return model.eval(), tok
+
+
+def hf_model(directory):
+    import transformers
+    return transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+
+
+def text_logits(model, ids):
+    """mmgpt's training forward with a zero-length prefix: the text-only logits at every position."""
+    return model(torch.zeros(ids.shape[0], 0, model.config.prefix_dim), ids)[0]

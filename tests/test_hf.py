@@ -5,18 +5,17 @@ import json
 import pytest
 import torch
 
-from helpers import EOT, SENTENCES, require, train_tokenizer, write_gpt2
+from helpers import HF_PREFIX_DIM as PREFIX_DIM
+from helpers import (EOT, SENTENCES, greedy_ours_and_hf, hf_model, load_mmgpt, require, text_logits, train_tokenizer,
+                     write_gpt2)
 from mmgpt.data.captions import IGNORE_INDEX, tokenize_captions
 from mmgpt.hf import HFFormatError, load_hf, load_language_model, load_prefix_encoder, save_hf
 from mmgpt.model import GPTConfig, MultimodalGPT
-from mmgpt.runtime.backends.torch_model import TorchBackend
-from mmgpt.runtime.generator import Generator
 from mmgpt.tokenizer import ByteTokenizer, TokenizerError, check_tokenizer_fits, load_hf_tokenizer, tokenizer_from_dict
 
 transformers = require("transformers", "transformers is not installed (pip install -e .[dev])")  # a dev dependency
 
 TEXT = "héllo 日本 🙂"
-PREFIX_DIM = 6
 
 
 @pytest.fixture(scope="module")
@@ -24,23 +23,6 @@ def gpt2_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("gpt2")
     write_gpt2(d)
     return d
-
-
-def load_mmgpt(directory, **free):
-    config, state, tok = load_hf(directory, prefix_dim=PREFIX_DIM, **free)
-    torch.manual_seed(1)
-    model = MultimodalGPT(config)
-    load_language_model(model, state)
-    return model.eval(), tok
-
-
-def hf_model(directory):
-    return transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
-
-
-def text_logits(model, ids):
-    """mmgpt's training forward with a zero-length prefix: the text-only logits at every position."""
-    return model(torch.zeros(ids.shape[0], 0, model.config.prefix_dim), ids)[0]
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -131,27 +113,8 @@ def test_text_and_multimodal_logits_match_transformers(gpt2_dir):
 
 
 def test_greedy_ragged_batch_matches_transformers_generate(gpt2_dir, tmp_path):
-    """HF from the directory save_hf wrote, prefix through prefix_encoder.json's function: what a serving
-    stack would do. HF generates a batch left-padded (it derives positions from the attention mask); mmgpt's
-    generator right-pads."""
     model, tok = load_mmgpt(gpt2_dir)
-    save_hf(model, tok, tmp_path / "hf")
-    hf, projector = hf_model(tmp_path / "hf"), load_prefix_encoder(tmp_path / "hf")
-    P, new = 4, 10
-    prefix = torch.randn(3, P, PREFIX_DIM, generator=torch.Generator().manual_seed(2))
-    prompts = [tok.encode("the quick"), [tok.bos_id], tok.encode("héllo")]
-    gen = Generator(TorchBackend(model), tok, max_positions=64, eos_check_interval=new + 1)
-    ours = gen.generate(prefix, prompts, max_new_tokens=new).tokens
-
-    T = max(len(p) for p in prompts)
-    embeds, mask = [], []
-    with torch.no_grad():
-        for row, p in zip(prefix, prompts):
-            pad = T - len(p)
-            embeds.append(torch.cat([torch.zeros(pad, 32), projector(row), hf.get_input_embeddings()(torch.tensor(p))]))
-            mask.append([0] * pad + [1] * (P + len(p)))
-        theirs = hf.generate(inputs_embeds=torch.stack(embeds), attention_mask=torch.tensor(mask), do_sample=False,
-                             max_new_tokens=new, min_new_tokens=new, eos_token_id=None, pad_token_id=tok.pad_id)
+    ours, theirs = greedy_ours_and_hf(model, tok, tmp_path / "hf", PREFIX_DIM)
     assert torch.equal(ours, theirs)
     assert len(set(ours.flatten().tolist())) > 3  # not a degenerate repetition
 

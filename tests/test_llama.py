@@ -6,15 +6,14 @@ import json
 import pytest
 import torch
 
-from helpers import LLAMA_KINDS, SENTENCES, require, write_llama
-from mmgpt.hf import HFFormatError, load_hf, load_language_model, load_prefix_encoder, save_hf
+from helpers import HF_PREFIX_DIM as PREFIX_DIM
+from helpers import (LLAMA_KINDS, SENTENCES, greedy_ours_and_hf, hf_model, load_mmgpt, require, text_logits,
+                     write_llama)
+from mmgpt.hf import HFFormatError, load_hf, save_hf
 from mmgpt.model import GPTConfig, MultimodalGPT
-from mmgpt.runtime.backends.torch_model import TorchBackend
-from mmgpt.runtime.generator import Generator
 
 transformers = require("transformers", "transformers is not installed (pip install -e .[dev])")
 
-PREFIX_DIM = 6
 KINDS = list(LLAMA_KINDS)
 
 
@@ -23,22 +22,6 @@ def llama_dir(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param, numbered=False)  # the name says the kind
     write_llama(d, request.param)
     return d
-
-
-def load_mmgpt(directory, **free):
-    config, state, tok = load_hf(directory, prefix_dim=PREFIX_DIM, **free)
-    torch.manual_seed(1)
-    model = MultimodalGPT(config)
-    load_language_model(model, state)
-    return model.eval(), tok
-
-
-def hf_model(directory):
-    return transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
-
-
-def text_logits(model, ids):
-    return model(torch.zeros(ids.shape[0], 0, model.config.prefix_dim), ids)[0]
 
 
 def test_config_per_family(llama_dir):
@@ -80,28 +63,10 @@ def test_llama3_rope_scaling_matters(tmp_path):
 
 
 def test_greedy_ragged_batch_matches_transformers_generate(llama_dir, tmp_path):
-    """HF from the directory save_hf wrote, prefix through prefix_encoder.json's function. HF generates a batch
-    left-padded (positions from the attention mask); mmgpt's generator right-pads."""
     model, tok = load_mmgpt(llama_dir)
-    save_hf(model, tok, tmp_path / "hf")
-    hf, projector = hf_model(tmp_path / "hf"), load_prefix_encoder(tmp_path / "hf")
-    P, new = 4, 10
-    prefix = torch.randn(3, P, PREFIX_DIM, generator=torch.Generator().manual_seed(2))
-    prompts = [tok.encode("the quick"), [tok.bos_id], tok.encode("héllo")]
-    gen = Generator(TorchBackend(model), tok, max_positions=64, eos_check_interval=new + 1)
-    ours = gen.generate(prefix, prompts, max_new_tokens=new).tokens
-
-    T = max(len(p) for p in prompts)
-    embeds, mask = [], []
-    with torch.no_grad():
-        for row, p in zip(prefix, prompts):
-            pad = T - len(p)
-            embeds.append(torch.cat([torch.zeros(pad, 64), projector(row), hf.get_input_embeddings()(torch.tensor(p))]))
-            mask.append([0] * pad + [1] * (P + len(p)))
-        theirs = hf.generate(inputs_embeds=torch.stack(embeds), attention_mask=torch.tensor(mask), do_sample=False,
-                             max_new_tokens=new, min_new_tokens=new, eos_token_id=None, pad_token_id=tok.pad_id)
+    ours, theirs = greedy_ours_and_hf(model, tok, tmp_path / "hf", PREFIX_DIM)
     for row_ours, row_theirs in zip(ours.tolist(), theirs.tolist()):  # ours stops at EOS, HF was told not to
-        n = row_ours.index(tok.eos_id) + 1 if tok.eos_id in row_ours else new
+        n = row_ours.index(tok.eos_id) + 1 if tok.eos_id in row_ours else len(row_ours)
         assert row_ours[:n] == row_theirs[:n] and n > 3
     assert len(set(ours.flatten().tolist())) > 3  # not a degenerate repetition
 

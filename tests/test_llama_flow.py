@@ -4,12 +4,11 @@ directory with the language model frozen, export (ONNX Runtime parity, chained t
 Runtime."""
 import json
 
-import numpy as np
 import onnx
 import pytest
 import torch
 
-from helpers import LLAMA_KINDS, SENTENCES, compose_config, require, small_train_overrides, write_llama
+from helpers import LLAMA_KINDS, compose_config, require, small_train_overrides, write_features, write_llama
 from mmgpt.checkpoint import load_checkpoint
 from mmgpt.contract.artifacts import Artifacts
 from mmgpt.export.onnx_graphs import io_dims
@@ -85,10 +84,7 @@ def flow(request, tmp_path_factory):
     kind = request.param
     root = tmp_path_factory.mktemp(kind)
     write_llama(root / "hf_in", kind, max_position_embeddings=128)
-    rng = np.random.default_rng(0)
-    captions = [" ".join(s.split()[:4]) for s in SENTENCES] * 6
-    np.savez(root / "features.npz", features=rng.random((len(captions), 5, 6)).astype(np.float32),
-             texts=np.array(captions))
+    write_features(root)
     cfg = compose_config("train", [
         "+experiment=llama_features", f"model.init_from={root / 'hf_in'}", f"data.path={root / 'features.npz'}",
         *small_train_overrides(root / "run", steps=4), "data.batch_size=4", "module.max_new_tokens=8"])

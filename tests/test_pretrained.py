@@ -1,10 +1,9 @@
 """The pretrained-GPT-2 flow end to end on a tiny model with GPT-2's 50,257-token vocabulary: train from a Hugging
 Face directory with the language model frozen, export (ONNX, parity, hf/), infer on ONNX Runtime."""
-import numpy as np
 import pytest
 import torch
 
-from helpers import SENTENCES, compose_config, require, small_train_overrides, write_gpt2
+from helpers import compose_config, require, small_train_overrides, write_features, write_gpt2
 from mmgpt.checkpoint import load_checkpoint
 from mmgpt.hf import load_hf
 
@@ -19,10 +18,7 @@ def flow(tmp_path_factory):
     from mmgpt.training import train
     root = tmp_path_factory.mktemp("pretrained")
     write_gpt2(root / "gpt2", vocab_size=VOCAB, n_positions=64)
-    rng = np.random.default_rng(0)
-    captions = [" ".join(s.split()[:4]) for s in SENTENCES] * 6
-    np.savez(root / "features.npz", features=rng.random((len(captions), 5, 6)).astype(np.float32),
-             texts=np.array(captions))
+    write_features(root)
     cfg = compose_config("train", [
         "+experiment=gpt2_features", f"model.init_from={root / 'gpt2'}", f"data.path={root / 'features.npz'}",
         *small_train_overrides(root / "run", steps=6), "data.batch_size=4", "module.max_new_tokens=8"])
