@@ -421,6 +421,10 @@ def test_unlabelled_features_are_captioned_without_a_metric(exported, tmp_path):
     ("train", ["+experiment=digits", "+module.warmup=5"], "module.warmup (did you mean module.warmup_steps"),
     ("export", ["+engine.strategie=shared"], "engine.strategie (did you mean engine.strategy"),
     ("train", ["+experiment=digits", "seed=9223372036854775808"], "seed=9223372036854775808 must be an integer in"),
+    ("train", ["+experiment=digits", "+callbacks.lrm._target_=lightning.pytorch.callbacks.LearningRateMonitor",
+               "+callbacks.lrm.logging_intervall=step"], "callbacks.lrm.logging_intervall (did you mean"),
+    ("train", ["+experiment=digits", "+model.extra._target_=lightning.pytorch.callbacks.LearningRateMonitor"],
+     "model.extra"),  # only a collection of instantiables (conf/callbacks/) takes a new member
 ])
 def test_keys_no_code_reads_are_errors(capsys, command, overrides, fragment):
     from mmgpt.strict_config import check_config
@@ -432,6 +436,8 @@ def test_keys_no_code_reads_are_errors(capsys, command, overrides, fragment):
     ("train", ["+experiment=features", "data.path=/data.npz", "trainer=gpu"]),
     ("export", ["engine=tensorrt", "name=x"]),
     ("infer", ["sampling.temperature=0.5"]),
+    ("train", ["+experiment=digits", "+callbacks.lrm._target_=lightning.pytorch.callbacks.LearningRateMonitor",
+               "+callbacks.lrm.logging_interval=step"]),  # a new callback: run.py instantiates every member
 ])
 def test_valid_configs_pass_the_strict_check(command, overrides):
     from mmgpt.strict_config import check_config
