@@ -48,7 +48,7 @@ class RequestState:
     request: Request
     on_update: Callable[["RequestState", list[int]], None] | None = None  # called from the engine's thread
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # stop | length | cancelled
+    finish_reason: str | None = None  # stop | length | cancelled | error
     row: int | None = None
     cache_key: str | None = None
     cache_hit: bool = False
@@ -220,6 +220,15 @@ class InflightEngine:
             self.finished[rows] = True
             for r in rows:
                 self._finish(self.slots[r], "cancelled")
+
+    def abort(self) -> None:
+        """End every running and waiting request with finish_reason 'error' (after a failed step: the rows' state is
+        unknown), leaving every row free."""
+        with self._lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        for state in [s for s in self.slots if s is not None] + waiting:
+            self._finish(state, "error")
+        self.finished.fill_(True)
 
     def _admit(self) -> None:
         free = [r for r, s in enumerate(self.slots) if s is None]
