@@ -205,8 +205,8 @@ def test_commands_exit_1_with_a_message_and_leave_no_run_directories(exported, t
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "error:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "do not match the hash in model.json" in proc.stderr
-    proc = subprocess.run([sys.executable, str(ROOT / "infer.py"), f"artifacts={exported}", "limit=2", "show=1"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "infer.py"), f"artifacts={exported}", "limit=2", "show=1",
+                           "backend=onnxruntime"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"artifacts {exported}" in proc.stdout and "backend onnxruntime" in proc.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no outputs/, no log files
