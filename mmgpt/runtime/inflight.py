@@ -1,0 +1,390 @@
+"""In-flight batching: a running bucket of fixed rows x cache capacity whose rows are request slots.
+
+Requests join free rows between decode steps: joiners that arrive together are prefilled together (grouped by
+prefix length) and their keys and values are written into their own rows' slots, while the other rows keep their
+state. The decode step (backend execute + KV write + per-row sampling + count / position / finished update) touches
+only device tensors of fixed shape, so it is captured once per engine on a GPU and replayed whatever joins or leaves.
+A request leaves on its end token, on its max_tokens or when cancelled; its row is then free for the next joiner.
+
+The host reads the sampled tokens once per window of `stream_interval` steps (one transfer for all rows), which is
+all that streaming needs. Sampling noise is a hash of (the request's seed, its token index, the vocabulary index),
+so a seeded request draws the same tokens whichever requests it shares the bucket with.
+
+A context prefix's keys and values can be kept in a PrefixCache (keyed by the weights' hash and the prefix bytes):
+a joiner whose prefix is cached copies them into its slots and feeds only its prompt, one token per decode call.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import threading
+import time
+import warnings
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from mmgpt.errors import UserError
+from mmgpt.runtime.requests import capacity_for, check_token_ids
+from mmgpt.runtime.sampling import RowSampling, SamplingConfig, row_noise, sample_rows
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation: a (P, F) prefix (P may be 0), prompt token ids, a token budget and its sampling."""
+    prefix: torch.Tensor
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingConfig = SamplingConfig()
+
+
+@dataclass
+class RequestState:
+    """A submitted request as the host sees it. `tokens` holds every generated id, the end token included."""
+    id: int
+    request: Request
+    on_update: Callable[["RequestState", list[int]], None] | None = None  # called from the engine's thread
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # stop | length | cancelled | error
+    row: int | None = None
+    cache_key: str | None = None
+    cache_hit: bool = False
+    submitted_s: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None
+    cancelled: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        """Leave at the next step boundary (thread-safe: a flag the engine reads)."""
+        self.cancelled = True
+
+
+class QueueFull(Exception):
+    """More requests wait than the engine's queue allows: the caller should answer 'busy' (HTTP 429 / 503)."""
+
+
+class PrefixCache:
+    """Keys and values of context prefixes, LRU under a byte budget. The key hashes the weights' identity with the
+    prefix's dtype, shape and bytes, so another model or another image never hits."""
+
+    def __init__(self, budget_bytes: int, namespace: str):
+        if budget_bytes < 0:
+            raise UserError(f"prefix cache budget {budget_bytes} bytes must be >= 0 (0 turns the cache off)")
+        self.budget, self.namespace = budget_bytes, namespace
+        self.entries: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.nbytes = self.hits = self.misses = 0
+
+    def key(self, prefix: torch.Tensor) -> str:
+        data = prefix.detach().to("cpu", torch.float32).contiguous()
+        h = hashlib.sha256(f"{self.namespace}|{tuple(data.shape)}|".encode())
+        h.update(data.numpy().tobytes())
+        return h.hexdigest()
+
+    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        entry = self.entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return entry
+
+    def put(self, key: str, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: (L, H, P, D), owned by the cache from now on."""
+        size = k.numel() * k.element_size() * 2
+        if key in self.entries or size > self.budget:
+            return
+        while self.nbytes + size > self.budget:
+            _, (old_k, old_v) = self.entries.popitem(last=False)
+            self.nbytes -= old_k.numel() * old_k.element_size() * 2
+        self.entries[key] = (k, v)
+        self.nbytes += size
+
+
+class InflightEngine:
+    """Rows x capacity of running requests over one backend. Drive it with `submit` and `step` from one thread (the
+    server runs it in its own thread); `cancel` and `submit` are safe from others."""
+
+    def __init__(self, backend, tokenizer, rows: int, capacity: int, cuda_graph: bool | None = None,
+                 prefix_cache: PrefixCache | None = None, stream_interval: int = 1, max_queue: int = 1024):
+        self.backend, self.tok = backend, tokenizer
+        self.device = torch.device(backend.device)
+        if rows < 1 or (backend.max_batch is not None and rows > backend.max_batch):
+            raise UserError(f"rows={rows} must lie in [1, {backend.max_batch or 'any'}] for the {backend.name} "
+                            "backend (an engine profile's max batch, where it has one)")
+        if stream_interval < 1:
+            raise UserError(f"stream_interval={stream_interval} must be >= 1 (decode steps between host reads)")
+        self.rows, self.capacity, self.stream_interval, self.max_queue = rows, capacity, stream_interval, max_queue
+        self.use_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
+        if self.use_graph and self.device.type != "cuda":
+            raise UserError("cuda_graph=True needs a CUDA backend device")
+        self.cache = prefix_cache
+        # all device work on a stream of our own: engines must not run on the legacy default stream
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        d, dev, R = backend.dims, self.device, rows
+        shape = (d.n_layer, R, d.n_kv_head, capacity, d.head_dim)
+        self.k = torch.zeros(shape, dtype=backend.dtype, device=dev)  # (L, R, H_kv, S, D)
+        self.v = torch.zeros(shape, dtype=backend.dtype, device=dev)
+        self.token = torch.zeros(R, 1, dtype=torch.long, device=dev)  # last sampled token
+        self.position = torch.zeros(R, 1, dtype=torch.long, device=dev)  # where that token goes in the cache
+        self.count = torch.zeros(R, dtype=torch.long, device=dev)  # tokens generated so far
+        self.max_tokens = torch.ones(R, dtype=torch.long, device=dev)
+        self.finished = torch.ones(R, dtype=torch.bool, device=dev)  # free rows count as finished
+        self.sampling = RowSampling.empty(R, dev)
+        self.window = torch.zeros(R, stream_interval, dtype=torch.long, device=dev)  # tokens since the last read
+        self.window_step = torch.zeros(1, dtype=torch.long, device=dev)
+        self.graph = None
+        self.graph_captures = 0
+        self.slots: list[RequestState | None] = [None] * R
+        self.waiting: deque[RequestState] = deque()
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self.decode_steps = 0
+        if self.use_graph:
+            with self._on_stream():
+                self._capture()
+
+    # ---------------------------------------------------------------- requests
+    def check(self, request: Request) -> None:
+        """Every way a request can be wrong, as a UserError, before it is queued."""
+        if not isinstance(request.sampling, SamplingConfig):
+            raise UserError("sampling must be a SamplingConfig")
+        if not request.prompt:
+            raise UserError("empty prompt: every request needs at least one token (the BOS token is the usual start)")
+        check_token_ids([request.prompt], self.backend.dims.vocab_size)
+        if not torch.is_tensor(request.prefix) or request.prefix.ndim != 2:
+            raise UserError(f"prefix must be a (P, F) tensor, got shape {tuple(getattr(request.prefix, 'shape', ()))}")
+        capacity_for(self.backend, request.prefix[None], len(request.prompt), request.max_tokens, [self.capacity])
+
+    def submit(self, request: Request, on_update=None) -> RequestState:
+        """Queue a request (checked first); it joins a free row at the next step boundary."""
+        self.check(request)
+        with self._lock:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting, the most this engine queues")
+            state = RequestState(next(self._ids), request, on_update)
+            self.waiting.append(state)
+        return state
+
+    @property
+    def active_rows(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    def has_work(self) -> bool:
+        return self.active_rows > 0 or len(self.waiting) > 0
+
+    # ---------------------------------------------------------------- the loop
+    @torch.inference_mode()
+    def step(self, max_steps: int | None = None) -> None:
+        """One scheduling round: free cancelled rows, admit waiting requests into free rows, then run
+        `stream_interval` decode steps (fewer if max_steps says so) and hand each request its new tokens."""
+        with self._on_stream():
+            self._release_cancelled()
+            self._admit()
+            n = self.stream_interval if max_steps is None else min(max_steps, self.stream_interval)
+            if self.active_rows and n > 0:
+                self.window_step.zero_()
+                for _ in range(n):
+                    self.graph.replay() if self.graph is not None else self._decode_step()
+                self.decode_steps += n
+                self._collect(n)
+
+    def run(self) -> None:
+        """Step until every submitted request is done."""
+        while self.has_work():
+            self.step()
+
+    def _on_stream(self):
+        if self.stream is None:
+            return contextlib.nullcontext()
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        return torch.cuda.stream(self.stream)
+
+    def _release_cancelled(self) -> None:
+        with self._lock:
+            for state in [s for s in self.waiting if s.cancelled]:
+                self.waiting.remove(state)
+                self._finish(state, "cancelled")
+        rows = [r for r, s in enumerate(self.slots) if s is not None and s.cancelled]
+        if rows:
+            self.finished[rows] = True
+            for r in rows:
+                self._finish(self.slots[r], "cancelled")
+
+    def abort(self) -> None:
+        """End every running and waiting request with finish_reason 'error' (after a failed step: the rows' state is
+        unknown), leaving every row free."""
+        with self._lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        for state in [s for s in self.slots if s is not None] + waiting:
+            self._finish(state, "error")
+        self.finished.fill_(True)
+
+    def _admit(self) -> None:
+        free = [r for r, s in enumerate(self.slots) if s is None]
+        with self._lock:
+            joiners = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
+        if not joiners:
+            return
+        for state, row in zip(joiners, free):
+            state.row = row
+            self.slots[row] = state
+        hits, misses = [], []
+        for state in joiners:
+            prefix = state.request.prefix
+            cached = None
+            if self.cache is not None and prefix.shape[0] > 0:
+                state.cache_key = self.cache.key(prefix)
+                cached = self.cache.get(state.cache_key)
+            (hits if cached is not None else misses).append((state, cached))
+        rows, logits = [], []
+        if hits:  # before the prefills: feeding prompts writes stale positions of the rows not yet started
+            group = [s for s, _ in hits]
+            for state, (k, v) in hits:
+                state.cache_hit = True
+                P = k.shape[2]
+                self.k[:, state.row, :, :P].copy_(k)
+                self.v[:, state.row, :, :P].copy_(v)
+            rows.append(torch.tensor([s.row for s in group], device=self.device))
+            logits.append(self._feed_prompts(group, rows[-1]))
+        by_prefix_len: dict[int, list[RequestState]] = {}
+        for state, _ in misses:
+            by_prefix_len.setdefault(state.request.prefix.shape[0], []).append(state)
+        for group in by_prefix_len.values():
+            rows.append(torch.tensor([s.row for s in group], device=self.device))
+            logits.append(self._prefill(group, rows[-1]))
+        self._start(joiners, torch.cat(rows), torch.cat(logits))
+
+    def _prefill(self, group: list[RequestState], rows: torch.Tensor) -> torch.Tensor:
+        """One batched prefill of requests sharing a prefix length; writes their slots, returns their logits."""
+        prompts = [s.request.prompt for s in group]
+        T = max(map(len, prompts))
+        ids = torch.full((len(group), T), self.tok.pad_id, dtype=torch.long)
+        for j, p in enumerate(prompts):
+            ids[j, : len(p)] = torch.tensor(p)
+        lengths = torch.tensor(list(map(len, prompts)))
+        prefix = torch.stack([s.request.prefix for s in group]).to(self.device)
+        logits, keys, values = self.backend.prefill(prefix, ids.to(self.device), lengths.to(self.device))
+        N = keys[0].shape[2]  # P + T
+        for i in range(len(keys)):
+            self.k[i, rows, :, :N] = keys[i].to(self.k.dtype)
+            self.v[i, rows, :, :N] = values[i].to(self.v.dtype)
+        P = prefix.shape[1]
+        if self.cache is not None and P > 0:
+            for state in group:
+                row = state.row
+                self.cache.put(state.cache_key, self.k[:, row, :, :P].clone(), self.v[:, row, :, :P].clone())
+        return logits
+
+    def _feed_prompts(self, group: list[RequestState], rows: torch.Tensor) -> torch.Tensor:
+        """Prompts after a cached prefix, one token per full-bucket decode call. Running rows are fed their own
+        current token at its own position: the call writes the key and value that their next step writes anyway,
+        and their logits are dropped. A shorter prompt repeats its last token at its last position (idempotent)."""
+        longest = max(len(s.request.prompt) for s in group)
+        ids, position = self.token.clone(), self.position.clone()
+        for t in range(longest):
+            ids[rows, 0] = torch.tensor([s.request.prompt[min(t, len(s.request.prompt) - 1)] for s in group],
+                                        device=self.device)
+            position[rows, 0] = torch.tensor([s.request.prefix.shape[0] + min(t, len(s.request.prompt) - 1)
+                                              for s in group], device=self.device)
+            logits = self.backend.decode(ids, position, self.k, self.v)
+        return logits[rows]
+
+    def _start(self, joiners: list[RequestState], rows: torch.Tensor, logits: torch.Tensor) -> None:
+        """Sample each joiner's first token and set its row's state; the host reads the first tokens (TTFT)."""
+        order = {s.row: s for s in joiners}
+        states = [order[r] for r in rows.tolist()]
+        sampling = RowSampling.of([s.request.sampling for s in states], self.device)
+        zero = torch.zeros(len(states), dtype=torch.long, device=self.device)
+        first = sample_rows(logits, sampling, row_noise(sampling.seed, zero, logits.shape[-1]))
+        limit = torch.tensor([s.request.max_tokens for s in states], device=self.device)
+        start = torch.tensor([s.request.prefix.shape[0] + len(s.request.prompt) for s in states], device=self.device)
+        self.sampling.write(rows, sampling)
+        self.token[rows, 0] = first
+        self.position[rows, 0] = start
+        self.count[rows] = 1
+        self.max_tokens[rows] = limit
+        self.finished[rows] = (first == self.tok.eos_id) | (limit <= 1)
+        now = time.perf_counter()
+        for state, token in zip(states, first.tolist()):
+            state.first_token_s = now
+            self._emit(state, [token])
+
+    def _decode_step(self) -> None:
+        """One token for every row, device-only: execute + KV write, sample, record, advance."""
+        logits = self.backend.decode(self.token, self.position, self.k, self.v)
+        nxt = sample_rows(logits, self.sampling, row_noise(self.sampling.seed, self.count, logits.shape[-1]))
+        nxt = torch.where(self.finished, torch.full_like(nxt, self.tok.eos_id), nxt)  # finished rows emit EOS
+        self.window.scatter_(1, self.window_step.expand(self.rows, 1), nxt[:, None])
+        live = (~self.finished).long()
+        self.count.add_(live)
+        self.position.add_(live[:, None])
+        self.finished.logical_or_((nxt == self.tok.eos_id) | (self.count >= self.max_tokens))
+        self.token.copy_(nxt[:, None])
+        self.window_step.add_(1)
+
+    def _collect(self, n: int) -> None:
+        """One host read per window: each live row's new tokens are the first (count - emitted) of the window."""
+        snapshot = torch.cat([self.window[:, :n], self.count[:, None], self.finished[:, None].long()], 1).tolist()
+        for r, state in enumerate(self.slots):
+            if state is None:
+                continue
+            *window, count, finished = snapshot[r]
+            new = window[: count - len(state.tokens)]
+            if new:
+                self._emit(state, new)  # a row finishes on a token it emits: _emit sees it
+
+    def _emit(self, state: RequestState, tokens: list[int]) -> None:
+        state.tokens += tokens
+        if state.on_update is not None:
+            state.on_update(state, tokens)
+        if state.tokens[-1] == self.tok.eos_id or len(state.tokens) >= state.request.max_tokens:
+            self._finish(state, "stop" if state.tokens[-1] == self.tok.eos_id else "length")
+
+    def _finish(self, state: RequestState, reason: str) -> None:
+        if state.done:
+            return
+        state.finish_reason = reason
+        if state.row is not None:
+            self.slots[state.row] = None
+        if state.on_update is not None:
+            state.on_update(state, [])
+
+    # ---------------------------------------------------------------- capture
+    def _capture(self) -> None:
+        """Capture the decode step once, on idle rows (every row finished at position 0, so warm-up writes stay in
+        range and change nothing a joiner reads); where the backend cannot be captured, warn and run eagerly."""
+        self._decode_step()  # warm-up: lazy init, compilation, cuBLAS handles, TensorRT's shape-dependent setup
+        torch.cuda.synchronize(self.device)
+        blocker = getattr(self.backend, "capture_blocker", None)
+        reason = blocker(self.token, self.position, self.k, self.v) if blocker else None
+        if reason is None:
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, stream=self.stream):
+                    self._decode_step()
+                self.graph = graph
+                self.graph_captures += 1
+            except Exception as e:  # noqa: BLE001 -- reported; the step runs un-captured instead
+                reason = f"{type(e).__name__}: {e}"
+                if e.__context__ is not None:
+                    reason += f" (during capture: {e.__context__})"
+                torch.cuda.synchronize(self.device)
+        if reason is not None:
+            warnings.warn(f"decode step for {self.rows} rows, capacity {self.capacity} runs without a CUDA graph "
+                          f"(slower, same tokens): {reason}", RuntimeWarning, stacklevel=3)
+        self.count.zero_()
+        self.position.zero_()
+        self.finished.fill_(True)
+
+
