@@ -335,9 +335,10 @@ def test_a_decode_shape_outside_the_profile_names_the_generation_flow(stand_in, 
     d = artifacts.manifest.dims
     engine = "decode.engine" if strategy == "two_engines" else "shared.engine"
     token, position = torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long)
-    ok = torch.zeros(d.n_layer, 2, d.n_head, 64, d.head_dim)
+    ok = torch.zeros(d.n_layer, 2, d.n_kv_head, 64, d.head_dim)
     backend.decode(token, position, ok, ok.clone())  # negative control: capacity 64 lies inside [64, 128]
-    small = torch.zeros(d.n_layer, 2, d.n_head, 32, d.head_dim)
-    with pytest.raises(EngineError, match=rf"past_key_values.0.key of shape \(2, {d.n_head}, 32, {d.head_dim}\) lies "
-                       rf"outside the generation profile of {engine} \(max \(8, {d.n_head}, 128, {d.head_dim}\)\)"):
+    small = torch.zeros(d.n_layer, 2, d.n_kv_head, 32, d.head_dim)
+    H, D = d.n_kv_head, d.head_dim
+    with pytest.raises(EngineError, match=rf"past_key_values.0.key of shape \(2, {H}, 32, {D}\) lies "
+                       rf"outside the generation profile of {engine} \(max \(8, {H}, 128, {D}\)\)"):
         backend.decode(token, position, small, small.clone())
