@@ -98,3 +98,22 @@ def test_training_benchmark_times_the_module_step(tmp_path, monkeypatch):
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0, 0.1, 0.0] and sched.last_epoch == 3
     assert rows["mmgpt-eager"]["over_hf_like"] == pytest.approx(
         rows["mmgpt-eager"]["tokens_per_s"] / rows["hf-eager"]["tokens_per_s"], rel=0.01)
+
+
+def test_serving_smoke_report_is_well_formed(tmp_path):
+    from mmgpt.bench.serving import main as serving_main, markdown_table as serving_table
+    report = serving_main(["--smoke", "--out", str(tmp_path)])
+    saved = json.loads(next(tmp_path.rglob("*serving-smoke.json")).read_text())
+    assert saved["gpu"] == "cpu" and saved["commit"] and [r["rate_req_s"] for r in saved["load"]] == [50.0, 200.0]
+    assert [t["prefill"] for t in saved["ttft"]] == ["eager"] and saved["ttft"][0]["ttft_ms"] > 0
+    for row in saved["load"]:
+        # the same greedy requests: in-flight batching and static batching produce the same tokens
+        assert row["inflight"]["tokens"] == row["static"]["tokens"] > 0
+        for kind in ("inflight", "static"):
+            m = row[kind]
+            assert m["ttft_p99_ms"] >= m["ttft_p50_ms"] > 0 and m["itl_p99_ms"] >= m["itl_p50_ms"] > 0
+    cache = saved["prefix_cache"]
+    # 2 images, 8 requests each: at most 14 hits (fewer where copies of an image join in the same step)
+    assert 8 <= cache["on"]["prefix_cache_hits"] <= 14 and cache["off"]["prefix_cache_hits"] == 0
+    assert cache["on"]["tokens"] == cache["off"]["tokens"]  # a hit never changes the tokens
+    assert "prefix cache, smoke" in serving_table(report)
