@@ -117,3 +117,16 @@ def test_serving_smoke_report_is_well_formed(tmp_path):
     assert 8 <= cache["on"]["prefix_cache_hits"] <= 14 and cache["off"]["prefix_cache_hits"] == 0
     assert cache["on"]["tokens"] == cache["off"]["tokens"]  # a hit never changes the tokens
     assert "prefix cache, smoke" in serving_table(report)
+
+
+def test_http_overhead_report(exported, tmp_path):
+    from mmgpt.bench.http_overhead import main as http_main, markdown_table as http_table
+    report = http_main(["--artifacts", str(exported), "--requests", "3", "--max-tokens", "4", "--out", str(tmp_path)])
+    saved = json.loads(next(tmp_path.rglob("*http-overhead.json")).read_text())
+    assert saved["settings"]["backend"] == "onnxruntime" and saved["commit"]
+    lat = saved["latency"]
+    for kind in ("in_process", "http"):
+        assert lat[f"{kind}_request"]["p50_ms"] >= lat[f"{kind}_first_token"]["p50_ms"] > 0
+    assert saved["http_overhead_request_p50_ms"] == pytest.approx(
+        lat["http_request"]["p50_ms"] - lat["in_process_request"]["p50_ms"])
+    assert "HTTP overhead (p50)" in http_table(report)
