@@ -140,10 +140,11 @@ class InflightEngine:
 
     def __init__(self, backend, tokenizer, rows: int, capacity: int, cuda_graph: bool | None = None,
                  prefix_cache: PrefixCache | None = None, stream_interval: int = 1, max_queue: int = 1024,
-                 capture_prefill: bool | None = None):
+                 capture_prefill: bool | None = None, greedy_only: bool = False):
         """capture_prefill: replay prefills from CUDA graphs, one per (joiners, prefix length, prompt length)
         bucket, joiners and prompt lengths rounded up to powers of two (default: where the decode step is captured
-        and the backend's prefill can be)."""
+        and the backend's prefill can be). greedy_only: the step takes the argmax and skips the per-row sampling
+        (its sort of the vocabulary): for batches known to be greedy; sampled requests are then refused."""
         self.backend, self.tok = backend, tokenizer
         self.device = torch.device(backend.device)
         if rows < 1 or (backend.max_batch is not None and rows > backend.max_batch):
@@ -156,6 +157,7 @@ class InflightEngine:
         if self.use_graph and self.device.type != "cuda":
             raise UserError("cuda_graph=True needs a CUDA backend device")
         self.cache = prefix_cache
+        self.greedy_only = greedy_only
         self.capture_prefill = (self.use_graph and backend.prefill_capturable) if capture_prefill is None \
             else capture_prefill
         if self.capture_prefill and not (self.use_graph and backend.prefill_capturable):
@@ -192,6 +194,9 @@ class InflightEngine:
         """Every way a request can be wrong, as a UserError, before it is queued."""
         if not isinstance(request.sampling, SamplingConfig):
             raise UserError("sampling must be a SamplingConfig")
+        if self.greedy_only and not request.sampling.greedy:
+            raise UserError(f"temperature={request.sampling.temperature}: this engine decodes greedily only "
+                            "(greedy_only=True); use an engine without it for sampled requests")
         if not request.prompt:
             raise UserError("empty prompt: every request needs at least one token (the BOS token is the usual start)")
         check_token_ids([request.prompt], self.backend.dims.vocab_size)
@@ -393,7 +398,7 @@ class InflightEngine:
         states = [order[r] for r in rows.tolist()]
         sampling = RowSampling.of([s.request.sampling for s in states], self.device)
         zero = torch.zeros(len(states), dtype=torch.long, device=self.device)
-        first = sample_rows(logits, sampling, row_noise(sampling.seed, zero, logits.shape[-1]))
+        first = self._sample(logits, sampling, zero)
         limit = torch.tensor([s.request.max_tokens for s in states], device=self.device)
         start = torch.tensor([s.request.prefix.shape[0] + len(s.request.prompt) for s in states], device=self.device)
         self.sampling.write(rows, sampling)
@@ -410,7 +415,7 @@ class InflightEngine:
     def _decode_step(self) -> None:
         """One token for every row, device-only: execute + KV write, sample, record, advance."""
         logits = self.backend.decode(self.token, self.position, self.k, self.v)
-        nxt = sample_rows(logits, self.sampling, row_noise(self.sampling.seed, self.count, logits.shape[-1]))
+        nxt = self._sample(logits, self.sampling, self.count)
         nxt = torch.where(self.finished, torch.full_like(nxt, self.tok.eos_id), nxt)  # finished rows emit EOS
         self.window.scatter_(1, self.window_step.expand(self.rows, 1), nxt[:, None])
         live = (~self.finished).long()
@@ -419,6 +424,11 @@ class InflightEngine:
         self.finished.logical_or_((nxt == self.tok.eos_id) | (self.count >= self.max_tokens))
         self.token.copy_(nxt[:, None])
         self.window_step.add_(1)
+
+    def _sample(self, logits: torch.Tensor, sampling: RowSampling, counter: torch.Tensor) -> torch.Tensor:
+        if self.greedy_only:
+            return logits.argmax(dim=-1)
+        return sample_rows(logits, sampling, row_noise(sampling.seed, counter, logits.shape[-1]))
 
     def _collect(self, n: int) -> None:
         """One host read per window: each live row's new tokens are the first (count - emitted) of the window."""
