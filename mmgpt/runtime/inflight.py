@@ -178,6 +178,9 @@ class InflightEngine:
         self.sampling = RowSampling.empty(R, dev)
         self.window = torch.zeros(R, stream_interval, dtype=torch.long, device=dev)  # tokens since the last read
         self.window_step = torch.zeros(1, dtype=torch.long, device=dev)
+        # prompts fed after a cached prefix: buffers of their own, kept, since engines bind tensors by address
+        self.feed_token = torch.zeros(R, 1, dtype=torch.long, device=dev)
+        self.feed_position = torch.zeros(R, 1, dtype=torch.long, device=dev)
         self.graph = None
         self.graph_captures = 0
         self.slots: list[RequestState | None] = [None] * R
@@ -383,7 +386,9 @@ class InflightEngine:
         current token at its own position: the call writes the key and value that their next step writes anyway,
         and their logits are dropped. A shorter prompt repeats its last token at its last position (idempotent)."""
         longest = max(len(s.request.prompt) for s in group)
-        ids, position = self.token.clone(), self.position.clone()
+        ids, position = self.feed_token, self.feed_position
+        ids.copy_(self.token)
+        position.copy_(self.position)
         for t in range(longest):
             ids[rows, 0] = torch.tensor([s.request.prompt[min(t, len(s.request.prompt) - 1)] for s in group],
                                         device=self.device)
