@@ -125,8 +125,8 @@ def test_http_overhead_report(exported, tmp_path):
     saved = json.loads(next(tmp_path.rglob("*http-overhead.json")).read_text())
     assert saved["settings"]["backend"] == "onnxruntime" and saved["commit"]
     lat = saved["latency"]
-    for kind in ("in_process", "http"):
-        assert lat[f"{kind}_request"]["p50_ms"] >= lat[f"{kind}_first_token"]["p50_ms"] > 0
+    for name in ("in_process_request", "http_request", "in_process_first_token", "http_first_token"):
+        assert lat[name]["p99_ms"] >= lat[name]["p50_ms"] > 0  # separate runs: no order between the kinds
     assert saved["http_overhead_request_p50_ms"] == pytest.approx(
         lat["http_request"]["p50_ms"] - lat["in_process_request"]["p50_ms"])
     assert "HTTP overhead (p50)" in http_table(report)
