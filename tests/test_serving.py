@@ -5,8 +5,6 @@ import asyncio
 import base64
 import io
 import json
-import socket
-import threading
 import time
 
 import numpy as np
@@ -29,27 +27,15 @@ KEY = "sk-test-key"
 
 
 class LocalServer:
-    """build_app over a ModelService, served by uvicorn on a free localhost port in a thread."""
+    """mmgpt.serving.local.LocalServer over a new ModelService, with its metrics parsed."""
 
     def __init__(self, settings: ServeSettings):
-        from mmgpt.serving.app import build_app
-        self.service = ModelService(settings)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(build_app(self.service), log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
+        from mmgpt.serving.local import LocalServer as Served
+        self.served = Served(ModelService(settings))
+        self.service, self.url = self.served.service, self.served.url
 
     def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.service.shutdown(5)
+        self.served.stop()
 
     def metrics(self) -> dict[str, float]:
         text = httpx.get(f"{self.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text

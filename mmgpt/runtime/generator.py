@@ -50,7 +50,7 @@ class Generator:
         if self.use_graph and self.device.type != "cuda":
             raise UserError("cuda_graph=True needs a CUDA backend device")
         self.eos_check_interval = eos_check_interval
-        self._engines: dict[tuple[int, int], InflightEngine] = {}
+        self._engines: dict[tuple[int, int, bool], InflightEngine] = {}
 
     @property
     def graph_captures(self) -> int:
@@ -71,11 +71,13 @@ class Generator:
         """Validate shapes before anything runs; returns the capacity bucket to use."""
         return capacity_for(self.backend, prefix, prompt_len, max_new_tokens, self.buckets)
 
-    def _engine(self, B: int, S: int) -> InflightEngine:
-        if (B, S) not in self._engines:
-            self._engines[B, S] = InflightEngine(self.backend, self.tok, rows=B, capacity=S, cuda_graph=self.use_graph,
-                                                 stream_interval=self.eos_check_interval)
-        return self._engines[B, S]
+    def _engine(self, B: int, S: int, greedy: bool) -> InflightEngine:
+        """One engine per (batch, capacity, greedy) bucket: a greedy batch's step skips the sampling arithmetic."""
+        if (B, S, greedy) not in self._engines:
+            self._engines[B, S, greedy] = InflightEngine(self.backend, self.tok, rows=B, capacity=S,
+                                                         cuda_graph=self.use_graph, greedy_only=greedy,
+                                                         stream_interval=self.eos_check_interval)
+        return self._engines[B, S, greedy]
 
     # ---------------------------------------------------------------- generate
     @torch.inference_mode()
@@ -86,7 +88,7 @@ class Generator:
         B = check_prefix(prefix).shape[0]
         prompts = self.prepare(prompts, B)
         S = self.capacity_for(prefix, max(map(len, prompts)), max_new_tokens)
-        engine = self._engine(B, S)
+        engine = self._engine(B, S, sampling.greedy)
         prefix = prefix.to(self.device)
         states = [engine.submit(Request(prefix[b], prompts[b], max_new_tokens,
                                         replace(sampling, seed=(sampling.seed + b) % (SEED_MAX + 1))))

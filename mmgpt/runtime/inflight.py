@@ -11,7 +11,8 @@ all that streaming needs. Sampling noise is a hash of (the request's seed, its t
 so a seeded request draws the same tokens whichever requests it shares the bucket with.
 
 A context prefix's keys and values can be kept in a PrefixCache (keyed by the weights' hash and the prefix bytes):
-a joiner whose prefix is cached copies them into its slots and feeds only its prompt, one token per decode call.
+a joiner whose prefix is cached copies them into its slots and runs only its prompt after them (in one call where
+the backend has `prefill_after`, else one token per decode call).
 """
 from __future__ import annotations
 
@@ -65,6 +66,32 @@ class RequestState:
         self.cancelled = True
 
 
+MIN_PROMPT_BUCKET = 8  # captured prefills round prompts up to a power of two, at least this
+
+
+def _by_prefix_len(states: list["RequestState"]) -> list[list["RequestState"]]:
+    groups: dict[int, list[RequestState]] = {}
+    for s in states:
+        groups.setdefault(s.request.prefix.shape[0], []).append(s)
+    return list(groups.values())
+
+
+def _power_of_two(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+@dataclass
+class _PrefillGraph:
+    """A captured prefill: its static inputs, and the outputs each replay rewrites."""
+    graph: "torch.cuda.CUDAGraph"
+    prefix: torch.Tensor  # (J, P, F)
+    ids: torch.Tensor  # (J, T)
+    lengths: torch.Tensor  # (J,)
+    logits: torch.Tensor
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
 class QueueFull(Exception):
     """More requests wait than the engine's queue allows: the caller should answer 'busy' (HTTP 429 / 503)."""
 
@@ -112,7 +139,12 @@ class InflightEngine:
     server runs it in its own thread); `cancel` and `submit` are safe from others."""
 
     def __init__(self, backend, tokenizer, rows: int, capacity: int, cuda_graph: bool | None = None,
-                 prefix_cache: PrefixCache | None = None, stream_interval: int = 1, max_queue: int = 1024):
+                 prefix_cache: PrefixCache | None = None, stream_interval: int = 1, max_queue: int = 1024,
+                 capture_prefill: bool | None = None, greedy_only: bool = False):
+        """capture_prefill: replay prefills from CUDA graphs, one per (joiners, prefix length, prompt length)
+        bucket, joiners and prompt lengths rounded up to powers of two (default: where the decode step is captured
+        and the backend's prefill can be). greedy_only: the step takes the argmax and skips the per-row sampling
+        (its sort of the vocabulary): for batches known to be greedy; sampled requests are then refused."""
         self.backend, self.tok = backend, tokenizer
         self.device = torch.device(backend.device)
         if rows < 1 or (backend.max_batch is not None and rows > backend.max_batch):
@@ -125,6 +157,13 @@ class InflightEngine:
         if self.use_graph and self.device.type != "cuda":
             raise UserError("cuda_graph=True needs a CUDA backend device")
         self.cache = prefix_cache
+        self.greedy_only = greedy_only
+        self.capture_prefill = (self.use_graph and backend.prefill_capturable) if capture_prefill is None \
+            else capture_prefill
+        if self.capture_prefill and not (self.use_graph and backend.prefill_capturable):
+            raise UserError(f"capture_prefill needs a CUDA device and a backend whose prefill can be captured "
+                            f"(torch, torch-triton), not {backend.name} on {self.device}")
+        self._prefill_graphs: dict[tuple[int, int, int], _PrefillGraph] = {}
         # all device work on a stream of our own: engines must not run on the legacy default stream
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         d, dev, R = backend.dims, self.device, rows
@@ -139,6 +178,9 @@ class InflightEngine:
         self.sampling = RowSampling.empty(R, dev)
         self.window = torch.zeros(R, stream_interval, dtype=torch.long, device=dev)  # tokens since the last read
         self.window_step = torch.zeros(1, dtype=torch.long, device=dev)
+        # prompts fed after a cached prefix: buffers of their own, kept, since engines bind tensors by address
+        self.feed_token = torch.zeros(R, 1, dtype=torch.long, device=dev)
+        self.feed_position = torch.zeros(R, 1, dtype=torch.long, device=dev)
         self.graph = None
         self.graph_captures = 0
         self.slots: list[RequestState | None] = [None] * R
@@ -155,6 +197,9 @@ class InflightEngine:
         """Every way a request can be wrong, as a UserError, before it is queued."""
         if not isinstance(request.sampling, SamplingConfig):
             raise UserError("sampling must be a SamplingConfig")
+        if self.greedy_only and not request.sampling.greedy:
+            raise UserError(f"temperature={request.sampling.temperature}: this engine decodes greedily only "
+                            "(greedy_only=True); use an engine without it for sampled requests")
         if not request.prompt:
             raise UserError("empty prompt: every request needs at least one token (the BOS token is the usual start)")
         check_token_ids([request.prompt], self.backend.dims.vocab_size)
@@ -249,36 +294,54 @@ class InflightEngine:
             (hits if cached is not None else misses).append((state, cached))
         rows, logits = [], []
         if hits:  # before the prefills: feeding prompts writes stale positions of the rows not yet started
-            group = [s for s, _ in hits]
             for state, (k, v) in hits:
                 state.cache_hit = True
                 P = k.shape[2]
                 self.k[:, state.row, :, :P].copy_(k)
                 self.v[:, state.row, :, :P].copy_(v)
-            rows.append(torch.tensor([s.row for s in group], device=self.device))
-            logits.append(self._feed_prompts(group, rows[-1]))
-        by_prefix_len: dict[int, list[RequestState]] = {}
-        for state, _ in misses:
-            by_prefix_len.setdefault(state.request.prefix.shape[0], []).append(state)
-        for group in by_prefix_len.values():
+            if hasattr(self.backend, "prefill_after"):
+                for group in _by_prefix_len([s for s, _ in hits]):
+                    rows.append(torch.tensor([s.row for s in group], device=self.device))
+                    logits.append(self._prefill_after(group, rows[-1]))
+            else:
+                group = [s for s, _ in hits]
+                rows.append(torch.tensor([s.row for s in group], device=self.device))
+                logits.append(self._feed_prompts(group, rows[-1]))
+        for group in _by_prefix_len([s for s, _ in misses]):
             rows.append(torch.tensor([s.row for s in group], device=self.device))
             logits.append(self._prefill(group, rows[-1]))
         self._start(joiners, torch.cat(rows), torch.cat(logits))
 
-    def _prefill(self, group: list[RequestState], rows: torch.Tensor) -> torch.Tensor:
-        """One batched prefill of requests sharing a prefix length; writes their slots, returns their logits."""
+    def _prompts(self, group: list[RequestState]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded prompt ids (J, T) and their lengths (J,), on the device."""
         prompts = [s.request.prompt for s in group]
-        T = max(map(len, prompts))
-        ids = torch.full((len(group), T), self.tok.pad_id, dtype=torch.long)
+        ids = torch.full((len(group), max(map(len, prompts))), self.tok.pad_id, dtype=torch.long)
         for j, p in enumerate(prompts):
             ids[j, : len(p)] = torch.tensor(p)
-        lengths = torch.tensor(list(map(len, prompts)))
-        prefix = torch.stack([s.request.prefix for s in group]).to(self.device)
-        logits, keys, values = self.backend.prefill(prefix, ids.to(self.device), lengths.to(self.device))
-        N = keys[0].shape[2]  # P + T
+        return ids.to(self.device), torch.tensor(list(map(len, prompts)), device=self.device)
+
+    def _prefill_after(self, group: list[RequestState], rows: torch.Tensor) -> torch.Tensor:
+        """Prompts after cached prefixes of one length, in one call; writes the prompts' slots after the prefix."""
+        ids, lengths = self._prompts(group)
+        P, T = group[0].request.prefix.shape[0], ids.shape[1]
+        past_k = self.k[:, rows, :, :P]  # (L, J, H, P, D), a gathered copy
+        past_v = self.v[:, rows, :, :P]
+        logits, keys, values = self.backend.prefill_after(list(past_k), list(past_v), ids, lengths)
         for i in range(len(keys)):
-            self.k[i, rows, :, :N] = keys[i].to(self.k.dtype)
-            self.v[i, rows, :, :N] = values[i].to(self.v.dtype)
+            self.k[i, rows, :, P: P + T] = keys[i].to(self.k.dtype)
+            self.v[i, rows, :, P: P + T] = values[i].to(self.v.dtype)
+        return logits
+
+    def _prefill(self, group: list[RequestState], rows: torch.Tensor) -> torch.Tensor:
+        """One batched prefill of requests sharing a prefix length; writes their slots, returns their logits."""
+        ids, lengths = self._prompts(group)
+        T = ids.shape[1]
+        prefix = torch.stack([s.request.prefix for s in group]).to(self.device)
+        logits, keys, values = self._run_prefill(prefix, ids, lengths)
+        N = prefix.shape[1] + T
+        for i in range(len(keys)):
+            self.k[i, rows, :, :N] = keys[i][:, :, :N].to(self.k.dtype)
+            self.v[i, rows, :, :N] = values[i][:, :, :N].to(self.v.dtype)
         P = prefix.shape[1]
         if self.cache is not None and P > 0:
             for state in group:
@@ -286,12 +349,46 @@ class InflightEngine:
                 self.cache.put(state.cache_key, self.k[:, row, :, :P].clone(), self.v[:, row, :, :P].clone())
         return logits
 
+    def _run_prefill(self, prefix: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor):
+        """The backend's prefill, eager or replayed from the bucket's graph (padded rows and positions are ignored:
+        rows do not interact, and a right-padded prompt's real positions never attend to its padding)."""
+        if not self.capture_prefill:
+            return self.backend.prefill(prefix, ids, lengths)
+        J, P, _ = prefix.shape
+        T = ids.shape[1]
+        key = (_power_of_two(J), P, max(_power_of_two(T), MIN_PROMPT_BUCKET))
+        if key not in self._prefill_graphs:
+            self._prefill_graphs[key] = self._capture_prefill(*key)
+        g = self._prefill_graphs[key]
+        g.prefix[:J].copy_(prefix)
+        g.ids.fill_(self.tok.pad_id)
+        g.ids[:J, :T].copy_(ids)
+        g.lengths.fill_(1)
+        g.lengths[:J].copy_(lengths)
+        g.graph.replay()
+        return g.logits[:J], [k[:J] for k in g.keys], [v[:J] for v in g.values]
+
+    def _capture_prefill(self, J: int, P: int, T: int) -> "_PrefillGraph":
+        d, dev = self.backend.dims, self.device
+        prefix = torch.zeros(J, P, d.prefix_dim, dtype=self.backend.dtype, device=dev)
+        ids = torch.full((J, T), self.tok.pad_id, dtype=torch.long, device=dev)
+        lengths = torch.ones(J, dtype=torch.long, device=dev)
+        self.backend.prefill(prefix, ids, lengths)  # warm-up: lazy init and cuBLAS handles outside the capture
+        torch.cuda.synchronize(dev)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.stream):
+            logits, keys, values = self.backend.prefill(prefix, ids, lengths)
+        self.graph_captures += 1
+        return _PrefillGraph(graph, prefix, ids, lengths, logits, keys, values)
+
     def _feed_prompts(self, group: list[RequestState], rows: torch.Tensor) -> torch.Tensor:
         """Prompts after a cached prefix, one token per full-bucket decode call. Running rows are fed their own
         current token at its own position: the call writes the key and value that their next step writes anyway,
         and their logits are dropped. A shorter prompt repeats its last token at its last position (idempotent)."""
         longest = max(len(s.request.prompt) for s in group)
-        ids, position = self.token.clone(), self.position.clone()
+        ids, position = self.feed_token, self.feed_position
+        ids.copy_(self.token)
+        position.copy_(self.position)
         for t in range(longest):
             ids[rows, 0] = torch.tensor([s.request.prompt[min(t, len(s.request.prompt) - 1)] for s in group],
                                         device=self.device)
@@ -306,7 +403,7 @@ class InflightEngine:
         states = [order[r] for r in rows.tolist()]
         sampling = RowSampling.of([s.request.sampling for s in states], self.device)
         zero = torch.zeros(len(states), dtype=torch.long, device=self.device)
-        first = sample_rows(logits, sampling, row_noise(sampling.seed, zero, logits.shape[-1]))
+        first = self._sample(logits, sampling, zero)
         limit = torch.tensor([s.request.max_tokens for s in states], device=self.device)
         start = torch.tensor([s.request.prefix.shape[0] + len(s.request.prompt) for s in states], device=self.device)
         self.sampling.write(rows, sampling)
@@ -323,7 +420,7 @@ class InflightEngine:
     def _decode_step(self) -> None:
         """One token for every row, device-only: execute + KV write, sample, record, advance."""
         logits = self.backend.decode(self.token, self.position, self.k, self.v)
-        nxt = sample_rows(logits, self.sampling, row_noise(self.sampling.seed, self.count, logits.shape[-1]))
+        nxt = self._sample(logits, self.sampling, self.count)
         nxt = torch.where(self.finished, torch.full_like(nxt, self.tok.eos_id), nxt)  # finished rows emit EOS
         self.window.scatter_(1, self.window_step.expand(self.rows, 1), nxt[:, None])
         live = (~self.finished).long()
@@ -332,6 +429,11 @@ class InflightEngine:
         self.finished.logical_or_((nxt == self.tok.eos_id) | (self.count >= self.max_tokens))
         self.token.copy_(nxt[:, None])
         self.window_step.add_(1)
+
+    def _sample(self, logits: torch.Tensor, sampling: RowSampling, counter: torch.Tensor) -> torch.Tensor:
+        if self.greedy_only:
+            return logits.argmax(dim=-1)
+        return sample_rows(logits, sampling, row_noise(sampling.seed, counter, logits.shape[-1]))
 
     def _collect(self, n: int) -> None:
         """One host read per window: each live row's new tokens are the first (count - emitted) of the window."""
