@@ -142,6 +142,7 @@ class ModelService:
         self.started = time.time()
         self.requests_total = 0
         self.rejected_total = 0  # queue full or draining
+        self.open_responses = 0  # HTTP responses not yet fully sent (the app counts them)
         log.info("serving %s (%s) with %s on %s: %d rows x %d positions", self.model_name, artifacts.path,
                  backend.name, backend.device, settings.rows, capacity)
 
@@ -195,5 +196,10 @@ class ModelService:
                 "prefix_cache_bytes": cache.nbytes if cache else 0}
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Refuse new requests, finish the running ones, and wait until their responses are sent (up to timeout_s:
+        the HTTP proxy in front may be stopped right after)."""
+        deadline = time.monotonic() + timeout_s
         self.loop.shutdown(timeout_s)
+        while self.open_responses > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
 
