@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from mmgpt.bench.results import write_result
+from mmgpt.bench.results import publish
 from mmgpt.bench.serving import percentile
 from mmgpt.contract.artifacts import Artifacts, find_latest_artifacts
 from mmgpt.runtime.inflight import Request
@@ -113,9 +113,7 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     report = run(args)
-    path = write_result(args.out, report, report["tag"], markdown_table(report))
-    print(markdown_table(report))
-    print(f"wrote {path}")
+    publish(args.out, report, markdown_table(report))
     return report
 
 

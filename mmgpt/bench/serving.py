@@ -24,7 +24,7 @@ import time
 import torch
 
 from mmgpt.bench.decode import DTYPES, SHAPES, build_model, versions
-from mmgpt.bench.results import write_result
+from mmgpt.bench.results import publish
 from mmgpt.runtime.backends import Backend
 from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
@@ -241,9 +241,7 @@ def main(argv=None):
         args.prompts, args.outputs, args.rows, args.repeats, args.vocab = [2, 8], [4, 12], 4, 2, 512
         args.backend = "torch"
     report = run(args)
-    path = write_result(args.out, report, report["tag"], markdown_table(report))
-    print(markdown_table(report))
-    print(f"wrote {path}")
+    publish(args.out, report, markdown_table(report))
     return report
 
 
