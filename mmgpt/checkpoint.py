@@ -18,7 +18,7 @@ from mmgpt.tokenizer import tokenizer_from_dict
 class LoadedModel:
     model: MultimodalGPT
     tokenizer: object  # ByteTokenizer | HFTokenizer
-    prefix_len: int | None
+    context_lens: dict[str, int]  # continuous context modality -> the length it was trained with
     data_config: dict | None  # the training data config: rebuilds the exact validation split
 
 
@@ -67,7 +67,7 @@ def load_checkpoint(path) -> LoadedModel:
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the model config inside it "
                               f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-    return LoadedModel(model=model.eval(), tokenizer=tokenizer, prefix_len=meta.prefix_len,
+    return LoadedModel(model=model.eval(), tokenizer=tokenizer, context_lens=meta.context_lens,
                        data_config=meta.data)
 
 

@@ -14,24 +14,27 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mmgpt.data.samples import right_pad
+from mmgpt.model import TEXT
 from mmgpt.runtime.sampling import SamplingConfig, sample
 from mmgpt.errors import UserError
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024)
 
 
-def check_prefix(prefix, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A (B, P, F) float tensor with B, F >= 1 (P = 0: a text-only prompt), finite in `dtype`, the dtype the
-    backend runs (a value that fits float32 may overflow float16)."""
-    if not torch.is_tensor(prefix) or prefix.ndim != 3 or prefix.shape[0] < 1 or prefix.shape[2] < 1:
-        raise UserError(f"prefix must be a (B, P, F) tensor with B >= 1 and F >= 1, got shape "
-                        f"{tuple(getattr(prefix, 'shape', ()))}")
-    if not prefix.is_floating_point():
-        raise UserError(f"prefix must be a float tensor, got {prefix.dtype}")
-    if dtype is not None and not bool(torch.isfinite(prefix.to(dtype)).all()):
-        raise UserError(f"prefix holds NaN or infinite values in the model's dtype {str(dtype).removeprefix('torch.')}"
-                        f" (the largest float16 is {torch.finfo(torch.float16).max:.0f}); scale or clean the features")
-    return prefix
+def check_features(features, dtype: torch.dtype | None = None, what: str = "prefix") -> torch.Tensor:
+    """A (B, P, F) float tensor with B, F >= 1 (P = 0: no context of this modality), finite in `dtype`, the dtype
+    the backend runs (a value that fits float32 may overflow float16)."""
+    if not torch.is_tensor(features) or features.ndim != 3 or features.shape[0] < 1 or features.shape[2] < 1:
+        raise UserError(f"{what} must be a (B, P, F) tensor with B >= 1 and F >= 1, got shape "
+                        f"{tuple(getattr(features, 'shape', ()))}")
+    if not features.is_floating_point():
+        raise UserError(f"{what} must be a float tensor, got {features.dtype}")
+    if dtype is not None and not bool(torch.isfinite(features.to(dtype)).all()):
+        raise UserError(f"{what} holds NaN or infinite values in the model's dtype "
+                        f"{str(dtype).removeprefix('torch.')} (the largest float16 is "
+                        f"{torch.finfo(torch.float16).max:.0f}); scale or clean the features")
+    return features
 
 
 def check_token_ids(prompts, vocab_size: int, what: str = "prompt") -> list[list[int]]:
@@ -50,17 +53,31 @@ def check_token_ids(prompts, vocab_size: int, what: str = "prompt") -> list[list
             else:
                 ids.append(v)
         if bad:
-            raise UserError(f"{what} {b} holds token id(s) {bad[:5]} that are not integers in the vocabulary "
-                            f"[0, {vocab_size}); encode prompts with the artifacts' tokenizer")
+            raise UserError(f"{what} {b} holds token id(s) {bad[:5]} that are not integers in its modality's "
+                            f"vocabulary [0, {vocab_size}); encode text with the artifacts' tokenizer")
         out.append(ids)
     return out
 
 
+def token_rows(value, what: str) -> list:
+    """A discrete context as token lists: given as lists, or as (ids (B, T) right-padded, lengths (B,))."""
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(torch.is_tensor(v) for v in value):
+        ids, lengths = value
+        if ids.ndim != 2 or lengths.shape != ids.shape[:1] or bool(((lengths < 0) | (lengths > ids.shape[1])).any()):
+            raise UserError(f"{what}: (ids, lengths) must be (B, T) ids and (B,) lengths in [0, T], got shapes "
+                            f"{tuple(ids.shape)} and {tuple(lengths.shape)}")
+        return [row[:n] for row, n in zip(ids.tolist(), lengths.tolist())]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(r, (list, tuple)) for r in value):
+        raise UserError(f"{what}: give one list of token ids per row (or (ids, lengths) tensors)")
+    return list(value)
+
+
 @dataclass
 class GenerationResult:
-    tokens: torch.Tensor  # (B, n) generated ids, EOS-padded after a row finished (CPU)
-    num_generated: torch.Tensor  # (B,) tokens up to and including the first EOS
-    texts: list[str]
+    tokens: torch.Tensor  # (B, n) generated ids, end-padded after a row finished (CPU)
+    num_generated: torch.Tensor  # (B,) tokens up to and including the first end token
+    sequences: list[list[int]]  # each row's generated ids before its end token
+    texts: list[str]  # each row decoded by the tokenizer where the decoded modality is text, else empty
     time_to_first_token_s: float
     decode_time_s: float
     decode_steps: int  # steps after the first token, summed over nothing: one step = B tokens
@@ -91,6 +108,11 @@ class Generator:
     def __init__(self, backend, tokenizer, capacity_buckets=DEFAULT_BUCKETS,
                  max_positions: int | None = None, cuda_graph: bool | None = None, eos_check_interval: int = 8):
         self.backend, self.tok = backend, tokenizer
+        decoded = backend.dims.decoded
+        self.text = decoded.name == TEXT
+        # a non-text modality's end token also starts its sequences and pads its prompts, as GPT-2's <|endoftext|>
+        self.end_id = tokenizer.eos_id if self.text else decoded.end_id
+        self.start_id, self.pad_id = (tokenizer.bos_id, tokenizer.pad_id) if self.text else (self.end_id, self.end_id)
         self.device = torch.device(backend.device)
         limit = max_positions or max(capacity_buckets)
         self.buckets = sorted({min(int(s), limit) for s in capacity_buckets})
@@ -105,42 +127,71 @@ class Generator:
         self.graph_captures = 0  # how many CUDA graphs were captured over this generator's life
 
     # ---------------------------------------------------------------- inputs
+    def prepare_context(self, context) -> tuple[dict, int, torch.Tensor]:
+        """The context checked against the model's -> on the device, the batch size, each row's real length (B,).
+
+        context: modality -> features (B, P, F) or token lists / (ids, lengths); a bare tensor for a model whose
+        context is one continuous modality."""
+        be, dims = self.backend, self.backend.dims
+        if not isinstance(context, dict):
+            if len(dims.context) != 1 or dims.context[0].kind != "continuous":
+                raise UserError(f"the model's context is {[m.name for m in dims.context]}: pass a dict with each "
+                                "modality's input")
+            context = {dims.context[0].name: context}
+        names = [m.name for m in dims.context]
+        if sorted(context) != sorted(names):
+            raise UserError(f"the context holds {sorted(context)}, the model's is {names}; give each one's input")
+        out, lengths, batch = {}, [], set()
+        for m in dims.context:
+            value = context[m.name]
+            if m.kind == "continuous":
+                check_features(value, be.dtype, what=f"{m.name} features")
+                B, P, F = value.shape
+                if F != m.dim:
+                    raise UserError(f"{m.name} features have F={F}, but the model expects F={m.dim}")
+                fixed = be.context_lens.get(m.name)
+                if fixed is not None and P != fixed:
+                    raise UserError(f"{m.name} length P={P}, but the exported graphs expect P={fixed}")
+                out[m.name] = value.to(self.device)
+                lengths.append(torch.full((B,), P, dtype=torch.long))
+            else:
+                rows = check_token_ids(token_rows(value, f"{m.name} context"), m.vocab_size, f"{m.name} context row")
+                ids, n = right_pad(rows, m.end_id if m.end_id is not None else 0)
+                B = len(rows)
+                out[m.name] = (ids.to(self.device), n.to(self.device))
+                lengths.append(n)
+            batch.add(B)
+        if len(batch) > 1:
+            raise UserError(f"the context's modalities have different batch sizes {sorted(batch)}; give one row each")
+        B = batch.pop() if batch else 1
+        return out, B, torch.stack(lengths).sum(0) if lengths else torch.zeros(B, dtype=torch.long)
+
     def prepare(self, prompts: list[list[int]] | None, batch: int):
-        """Right-pad token prompts -> input_ids (B, T), input_lengths (B,). Default prompt: [BOS]."""
-        prompts = prompts or [[self.tok.bos_id]] * batch
+        """Right-pad prompts of the decoded modality -> input_ids (B, T), input_lengths (B,). Default: its start
+        token ([BOS] for text, the end token for another modality)."""
+        prompts = prompts or [[self.start_id]] * batch
         if len(prompts) != batch:
-            raise UserError(f"{len(prompts)} prompts for a prefix batch of {batch}; give one prompt per prefix")
+            raise UserError(f"{len(prompts)} prompts for a context batch of {batch}; give one prompt per row")
         if any(len(p) == 0 for p in prompts):
             raise UserError("empty prompt: every row needs at least one token (the BOS token is the usual start)")
-        prompts = check_token_ids(prompts, self.backend.dims.vocab_size)
-        T = max(len(p) for p in prompts)
-        ids = torch.full((batch, T), self.tok.pad_id, dtype=torch.long)
-        for b, p in enumerate(prompts):
-            ids[b, : len(p)] = torch.tensor(p, dtype=torch.long)
-        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        ids, lengths = right_pad(check_token_ids(prompts, self.backend.dims.vocab_size), self.pad_id)
         return ids.to(self.device), lengths.to(self.device)
 
-    def capacity_for(self, prefix: torch.Tensor, prompt_len: int, max_new_tokens: int) -> int:
-        """Validate shapes before anything runs; returns the capacity bucket to use."""
+    def capacity_for(self, batch: int, context_len: int, prompt_len: int, max_new_tokens: int) -> int:
+        """Validate sizes before anything runs; returns the capacity bucket to use."""
         be = self.backend
-        check_prefix(prefix, be.dtype)
-        B, P, F = prefix.shape
-        if F != be.dims.prefix_dim:
-            raise UserError(f"prefix feature size F={F}, but the model expects F={be.dims.prefix_dim}")
-        if be.prefix_len is not None and P != be.prefix_len:
-            raise UserError(f"prefix length P={P}, but the exported graphs expect P={be.prefix_len}")
-        if be.max_batch is not None and B > be.max_batch:
-            raise UserError(f"batch {B} exceeds the {be.name} backend's max batch {be.max_batch}; split the "
-                             "batch (infer.py does) or, for engines, rebuild with a larger engine.profiles.batch")
+        if be.max_batch is not None and batch > be.max_batch:
+            raise UserError(f"batch {batch} exceeds the {be.name} backend's max batch {be.max_batch}; split the "
+                            "batch (infer.py does) or, for engines, rebuild with a larger engine.profiles.batch")
         if max_new_tokens < 1:
             raise UserError(f"max_new_tokens={max_new_tokens} must be >= 1")
-        need = P + prompt_len + max_new_tokens
+        need = context_len + prompt_len + max_new_tokens
         for s in self.buckets:
             if need <= s:
                 return s
-        raise UserError(f"prefix ({P}) + prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {need} "
-                         f"exceeds the largest cache capacity {self.buckets[-1]}; lower max_new_tokens to "
-                         f"{self.buckets[-1] - P - prompt_len} or less")
+        raise UserError(f"context ({context_len}) + prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) = "
+                        f"{need} exceeds the largest cache capacity {self.buckets[-1]}; lower max_new_tokens to "
+                        f"{self.buckets[-1] - context_len - prompt_len} or less")
 
     # ---------------------------------------------------------------- buffers and graphs
     def _bucket(self, B: int, S: int) -> _Bucket:
@@ -153,7 +204,7 @@ class Generator:
                 token=torch.zeros(B, 1, dtype=torch.long, device=dev),
                 position=torch.zeros(B, 1, dtype=torch.long, device=dev),
                 finished=torch.zeros(B, dtype=torch.bool, device=dev),
-                out=torch.full((B, S), self.tok.eos_id, dtype=torch.long, device=dev),
+                out=torch.full((B, S), self.end_id, dtype=torch.long, device=dev),
                 step=torch.zeros(1, dtype=torch.long, device=dev))
         return self._state[key]
 
@@ -161,9 +212,9 @@ class Generator:
         """One token for every row, device-only: execute + KV write, sample, record, advance."""
         logits = self.backend.decode(st.token, st.position, st.k, st.v)
         nxt = sample(logits, sampling, self._rng)
-        nxt = torch.where(st.finished, torch.full_like(nxt, self.tok.eos_id), nxt)  # finished rows emit EOS
+        nxt = torch.where(st.finished, torch.full_like(nxt, self.end_id), nxt)  # finished rows emit the end token
         st.out.scatter_(1, st.step.expand(nxt.shape[0], 1), nxt[:, None])
-        st.finished.logical_or_(nxt == self.tok.eos_id)
+        st.finished.logical_or_(nxt == self.end_id)
         st.token.copy_(nxt[:, None])
         st.position.add_(1)
         st.step.add_(1)
@@ -207,38 +258,43 @@ class Generator:
 
     # ---------------------------------------------------------------- generate
     @torch.inference_mode()
-    def generate(self, prefix: torch.Tensor, prompts: list[list[int]] | None = None, max_new_tokens: int = 32,
+    def generate(self, context, prompts: list[list[int]] | None = None, max_new_tokens: int = 32,
                  sampling: SamplingConfig = SamplingConfig()) -> GenerationResult:
-        B = check_prefix(prefix).shape[0]
+        """Prefill the context and the prompts of the decoded modality, then decode up to max_new_tokens.
+
+        context: modality -> features (B, P, F), or token lists (or (ids, lengths)) of a discrete modality; a bare
+        (B, P, F) tensor for a model whose context is one continuous modality."""
+        context, B, context_len = self.prepare_context(context)
         input_ids, input_lengths = self.prepare(prompts, B)
-        S = self.capacity_for(prefix, input_ids.shape[1], max_new_tokens)
+        S = self.capacity_for(B, int(context_len.max()), input_ids.shape[1], max_new_tokens)
+        start = (context_len.to(self.device) + input_lengths)[:, None]  # each row's first decode position
         if self.stream is None:
-            return self._generate(prefix.to(self.device), input_ids, input_lengths, S, max_new_tokens, sampling)
+            return self._generate(context, input_ids, input_lengths, start, S, max_new_tokens, sampling)
         caller = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(caller)  # the caller's pending work (inputs, weight updates) comes first
         with torch.cuda.stream(self.stream):
-            result = self._generate(prefix.to(self.device), input_ids, input_lengths, S, max_new_tokens, sampling)
+            result = self._generate(context, input_ids, input_lengths, start, S, max_new_tokens, sampling)
         caller.wait_stream(self.stream)
         return result
 
-    def _generate(self, prefix, input_ids, input_lengths, S, max_new_tokens, sampling) -> GenerationResult:
-        B = prefix.shape[0]
+    def _generate(self, context, input_ids, input_lengths, start, S, max_new_tokens, sampling) -> GenerationResult:
+        B = input_ids.shape[0]
         st = self._bucket(B, S)
         graph = self._graph(st, sampling) if self.use_graph else None
         self._rng.manual_seed(sampling.seed)
 
         self._sync()
         t0 = time.perf_counter()
-        logits, keys, values = self.backend.prefill(prefix, input_ids, input_lengths)
-        N = keys[0].shape[2]  # P + T
+        logits, keys, values = self.backend.prefill(context, input_ids, input_lengths)
+        N = keys[0].shape[2]  # the context's and the prompt's lengths, padding included
         for i in range(len(keys)):
             st.k[i, :, :, :N].copy_(keys[i])
             st.v[i, :, :, :N].copy_(values[i])
         first = sample(logits, sampling, self._rng)
         st.out[:, 0] = first
         st.token.copy_(first[:, None])
-        st.position.copy_((N - input_ids.shape[1] + input_lengths)[:, None])  # P + real prompt length
-        st.finished.copy_(first == self.tok.eos_id)
+        st.position.copy_(start)  # real context + real prompt: the slots after it are padding, masked and overwritten
+        st.finished.copy_(first == self.end_id)
         st.step.fill_(1)
         self._sync()
         t1 = time.perf_counter()
@@ -253,12 +309,14 @@ class Generator:
         t2 = time.perf_counter()
 
         tokens = st.out[:, : steps + 1].cpu()
-        is_eos = tokens == self.tok.eos_id
-        first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full((B,), tokens.shape[1]))
-        texts = [self.tok.decode(row) for row in tokens.tolist()]
-        return GenerationResult(tokens=tokens, num_generated=first_eos, texts=texts, time_to_first_token_s=t1 - t0,
-                                decode_time_s=t2 - t1, decode_steps=steps, backend=self.backend.name, capacity=S,
-                                cuda_graph=graph is not None)
+        is_end = tokens == self.end_id
+        first_end = torch.where(is_end.any(1), is_end.int().argmax(1) + 1, torch.full((B,), tokens.shape[1]))
+        rows = tokens.tolist()
+        sequences = [row[: row.index(self.end_id)] if self.end_id in row else row for row in rows]
+        texts = [self.tok.decode(row) for row in rows] if self.text else []
+        return GenerationResult(tokens=tokens, num_generated=first_end, sequences=sequences, texts=texts,
+                                time_to_first_token_s=t1 - t0, decode_time_s=t2 - t1, decode_steps=steps,
+                                backend=self.backend.name, capacity=S, cuda_graph=graph is not None)
 
     def _sync(self):
         if self.device.type == "cuda":
