@@ -159,7 +159,8 @@ def train(cfg: DictConfig) -> dict:
         if isinstance(logger, L.pytorch.loggers.WandbLogger):
             result["wandb_dir"] = str(Path(logger.experiment.dir).parent)
             logger.experiment.finish()
-        print(f"\nval/exact_match = {metrics.get('val/exact_match', float('nan')):.4f}   "
+        metric = f"val/{module.metric}"
+        print(f"\n{metric} = {metrics.get(metric, float('nan')):.4f}   "
               f"val/loss = {metrics.get('val/loss', float('nan')):.4f}   global_step = {trainer.global_step}")
         if summary:
             print(f"throughput:  {summary.line()}")
