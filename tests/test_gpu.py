@@ -10,7 +10,7 @@ suite runs them in Triton's interpreter). Skipped only where there is no CUDA de
 import pytest
 import torch
 
-from mmgpt.model import GPTConfig, MultimodalGPT
+from mmgpt.model import GPTConfig, MultimodalGPT, image_to_text
 from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
 from mmgpt.runtime.sampling import SamplingConfig
@@ -30,7 +30,7 @@ def backend_of(name: str, model):
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    config = GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=256, prefix_dim=8, vocab_size=300)
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=256, vocab_size=300, **image_to_text(8))
     model = MultimodalGPT(config).cuda().half().eval()
     with torch.no_grad():  # wider than the init, so logits are far apart and greedy choices are not near-ties
         for p in model.parameters():

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from mmgpt.bench.results import write_result
-from mmgpt.model import GPTConfig, MultimodalGPT
+from mmgpt.model import MODALITY_TABLES, GPTConfig, MultimodalGPT, image_to_text
 from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
 from mmgpt.tokenizer import ByteTokenizer
@@ -48,7 +48,7 @@ CHECK_TOKENS = 16  # greedy tokens compared between mmgpt and Hugging Face on th
 
 def build_model(size: str, dtype, device, vocab: int = 50257, block: int = 1024) -> MultimodalGPT:
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=vocab, block_size=block, prefix_dim=PATCH_DIM, **SHAPES[size])
+    cfg = GPTConfig(vocab_size=vocab, block_size=block, **image_to_text(PATCH_DIM), **SHAPES[size])
     return MultimodalGPT(cfg).to(device=device, dtype=dtype).eval()
 
 
@@ -93,7 +93,7 @@ def to_hf_gpt2(model: MultimodalGPT):
                         attn_pdrop=0.0, tie_word_embeddings=True)
     p = next(model.parameters())
     hf = GPT2LMHeadModel(hf_cfg).to(device=p.device, dtype=p.dtype).eval()
-    ours = {k: v for k, v in model.state_dict().items() if not k.startswith("prefix_encoder")}
+    ours = {k: v for k, v in model.state_dict().items() if not k.startswith(MODALITY_TABLES)}
     theirs = hf.state_dict()
     unmapped = sorted(set(ours) - set(theirs))
     unset = sorted(k for k in set(theirs) - set(ours) if not k.endswith(".attn.bias")  # causal-mask buffers
@@ -126,7 +126,7 @@ def bench_mmgpt(be: TorchBackend, batch, prompt_len, new_tokens, prefix_len, dev
     gen = Generator(be, ByteTokenizer(bos_id=V - 1, eos_id=V - 1, pad_id=V - 1),
                     max_positions=model.config.block_size, eos_check_interval=new_tokens + 1)  # EOS never stops it
     g = torch.Generator().manual_seed(1)
-    prefix = torch.randn(batch, prefix_len, model.config.prefix_dim, generator=g).to(device)
+    prefix = torch.randn(batch, prefix_len, PATCH_DIM, generator=g).to(device)
     prompts = torch.randint(0, V - 1, (batch, prompt_len), generator=g).tolist()
     for _ in range(warmup):  # compile, capture, allocate, and let clocks and caches settle
         gen.generate(prefix, prompts, max_new_tokens=new_tokens)
@@ -146,7 +146,7 @@ def hf_agrees(model: MultimodalGPT, hf, device, prompt_len: int) -> dict:
     ids = torch.randint(0, V - 1, (2, prompt_len), generator=g)
     gen = Generator(TorchBackend(model), ByteTokenizer(bos_id=V - 1, eos_id=V - 1, pad_id=V - 1),
                     max_positions=model.config.block_size, cuda_graph=False, eos_check_interval=CHECK_TOKENS + 1)
-    ours = gen.generate(torch.zeros(2, 0, model.config.prefix_dim, device=device), ids.tolist(),
+    ours = gen.generate(torch.zeros(2, 0, PATCH_DIM, device=device), ids.tolist(),
                         max_new_tokens=CHECK_TOKENS).tokens[:, :CHECK_TOKENS]
     with torch.inference_mode():
         theirs = hf.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),

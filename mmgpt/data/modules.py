@@ -47,6 +47,10 @@ class SamplesDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def setup(self, stage=None):
+        if self.model_config is None:  # outside a training run (a notebook): caption the data's other modalities
+            others = [m for m in self.provides.values() if m.name != TEXT]
+            self.model_config = GPTConfig(vocab_size=self.tokenizer.vocab_size, context=[m.name for m in others],
+                                          modalities=[*others, Modality(TEXT, "discrete", head=True)], decoded=TEXT)
         if self.train_set is None:
             self.train_set, self.val_set = (ds.tokenize(self.tokenizer, self.model_config) for ds in self.build())
 
