@@ -71,11 +71,11 @@ def test_profiles_cover_both_flows(built):
     artifacts, entries = built
     shared = entries["shared"].engines["shared"].profiles
     m = artifacts.manifest
-    P, L = m.prefix_len, m.config.n_layer
+    P, L = m.context_lens["image"], m.config.n_layer
     assert list(shared) == ["context", "generation"]
     assert shared["context"]["past_key_values.0.key"] == [[1, 4, 0, 32], [2, 4, 0, 32], [8, 4, 0, 32]]
-    assert shared["context"]["prefix"][2] == [8, P, 16]
-    assert shared["generation"]["prefix"] == [[1, 0, 16], [2, 0, 16], [8, 0, 16]]
+    assert shared["context"]["image_features"][2] == [8, P, 16]
+    assert shared["generation"]["image_features"] == [[1, 0, 16], [2, 0, 16], [8, 0, 16]]
     assert shared["generation"]["input_ids"] == [[1, 1], [2, 1], [8, 1]]
     # capacity clipped to the model's 128 positions
     assert shared["generation"][f"past_key_values.{L - 1}.value"][2] == [8, 4, 128, 32]
@@ -126,8 +126,8 @@ def test_one_masked_past_slot_variant_builds_and_keeps_parity(built, tmp_path):
     m = artifacts.manifest
     sess = ort.InferenceSession(str(artifacts.graph_path("context_generation")), providers=["CPUExecutionProvider"])
     g = np.random.default_rng(0)
-    B, P, T, H, D = 2, m.prefix_len, 5, m.config.n_head, m.dims.head_dim
-    feed = {"prefix": g.random((B, P, m.config.prefix_dim), dtype=np.float32),
+    B, P, T, H, D = 2, m.context_lens["image"], 5, m.config.n_head, m.dims.head_dim
+    feed = {"image_features": g.random((B, P, m.dims.context[0].dim), dtype=np.float32),
             "input_ids": g.integers(0, 256, (B, T)), "input_lengths": np.array([T, 3]),
             "position_ids": np.zeros((B, 1), dtype=np.int64)}
     empty = sess.run(None, {**feed, **{n: np.zeros((B, H, 0, D), np.float32) for n in past_names(m.config.n_layer)}})
@@ -177,7 +177,7 @@ def test_engine_execution_matches_torch(built, strategy):
         if torch.cuda.get_device_capability() >= (9, 0) and "TensorRT-RTX cannot run" in str(e):
             pytest.skip("TensorRT-RTX does not run on compute capability 9.0+ (H100 / H200)")
         raise
-    prefix = torch.rand(3, artifacts.manifest.prefix_len, 16)
+    prefix = torch.rand(3, artifacts.manifest.context_lens["image"], 16)
     prompts = [[256], [256, 116], [256, 111, 110]]
     runs = [Generator(b, artifacts.tokenizer, max_positions=128).generate(prefix, prompts, max_new_tokens=24)
             for b in (backend, TorchBackend(artifacts.load_model("cuda")))]

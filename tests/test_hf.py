@@ -148,7 +148,8 @@ def test_greedy_ragged_batch_matches_transformers_generate(gpt2_dir, tmp_path):
     with torch.no_grad():
         for row, p in zip(prefix, prompts):
             pad = T - len(p)
-            embeds.append(torch.cat([torch.zeros(pad, 32), tables.embed("image", row), hf.get_input_embeddings()(torch.tensor(p))]))
+            text = hf.get_input_embeddings()(torch.tensor(p))
+            embeds.append(torch.cat([torch.zeros(pad, 32), tables.embed("image", row), text]))
             mask.append([0] * pad + [1] * (P + len(p)))
         theirs = hf.generate(inputs_embeds=torch.stack(embeds), attention_mask=torch.tensor(mask), do_sample=False,
                              max_new_tokens=new, min_new_tokens=new, eos_token_id=None, pad_token_id=tok.pad_id)

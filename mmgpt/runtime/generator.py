@@ -22,7 +22,7 @@ from mmgpt.errors import UserError
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024)
 
 
-def check_features(features, dtype: torch.dtype | None = None, what: str = "prefix") -> torch.Tensor:
+def check_features(features, dtype: torch.dtype | None = None, what: str = "features") -> torch.Tensor:
     """A (B, P, F) float tensor with B, F >= 1 (P = 0: no context of this modality), finite in `dtype`, the dtype
     the backend runs (a value that fits float32 may overflow float16)."""
     if not torch.is_tensor(features) or features.ndim != 3 or features.shape[0] < 1 or features.shape[2] < 1:
@@ -31,7 +31,7 @@ def check_features(features, dtype: torch.dtype | None = None, what: str = "pref
     if not features.is_floating_point():
         raise UserError(f"{what} must be a float tensor, got {features.dtype}")
     if dtype is not None and not bool(torch.isfinite(features.to(dtype)).all()):
-        raise UserError(f"{what} holds NaN or infinite values in the model's dtype "
+        raise UserError(f"{what}: NaN or infinite values in the model's dtype "
                         f"{str(dtype).removeprefix('torch.')} (the largest float16 is "
                         f"{torch.finfo(torch.float16).max:.0f}); scale or clean the features")
     return features
