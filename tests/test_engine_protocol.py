@@ -28,6 +28,10 @@ from mmgpt.runtime.generator import Generator
 
 IMAGE = length_symbol("image")
 
+
+def image_len(artifacts) -> int:
+    return artifacts.manifest.context_lens["image"]
+
 STREAM = 7  # what the stand-in's "current stream" is
 
 
@@ -217,7 +221,7 @@ def test_one_context_per_bucket_and_interleaved_buckets_keep_their_shapes(stand_
     artifacts, trt, calls, engines = stand_in
     backend = TensorRTBackend(artifacts, strategy, device="cpu", trt=trt)
     gen = _generator(artifacts, backend)
-    prefix = torch.rand(2, artifacts.manifest.context_lens["image"], 16)
+    prefix = torch.rand(2, image_len(artifacts), 16)
     small, large = 20, 100  # capacity 64, then 128, then 64 again
     for n in (small, large, small):
         gen.generate(prefix, max_new_tokens=n)
@@ -242,7 +246,7 @@ def test_one_context_per_bucket_and_interleaved_buckets_keep_their_shapes(stand_
 def test_memory_and_profile_before_shapes_on_a_non_default_stream(stand_in, strategy):
     artifacts, trt, calls, engines = stand_in
     backend = TensorRTBackend(artifacts, strategy, device="cpu", trt=trt)
-    _generator(artifacts, backend).generate(torch.rand(1, artifacts.manifest.context_lens["image"], 16), max_new_tokens=4)
+    _generator(artifacts, backend).generate(torch.rand(1, image_len(artifacts), 16), max_new_tokens=4)
     memory = {c[2] for c in calls if c[1] == "set_device_memory"}
     assert len(memory) == 1  # one block shared by every context
     for ctx in (c for e in engines for c in e.contexts):
@@ -260,7 +264,7 @@ def test_memory_and_profile_before_shapes_on_a_non_default_stream(stand_in, stra
 def test_empty_tensors_get_distinct_non_null_addresses(stand_in):
     artifacts, trt, calls, engines = stand_in
     backend = TensorRTBackend(artifacts, "shared", device="cpu", trt=trt)
-    _generator(artifacts, backend).generate(torch.rand(2, artifacts.manifest.context_lens["image"], 16), max_new_tokens=3)
+    _generator(artifacts, backend).generate(torch.rand(2, image_len(artifacts), 16), max_new_tokens=3)
     prefill, decode = engines[0].contexts
     L = artifacts.manifest.config.n_layer
     empty_prefill = [n for n, s in prefill.shapes.items() if 0 in s]
@@ -278,8 +282,8 @@ def test_errors_carry_tensorrt_lines_and_the_default_stream_is_refused(stand_in,
     gen = _generator(artifacts, backend)
     engines[1].fail_next = True
     with pytest.raises(EngineError, match="illegal memory access \\(fake\\)"):
-        gen.generate(torch.rand(1, artifacts.manifest.context_lens["image"], 16), max_new_tokens=4)
-    prefix = torch.rand(9, artifacts.manifest.context_lens["image"], 16)
+        gen.generate(torch.rand(1, image_len(artifacts), 16), max_new_tokens=4)
+    prefix = torch.rand(9, image_len(artifacts), 16)
     with pytest.raises(ValueError, match="batch 9 exceeds the tensorrt backend's max batch 8"):
         gen.generate(prefix, max_new_tokens=4)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
@@ -292,7 +296,7 @@ def test_rtx_stream_capture_check(stand_in):
     artifacts, trt, calls, engines = stand_in
     backend = TensorRTBackend(artifacts, "two_engines", device="cpu", trt=trt)
     gen = _generator(artifacts, backend)
-    gen.generate(torch.rand(1, artifacts.manifest.context_lens["image"], 16), max_new_tokens=3)
+    gen.generate(torch.rand(1, image_len(artifacts), 16), max_new_tokens=3)
     st = next(iter(gen._state.values()))
     assert backend.capture_blocker(st.token, st.position, st.k, st.v) is None  # full TensorRT: no such query
     ctx = engines[1].contexts[0]
@@ -310,7 +314,7 @@ def test_engine_outputs_reach_their_cache_slots_and_the_generator(stand_in, stra
     artifacts, trt, calls, engines = stand_in
     backend = TensorRTBackend(artifacts, strategy, device="cpu", trt=trt)
     gen = _generator(artifacts, backend)
-    P, L = artifacts.manifest.context_lens["image"], artifacts.manifest.config.n_layer
+    P, L = image_len(artifacts), artifacts.manifest.config.n_layer
     prompts = [[256], [256, 116, 104]]
     result = gen.generate(torch.rand(2, P, 16), prompts, max_new_tokens=6)
     for b, prompt in enumerate(prompts):

@@ -102,8 +102,8 @@ def test_bad_inputs_fail_before_anything_runs(setup):
         gen.generate(prefix[:, :7], prompts)
     with pytest.raises(ValueError, match=r"image features must be a float tensor"):
         gen.generate(prefix.long(), prompts)
-    with pytest.raises(ValueError, match=r"image features must be a \(B, P, F\) tensor with B >= 1 and F >= 1, got shape "
-                                         r"\(8, 16\)"):
+    with pytest.raises(ValueError, match=r"image features must be a \(B, P, F\) tensor with B >= 1 and F >= 1, got "
+                                         r"shape \(8, 16\)"):
         gen.generate(prefix[0], prompts)
     backend.max_batch = 2
     with pytest.raises(ValueError, match=r"batch 3 exceeds the torch backend's max batch 2"):
