@@ -74,12 +74,18 @@ def load_checkpoint(path) -> LoadedModel:
 def check_resume(path, model_fields: dict) -> None:
     """ckpt_path=: the checkpoint must hold the model the config describes (n_layer, n_head, n_embd, ...), else
     resuming fails deep inside the weight loading with a size-mismatch traceback. `model_fields` are the configured
-    model's fields; fields the config does not set (the data sets vocab_size, prefix_dim) are not compared."""
+    model's fields; fields the config does not set (the data sets vocab_size and each modality's dim, vocabulary and
+    end token) are not compared."""
     saved = read_checkpoint(path)[1].model_config
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path}: its model config is missing or not an object; use a checkpoint written by "
                               "mmgpt's train.py")
-    differ = {k: (saved[k], v) for k, v in model_fields.items() if k in saved and saved[k] != v}
+    differ = {k: (saved[k], v) for k, v in model_fields.items() if k in saved and k != "modalities" and saved[k] != v}
+    saved_modalities = {m.get("name"): m for m in saved.get("modalities", []) if isinstance(m, dict)}
+    for m in model_fields.get("modalities") or []:  # the keys the config sets; the data set the others
+        have = saved_modalities.get(m.get("name"), {})
+        if any(have.get(k) != v for k, v in m.items()):
+            differ[f"modalities[{m.get('name')}]"] = (have or None, m)
     if differ:
         raise CheckpointError(f"ckpt_path={path} holds another model: "
                               f"{', '.join(f'model.{k}={a!r} there, {b!r} here' for k, (a, b) in differ.items())}; "

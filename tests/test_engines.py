@@ -53,6 +53,21 @@ def test_shared_engine_is_smaller_than_two_engines(built):
     assert w2 and w1 and w2 >= 1.9 * w1
 
 
+def test_new_modality_graphs_build_in_both_strategies_with_one_weight_copy(drawn, tmp_path):
+    """digits_draw's graphs (a ragged text context in, the drawn image's own table and head in the decode flow)
+    build with TensorRT-RTX in both strategies; the shared engine's builder-reported weights are one copy."""
+    path = tmp_path / "draw"
+    shutil.copytree(drawn, path)
+    entries = {s: build_engines(Artifacts.open(path), ENGINE_CFG.replace(strategy=s))
+               for s in ("two_engines", "shared")}
+    shared = entries["shared"].engines["shared"]
+    assert shared.profiles["context"]["text_ids"][2] == [8, 96]  # max batch, the context's exported limit
+    assert shared.profiles["generation"]["text_ids"] == [[1, 0], [2, 0], [8, 0]]
+    assert shared.io["logits"]["shape"] == [-1, 18]  # the drawn modality's vocabulary
+    w2, w1 = entries["two_engines"].builder_weights_bytes, entries["shared"].builder_weights_bytes
+    assert w2 and w1 and w2 >= 1.9 * w1
+
+
 def test_engine_io_matches_graph_declarations(built):
     artifacts, entries = built
     graphs = declare_graphs(artifacts.manifest.dims)

@@ -101,7 +101,7 @@ def test_failed_reexport_keeps_the_previous_artifacts(exported, trained, monkeyp
 
 
 @pytest.mark.parametrize("edit, match", [
-    (lambda meta: meta.update(format=99), r"format 99, this mmgpt reads format 2: it was written by a newer mmgpt"),
+    (lambda meta: meta.update(format=99), r"format 99, this mmgpt reads format 3: it was written by a newer mmgpt"),
     (lambda meta: meta.pop("format"), r"format 1, .* an older mmgpt. Use the mmgpt version that wrote it, or re-train"),
     (lambda meta: meta.pop("schedule"), r"'mmgpt' entry is damaged \(missing field 'mmgpt.schedule'\)"),
     (lambda meta: meta.update(context_lens={"image": "8"}), r"'mmgpt.context_lens.image' must be an integer"),
@@ -111,7 +111,7 @@ def test_checkpoint_meta_is_checked_before_export(trained, tmp_path, edit, match
     what to do, before anything is traced; the untouched checkpoint reads (negative control)."""
     from mmgpt.checkpoint import read_checkpoint
     ckpt = torch.load(trained["last_ckpt"], map_location="cpu", weights_only=True)
-    assert read_checkpoint(trained["last_ckpt"])[1].format == 2
+    assert read_checkpoint(trained["last_ckpt"])[1].format == 3
     edit(ckpt["mmgpt"])
     torch.save(ckpt, tmp_path / "edited.ckpt")
     with pytest.raises(CheckpointError, match=match):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from mmgpt.data.samples import right_pad
 from mmgpt.model import GPTConfig, Modality, MultimodalGPT
 from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
@@ -26,18 +27,25 @@ def ragged_context(B=3, g=None):
     return {"text": (torch.randint(0, 300, (B, 5), generator=g), lengths), "feats": torch.randn(B, 3, 5, generator=g)}
 
 
-def two_flows_vs_forward(model, backend, context, steps=6):
-    """Max |prefill + decode steps - teacher-forced forward| over each row's logits."""
-    B = context["feats"].shape[0]
+def row_of(context: dict, b: int) -> dict:
+    """Row b of a context alone, its discrete segments cut to their real tokens."""
+    return {n: v[b: b + 1] if torch.is_tensor(v) else (v[0][b: b + 1, : v[1][b]], v[1][b: b + 1])
+            for n, v in context.items()}
+
+
+def two_flows_vs_forward(model, backend, context, vocab=19, steps=6):
+    """Max |prefill + decode steps - teacher-forced forward| over each row's logits, prompts ragged."""
+    B = next(v if torch.is_tensor(v) else v[0] for v in context.values()).shape[0]
     g = torch.Generator().manual_seed(2)
     T, lengths = 4, torch.tensor([4, 1, 3])[:B]
-    prompt = torch.randint(0, 19, (B, T), generator=g)
-    cont = torch.randint(0, 19, (B, steps), generator=g)
-    real = context["text"][1] + 3  # each row's real context length
+    prompt = torch.randint(0, vocab, (B, T), generator=g)
+    cont = torch.randint(0, vocab, (B, steps), generator=g)
+    real = sum(v.shape[1] if torch.is_tensor(v) else v[1] for v in context.values())  # each row's real context
+    c = model.config
     with torch.no_grad():
         logits, keys, values = backend.prefill(context, prompt, lengths)
         S, N = 64, keys[0].shape[2]
-        k_cache = torch.zeros(2, B, 2, S, 16)
+        k_cache = torch.zeros(c.n_layer, B, c.n_head, S, c.head_dim)
         v_cache = torch.zeros_like(k_cache)
         k_cache[:, :, :, :N] = torch.stack(keys)
         v_cache[:, :, :, :N] = torch.stack(values)
@@ -48,9 +56,7 @@ def two_flows_vs_forward(model, backend, context, steps=6):
             pos = pos + 1
         worst = 0.0
         for b in range(B):  # reference: one forward per row over its real tokens only
-            row = {"text": (context["text"][0][b: b + 1, : context["text"][1][b]], context["text"][1][b: b + 1]),
-                   "feats": context["feats"][b: b + 1]}
-            full, _ = model(row, torch.cat([prompt[b, : lengths[b]], cont[b]])[None])
+            full, _ = model(row_of(context, b), torch.cat([prompt[b, : lengths[b]], cont[b]])[None])
             want = full[0, lengths[b] - 1:]
             worst = max(worst, (torch.stack([s[b] for s in got]) - want).abs().max().item())
     return worst
@@ -148,3 +154,47 @@ def test_token_outside_its_modality_vocabulary_is_refused():
     with pytest.raises(UserError, match=r"prompt 0 holds token id\(s\) \[19\]"):
         gen.generate({"text": [[1]], "feats": torch.randn(1, 3, 5)}, prompts=[[19]], max_new_tokens=2)
     gen.generate({"text": [[299]], "feats": torch.randn(1, 3, 5)}, prompts=[[18]], max_new_tokens=2)  # in range
+
+
+# ---------------------------------------------------------------- every backend, from an export of digits_draw
+def draw_context(artifacts, B=3):
+    tok = artifacts.tokenizer
+    captions = ["seven sum 7", "one sum 1", ""][:B]  # ragged, one empty
+    return {"text": right_pad([tok.encode(c, bos=False, eos=False) for c in captions], 0)}
+
+
+def test_two_flows_equal_one_forward_on_onnxruntime(drawn):
+    from mmgpt.contract.artifacts import Artifacts
+    from mmgpt.runtime.backends.onnx_runtime import OnnxRuntimeBackend
+    artifacts = Artifacts.open(drawn)
+    model = artifacts.load_model()
+    context = draw_context(artifacts)
+    assert two_flows_vs_forward(model, OnnxRuntimeBackend(artifacts), context, vocab=18) <= 1e-5
+    assert two_flows_vs_forward(model, TorchBackend(model), context, vocab=18) <= 1e-5
+
+
+def test_chained_greedy_tokens_equal_across_torch_onnxruntime_and_triton(drawn):
+    from mmgpt.contract.artifacts import Artifacts
+    from mmgpt.runtime.backends import open_backend
+    artifacts = Artifacts.open(drawn)
+    context = draw_context(artifacts)
+    runs = {}
+    for name in ("torch", "onnxruntime", "torch-triton"):  # Triton's interpreter on the CPU
+        gen = Generator(open_backend(name, artifacts, device="cpu"), artifacts.tokenizer, max_positions=96,
+                        cuda_graph=False, eos_check_interval=100)
+        runs[name] = gen.generate(context, max_new_tokens=12)
+    tokens = runs["torch"].tokens
+    assert tokens.shape == (3, 12) and int(tokens.max()) < 18
+    assert torch.equal(runs["onnxruntime"].tokens, tokens) and torch.equal(runs["torch-triton"].tokens, tokens)
+
+
+def test_parity_and_manifest_cover_the_new_flows(drawn):
+    import json
+    manifest = json.loads((drawn / "model.json").read_text())
+    assert list(manifest["graphs"]["prefill"]["inputs"]) == ["text_ids", "text_lengths", "input_ids", "input_lengths"]
+    assert manifest["graphs"]["prefill"]["inputs"]["text_ids"]["shape"] == ["batch", "text_len"]
+    assert manifest["graphs"]["decode"]["outputs"]["logits"]["shape"] == ["batch", 18]
+    assert [m["name"] for m in manifest["model_config"]["modalities"]] == ["text", "image"]
+    parity = json.loads((drawn / "parity.json").read_text())
+    assert parity["passed"] and parity["chained"]["tokens_match"]
+    assert {c["shape"].get("text_len") for c in parity["cases"] if c["graph"] == "prefill"} == {1, 6}
