@@ -86,7 +86,16 @@ def _walk(node: dict, reference, prefix: str, unknown: list) -> None:
             continue
         if takes_any or key in params or not isinstance(reference, dict):
             continue  # the target takes it (its own code checks the value), or the files leave the node open
+        if isinstance(value, dict) and "_target_" in value and _is_collection(reference):
+            _walk(value, {}, f"{path}.", unknown)  # a new member (`+callbacks.x._target_=...`): its keys still count
+            continue
         unknown.append((path, [f"{prefix}{p}" for p in params]))
+
+
+def _is_collection(node: dict) -> bool:
+    """A node whose every member is an instantiable (conf/callbacks/): the code instantiates each value, so a new
+    member with a `_target_` is read."""
+    return bool(node) and all(isinstance(v, dict) and "_target_" in v for v in node.values())
 
 
 def _target_params(target) -> tuple[set[str], bool]:

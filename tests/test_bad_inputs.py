@@ -205,8 +205,8 @@ def test_commands_exit_1_with_a_message_and_leave_no_run_directories(exported, t
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "error:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "do not match the hash in model.json" in proc.stderr
-    proc = subprocess.run([sys.executable, str(ROOT / "infer.py"), f"artifacts={exported}", "limit=2", "show=1"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "infer.py"), f"artifacts={exported}", "limit=2", "show=1",
+                           "backend=onnxruntime"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"artifacts {exported}" in proc.stdout and "backend onnxruntime" in proc.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no outputs/, no log files
@@ -421,6 +421,10 @@ def test_unlabelled_features_are_captioned_without_a_metric(exported, tmp_path):
     ("train", ["+experiment=digits", "+module.warmup=5"], "module.warmup (did you mean module.warmup_steps"),
     ("export", ["+engine.strategie=shared"], "engine.strategie (did you mean engine.strategy"),
     ("train", ["+experiment=digits", "seed=9223372036854775808"], "seed=9223372036854775808 must be an integer in"),
+    ("train", ["+experiment=digits", "+callbacks.lrm._target_=lightning.pytorch.callbacks.LearningRateMonitor",
+               "+callbacks.lrm.logging_intervall=step"], "callbacks.lrm.logging_intervall (did you mean"),
+    ("train", ["+experiment=digits", "+model.extra._target_=lightning.pytorch.callbacks.LearningRateMonitor"],
+     "model.extra"),  # only a collection of instantiables (conf/callbacks/) takes a new member
 ])
 def test_keys_no_code_reads_are_errors(capsys, command, overrides, fragment):
     from mmgpt.strict_config import check_config
@@ -432,6 +436,8 @@ def test_keys_no_code_reads_are_errors(capsys, command, overrides, fragment):
     ("train", ["+experiment=features", "data.path=/data.npz", "trainer=gpu"]),
     ("export", ["engine=tensorrt", "name=x"]),
     ("infer", ["sampling.temperature=0.5"]),
+    ("train", ["+experiment=digits", "+callbacks.lrm._target_=lightning.pytorch.callbacks.LearningRateMonitor",
+               "+callbacks.lrm.logging_interval=step"]),  # a new callback: run.py instantiates every member
 ])
 def test_valid_configs_pass_the_strict_check(command, overrides):
     from mmgpt.strict_config import check_config

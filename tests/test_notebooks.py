@@ -3,11 +3,12 @@ trained, 03 plots the committed GPU benchmark reports. A failing cell fails the 
 import os
 from pathlib import Path
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
 
-from helpers import ROOT
+from helpers import ROOT, require
+
+nbformat = require("nbformat", "nbformat is not installed (pip install -e .[dev])")
+NotebookClient = require("nbclient", "nbclient is not installed (pip install -e .[dev])").NotebookClient
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 # Parameters the test sets in a notebook's first cell (what papermill would inject): fewer training steps keep the

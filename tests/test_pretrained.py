@@ -129,7 +129,7 @@ def test_infer_on_onnxruntime_decodes_bpe_text(flow):
     from mmgpt.inference import infer
     root, _, artifacts, _ = flow
     report = infer(compose_config("infer", [f"artifacts={artifacts}", f"input={root / 'features.npz'}", "limit=4",
-                                            "max_new_tokens=8", "show=0"]))
+                                            "max_new_tokens=8", "show=0", "backend=onnxruntime"]))
     assert report["backend"] == "onnxruntime" and report["samples"] == 4
     assert all(isinstance(t, str) for t in report["texts"])
 

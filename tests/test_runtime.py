@@ -125,6 +125,7 @@ def test_infer_reports_training_validation_accuracy(trained, exported, backend):
     assert report["backend"] == backend and report["decode_tokens_per_s"] > 0
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a CUDA GPU, auto picks torch-triton (tests/test_gpu.py)")
 def test_infer_auto_on_cpu_picks_onnxruntime(exported):
     assert infer(_infer_cfg(exported, "limit=4"))["backend"] == "onnxruntime"
 

@@ -200,6 +200,7 @@ def test_unknown_experiment_lists_available():
 
 
 def test_wandb_offline_by_default(tmp_path):
+    require("wandb", "wandb is not installed (pip install -e .[train])")
     os.environ.pop("WANDB_MODE", None)
     try:
         cfg = compose_config("train", ["+experiment=digits", *small_train_overrides(tmp_path), "logger=wandb",
