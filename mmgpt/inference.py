@@ -8,7 +8,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from mmgpt.contract.artifacts import Artifacts, find_latest_artifacts
-from mmgpt.data.digits import DigitsTask, drawn_images
+from mmgpt.data.digits import DigitsTask
 from mmgpt.data.inputs import load_inputs
 from mmgpt.model import TEXT
 from mmgpt.runtime.backends import open_backend
@@ -63,10 +63,10 @@ def infer(cfg: DictConfig) -> dict:
         task = DigitsTask.from_data_config(m.data)
         if inputs.references is not None:
             reader = task.reader()
-            hits = reader.recognised(sequences, inputs.references, task.digits_per_sample)
+            hits = reader.recognised(task.drawn_images(sequences), inputs.references)
             report.update(recognised=sum(hits) / len(hits), reader_held_out_accuracy=reader.held_out_accuracy)
         if cfg.images_dir:
-            report["images"] = write_images(sequences, task.digits_per_sample, Path(cfg.images_dir))
+            report["images"] = write_images(task.drawn_images(sequences), Path(cfg.images_dir))
     elif inputs.references is not None and text:
         hits = [t == r for t, r in zip(texts, inputs.references)]
         report["exact_match"] = sum(hits) / len(hits)
@@ -87,10 +87,10 @@ def infer(cfg: DictConfig) -> dict:
     return report
 
 
-def write_images(sequences: list[list[int]], digits_per_sample: int, directory: Path) -> list[str]:
-    """Each drawn sample as a PNG (its digits side by side, 8x upscaled) and all of them as grid.png."""
+def write_images(images: np.ndarray, directory: Path) -> list[str]:
+    """Each drawn sample (k, 8, 8) as a PNG (its digits side by side, 8x upscaled) and all of them as grid.png."""
     directory.mkdir(parents=True, exist_ok=True)
-    tiles = [np.concatenate(list(digits), axis=1) for digits in drawn_images(sequences, digits_per_sample)]  # (8, 8k)
+    tiles = [np.concatenate(list(digits), axis=1) for digits in images]  # (8, 8k)
     scale, paths = 8, []
     for i, tile in enumerate(tiles):
         path = directory / f"{i:04d}.png"

@@ -63,7 +63,7 @@ def test_new_modality_graphs_build_in_both_strategies_with_one_weight_copy(drawn
     shared = entries["shared"].engines["shared"]
     assert shared.profiles["context"]["text_ids"][2] == [8, 96]  # max batch, the context's exported limit
     assert shared.profiles["generation"]["text_ids"] == [[1, 0], [2, 0], [8, 0]]
-    assert shared.io["logits"]["shape"] == [-1, 18]  # the drawn modality's vocabulary
+    assert shared.io["logits"]["shape"] == [-1, 65]  # the drawn modality's vocabulary
     w2, w1 = entries["two_engines"].builder_weights_bytes, entries["shared"].builder_weights_bytes
     assert w2 and w1 and w2 >= 1.9 * w1
 

@@ -88,8 +88,8 @@ def test_seed_case_new_decoded_modality_on_a_frozen_pretrained_gpt2(seed_flow):
     assert manifest["model_config"]["decoded"] == "image" and manifest["model_config"]["context"] == ["text"]
     prefill = manifest["graphs"]["prefill"]
     assert list(prefill["inputs"]) == ["text_ids", "text_lengths", "input_ids", "input_lengths"]
-    assert prefill["outputs"]["logits"]["shape"] == ["batch", 18]  # the drawn modality's vocabulary, not GPT-2's
-    assert manifest["graphs"]["decode"]["outputs"]["logits"]["shape"] == ["batch", 18]
+    assert prefill["outputs"]["logits"]["shape"] == ["batch", 65]  # the drawn modality's vocabulary, not GPT-2's
+    assert manifest["graphs"]["decode"]["outputs"]["logits"]["shape"] == ["batch", 65]
     parity = json.loads((artifacts / "parity.json").read_text())
     assert parity["passed"] and parity["worst"] <= 1e-4 and parity["chained"]["tokens_match"]
     ids = torch.tensor([[5, 17, 42, 300]])
@@ -99,11 +99,11 @@ def test_seed_case_new_decoded_modality_on_a_frozen_pretrained_gpt2(seed_flow):
     assert torch.equal(original, exported)
     tables = json.loads((artifacts / "hf" / "modalities.json").read_text())
     image = next(m for m in tables["modalities"] if m["name"] == "image")
-    assert image["tensors"] == {"image.embedding": [18, 32], "image.head": [18, 32]} and image["end_id"] == 17
+    assert image["tensors"] == {"image.embedding": [65, 32], "image.head": [65, 32]} and image["end_id"] == 64
     report = infer(compose_config("infer", [f"artifacts={artifacts}", "limit=3", "max_new_tokens=5", "show=0",
                                             "backend=onnxruntime"]))
     assert report["decoded"] == "image" and report["texts"] == [] and len(report["sequences"]) == 3
-    assert all(0 <= t < 17 for s in report["sequences"] for t in s)  # pixel values: the end token cuts a sequence
+    assert all(0 <= t < 64 for s in report["sequences"] for t in s)  # image codes: the end token cuts a sequence
 
 
 def test_export_with_gpt2_vocabulary_keeps_parity_and_writes_hf(flow):

@@ -2,9 +2,11 @@
 
 Each sample is `digits_per_sample` 8x8 images and a caption that is a deterministic function of the digits, e.g.
 "seven three sum 10": it cannot be produced without reading every image. The image is a modality of its own:
-continuous (patches through an encoder) or, with `image_tokens`, discrete (each pixel's value 0..16 a token of a
-17-value vocabulary plus an end token). The model config chooses the direction: caption the image, or draw the
-digits a caption names (`digits_draw`), scored by a classifier fitted on the training split's real images.
+continuous (patches through an encoder) or, with `image_tokens`, discrete: each pixel's value 0..16 a token of a
+17-value vocabulary, or with `image_codes` = N each 2x2 patch the nearest of N codes (k-means over the training
+split's patches, seeded: four times fewer tokens), plus an end token. The model config chooses the direction:
+caption the image, or draw the digits a caption names (`digits_draw`), scored by a classifier fitted on the
+training split's real images.
 The split is by image: no validation image appears in any training sample. Also here: turning image files into
 the same inputs, for inference on a user's own scans.
 """
@@ -21,8 +23,8 @@ from mmgpt.model import Modality
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 IMAGE_SIZE = 8  # load_digits' images are 8x8, values 0..16 with ink high
 PIXEL_VALUES = 17  # a pixel token is its value 0..16; the next id ends (and starts) a drawn sequence
-PIXEL_END = PIXEL_VALUES
 PIXELS = IMAGE_SIZE * IMAGE_SIZE
+CODE_PATCH = 2  # image_codes: each code stands for a 2x2 patch
 MAX_IMAGE_PIXELS = 4096 * 4096  # 48 MiB decoded as RGB: a photo of a page fits, a decompression bomb does not
 
 
@@ -62,17 +64,6 @@ def make_samples(images, labels, image_ids, n_samples, digits_per_sample, rng):
     return values, captions, pick
 
 
-def drawn_images(sequences: list[list[int]], digits_per_sample: int) -> np.ndarray:
-    """Drawn pixel sequences -> images (n, k, 8, 8) of values 0..16: a short sequence is padded with blank pixels,
-    ids above 16 count as 16."""
-    n = digits_per_sample * PIXELS
-    images = np.zeros((len(sequences), n), dtype=np.float64)
-    for i, seq in enumerate(sequences):
-        row = np.minimum(np.asarray(seq[:n], dtype=np.float64), PIXEL_VALUES - 1)
-        images[i, : len(row)] = row
-    return images.reshape(len(sequences), digits_per_sample, IMAGE_SIZE, IMAGE_SIZE)
-
-
 class DigitReader:
     """A classifier fitted on the training split's real images: reads drawn images (pixel values 0..16)."""
 
@@ -82,15 +73,13 @@ class DigitReader:
         self.classifier = SVC(gamma=0.02, C=10.0).fit(flat[train_ids], labels[train_ids])
         self.held_out_accuracy = float((self.classifier.predict(flat[val_ids]) == labels[val_ids]).mean())
 
-    def read(self, sequences: list[list[int]], digits_per_sample: int) -> np.ndarray:
-        """Drawn pixel sequences -> the digits read, (n, k)."""
-        flat = drawn_images(sequences, digits_per_sample).reshape(-1, PIXELS) / 16.0
-        return self.classifier.predict(flat).reshape(len(sequences), digits_per_sample)
+    def read(self, images: np.ndarray) -> np.ndarray:
+        """Images (n, k, 8, 8) of values 0..16 -> the digits read, (n, k)."""
+        return self.classifier.predict(images.reshape(-1, PIXELS) / 16.0).reshape(images.shape[:2])
 
-    def recognised(self, sequences: list[list[int]], captions: list[str], digits_per_sample: int) -> list[bool]:
+    def recognised(self, images: np.ndarray, captions: list[str]) -> list[bool]:
         """Per sample: does the classifier read every digit its caption names?"""
-        read = self.read(sequences, digits_per_sample)
-        return [list(r) == digits_of(c) for r, c in zip(read, captions)]
+        return [list(r) == digits_of(c) for r, c in zip(self.read(images), captions)]
 
 
 @dataclass(frozen=True)
@@ -103,7 +92,8 @@ class DigitsTask:
     val_samples: int = 500
     val_fraction: float = 0.2
     seed: int = 0
-    image_tokens: bool = False  # the image as discrete pixel tokens instead of continuous patches
+    image_tokens: bool = False  # the image as discrete tokens instead of continuous patches
+    image_codes: int = 0  # image_tokens: 0 = one token per pixel value; N = one of N codes per 2x2 patch
 
     def __post_init__(self):
         if self.digits_per_sample < 1:
@@ -111,6 +101,9 @@ class DigitsTask:
         if self.train_samples < 1 or self.val_samples < 1:
             raise UserError(f"data.train_samples={self.train_samples} and data.val_samples={self.val_samples} "
                              "must be >= 1")
+        if self.image_codes < 0 or (self.image_codes and not self.image_tokens):
+            raise UserError(f"data.image_codes={self.image_codes} must be >= 0, and > 0 only with "
+                            "data.image_tokens=true (codes are the discrete image's tokens)")
         if self.patch_size < 1 or IMAGE_SIZE % self.patch_size:
             raise UserError(f"data.patch_size={self.patch_size} must divide the {IMAGE_SIZE}x{IMAGE_SIZE} images "
                              "(1, 2, 4 or 8)")
@@ -119,7 +112,8 @@ class DigitsTask:
     def provides(self) -> dict[str, Modality]:
         """The modalities of every sample, with what the data determines of each."""
         if self.image_tokens:
-            image = Modality("image", "discrete", vocab_size=PIXEL_VALUES + 1, end_id=PIXEL_END)
+            values = self.image_codes or PIXEL_VALUES
+            image = Modality("image", "discrete", vocab_size=values + 1, end_id=values)
         else:
             image = Modality("image", "continuous", dim=self.patch_size * self.patch_size)
         return {"image": image, "text": Modality("text", "discrete")}
@@ -129,11 +123,49 @@ class DigitsTask:
         """The continuous image's length: its patches."""
         return {} if self.image_tokens else {"image": self.digits_per_sample * (IMAGE_SIZE // self.patch_size) ** 2}
 
+    @property
+    def tokens_per_image(self) -> int:
+        return PIXELS // CODE_PATCH ** 2 if self.image_codes else PIXELS
+
     def images(self, images: np.ndarray) -> np.ndarray:
-        """(N, 8, 8) values 0..16 -> what a sample holds per image: patches (N, patches, F) or pixel ids (N, 64)."""
+        """(N, 8, 8) values 0..16 -> what a sample holds per image: patches (N, patches, F), pixel ids (N, 64) or
+        patch codes (N, 16)."""
+        if self.image_codes:
+            patches = patchify(images, CODE_PATCH) * 16.0  # (N, 16, 4) back in pixel values
+            distances = ((patches[:, :, None, :] - self.codebook()[None, None]) ** 2).sum(-1)
+            return distances.argmin(-1).astype(np.int64)
         if self.image_tokens:
             return np.rint(images).astype(np.int64).clip(0, PIXEL_VALUES - 1).reshape(len(images), PIXELS)
         return patchify(images, self.patch_size)
+
+    def codebook(self) -> np.ndarray:
+        """The image_codes centroids (N, 4) in pixel values: k-means over the training split's 2x2 patches."""
+        if not hasattr(self, "_codebook"):
+            from sklearn.cluster import KMeans
+            from sklearn.datasets import load_digits
+            digits = load_digits()
+            train_ids, _ = split_images(len(digits.target), self.val_fraction, self.seed)
+            patches = patchify(digits.images[train_ids], CODE_PATCH).reshape(-1, CODE_PATCH ** 2) * 16.0
+            kmeans = KMeans(self.image_codes, n_init=4, random_state=self.seed).fit(patches)
+            object.__setattr__(self, "_codebook", kmeans.cluster_centers_.astype(np.float32))
+        return self._codebook
+
+    def drawn_images(self, sequences: list[list[int]]) -> np.ndarray:
+        """Generated token sequences -> images (n, k, 8, 8) of values 0..16: a short sequence is padded with blank
+        pixels, an id past the vocabulary counts as its last value."""
+        n, k = self.tokens_per_image, self.digits_per_sample
+        ids = np.full((len(sequences), k * n), -1, dtype=np.int64)  # -1: not generated, drawn blank
+        for i, seq in enumerate(sequences):
+            row = np.asarray(seq[: k * n], dtype=np.int64)
+            ids[i, : len(row)] = row
+        if not self.image_codes:
+            pixels = np.where(ids < 0, 0, np.minimum(ids, PIXEL_VALUES - 1))
+            return pixels.reshape(-1, k, IMAGE_SIZE, IMAGE_SIZE).astype(np.float64)
+        codebook = self.codebook()
+        side = IMAGE_SIZE // CODE_PATCH
+        patches = np.where(ids[..., None] < 0, 0.0, codebook[np.clip(ids, 0, len(codebook) - 1)])
+        patches = patches.reshape(-1, k, side, side, CODE_PATCH, CODE_PATCH)
+        return patches.transpose(0, 1, 2, 4, 3, 5).reshape(-1, k, IMAGE_SIZE, IMAGE_SIZE).astype(np.float64)
 
     def build(self):
         """-> train set, validation set, the validation samples' image ids (n, k), the held-out image ids."""

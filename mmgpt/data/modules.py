@@ -116,10 +116,10 @@ class SamplesDataModule(L.LightningDataModule):
 class DigitsDataModule(SamplesDataModule):
     def __init__(self, digits_per_sample: int = 2, patch_size: int = 4, train_samples: int = 20000,
                  val_samples: int = 500, val_fraction: float = 0.2, batch_size: int = 64, num_workers: int = 0,
-                 seed: int = 0, on_device: bool | str = "auto", image_tokens: bool = False):
+                 seed: int = 0, on_device: bool | str = "auto", image_tokens: bool = False, image_codes: int = 0):
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, on_device=on_device)
         self.task = DigitsTask(digits_per_sample, patch_size, train_samples, val_samples, val_fraction, seed,
-                               image_tokens)
+                               image_tokens, image_codes)
         self.provides, self.context_lens = self.task.provides, self.task.context_lens
         self.val_image_ids = self.val_pick = None
         self._reader = None
@@ -134,7 +134,7 @@ class DigitsDataModule(SamplesDataModule):
             return super().score(decoded, sequences, texts, references)
         if self._reader is None:
             self._reader = self.task.reader()
-        return self._reader.recognised(sequences, references, self.task.digits_per_sample)
+        return self._reader.recognised(self.task.drawn_images(sequences), references)
 
 
 class FeaturesDataModule(SamplesDataModule):
