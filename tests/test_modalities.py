@@ -198,3 +198,25 @@ def test_parity_and_manifest_cover_the_new_flows(drawn):
     parity = json.loads((drawn / "parity.json").read_text())
     assert parity["passed"] and parity["chained"]["tokens_match"]
     assert {c["shape"].get("text_len") for c in parity["cases"] if c["graph"] == "prefill"} == {1, 6}
+
+
+def test_init_from_whose_tables_the_config_would_reshape_is_refused(tmp_path):
+    from helpers import write_gpt2
+    from mmgpt.errors import UserError
+    from mmgpt.hf import load_hf_gpt2
+    write_gpt2(tmp_path)
+    roles = dict(context=["text"], decoded="pixels")
+    ok = load_hf_gpt2(tmp_path, modalities=[Modality("text", "discrete"), PIXELS], **roles)  # negative control
+    assert ok.config.modality("text").vocab_size == ok.config.vocab_size
+    with pytest.raises(UserError, match=f"vocab_size=7, but the text tables have vocab_size={ok.config.vocab_size}"):
+        load_hf_gpt2(tmp_path, modalities=[Modality("text", "discrete", vocab_size=7), PIXELS], **roles)
+
+
+def test_a_modality_the_data_does_not_provide_fails_before_training(tmp_path, capsys):
+    from helpers import compose_config, fails, small_train_overrides
+    from mmgpt.training import train
+    cfg = compose_config("train", ["+experiment=digits_draw", *small_train_overrides(tmp_path, steps=1),
+                                   "model.modalities=[{name: text, kind: discrete}, "
+                                   "{name: audio, kind: discrete, head: true}]", "model.decoded=audio"])
+    fails(lambda: train(cfg), capsys, "model.modalities names 'audio', which the data does not provide")
+    assert not (tmp_path / "checkpoints").exists()
