@@ -23,7 +23,7 @@ STAGES = [
     ("mmgpt.throughput", "mmgpt.training.schedule", "mmgpt.training.callbacks"),
     ("mmgpt.training.module",),
     ("mmgpt.training", "mmgpt.training.run", "mmgpt.export", "mmgpt.inference", "mmgpt.bench", "mmgpt.cli",
-     "mmgpt.strict_config"),
+     "mmgpt.strict_config", "mmgpt.serving"),
 ]
 
 
@@ -57,7 +57,8 @@ def test_imports_flow_one_way():
 
 def test_serving_imports_no_training_stack():
     code = ("import sys, mmgpt.inference, mmgpt.runtime.backends.torch_model, mmgpt.runtime.backends.onnx_runtime, "
-            "mmgpt.runtime.backends.tensorrt_engines, mmgpt.engines.build, mmgpt.hf; "
+            "mmgpt.runtime.backends.tensorrt_engines, mmgpt.engines.build, mmgpt.hf, mmgpt.serving.app, "
+            "mmgpt.serving.deployment; "
             "print(sorted(m for m in ('lightning', 'wandb', 'sklearn', 'onnx_graphsurgeon', 'onnxscript') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

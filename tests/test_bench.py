@@ -111,3 +111,35 @@ def test_smoke_decodes_a_new_modality_beside_text(tmp_path):
         assert new["new_over_text"] == pytest.approx(new["tokens_per_s"] / text["tokens_per_s"], abs=2e-3)
         assert "new_over_text" not in text
     assert report["settings"]["decoded"] == ["text", "codes"] and "| codes |" in markdown_table(report)
+
+
+def test_serving_smoke_report_is_well_formed(tmp_path):
+    from mmgpt.bench.serving import main as serving_main, markdown_table as serving_table
+    report = serving_main(["--smoke", "--out", str(tmp_path)])
+    saved = json.loads(next(tmp_path.rglob("*serving-smoke.json")).read_text())
+    assert saved["gpu"] == "cpu" and saved["commit"] and [r["rate_req_s"] for r in saved["load"]] == [50.0, 200.0]
+    assert [t["prefill"] for t in saved["ttft"]] == ["eager"] and saved["ttft"][0]["ttft_ms"] > 0
+    for row in saved["load"]:
+        # the same greedy requests: in-flight batching and static batching produce the same tokens
+        assert row["inflight"]["tokens"] == row["static"]["tokens"] > 0
+        for kind in ("inflight", "static"):
+            m = row[kind]
+            assert m["ttft_p99_ms"] >= m["ttft_p50_ms"] > 0 and m["itl_p99_ms"] >= m["itl_p50_ms"] > 0
+    cache = saved["prefix_cache"]
+    # 2 images, 8 requests each: at most 14 hits (fewer where copies of an image join in the same step)
+    assert 8 <= cache["on"]["prefix_cache_hits"] <= 14 and cache["off"]["prefix_cache_hits"] == 0
+    assert cache["on"]["tokens"] == cache["off"]["tokens"]  # a hit never changes the tokens
+    assert "prefix cache, smoke" in serving_table(report)
+
+
+def test_http_overhead_report(exported, tmp_path):
+    from mmgpt.bench.http_overhead import main as http_main, markdown_table as http_table
+    report = http_main(["--artifacts", str(exported), "--requests", "3", "--max-tokens", "4", "--out", str(tmp_path)])
+    saved = json.loads(next(tmp_path.rglob("*http-overhead.json")).read_text())
+    assert saved["settings"]["backend"] == "onnxruntime" and saved["commit"]
+    lat = saved["latency"]
+    for name in ("in_process_request", "http_request", "in_process_first_token", "http_first_token"):
+        assert lat[name]["p99_ms"] >= lat[name]["p50_ms"] > 0  # separate runs: no order between the kinds
+    assert saved["http_overhead_request_p50_ms"] == pytest.approx(
+        lat["http_request"]["p50_ms"] - lat["in_process_request"]["p50_ms"])
+    assert "HTTP overhead (p50)" in http_table(report)

@@ -297,7 +297,7 @@ def test_rtx_stream_capture_check(stand_in):
     backend = TensorRTBackend(artifacts, "two_engines", device="cpu", trt=trt)
     gen = _generator(artifacts, backend)
     gen.generate(torch.rand(1, image_len(artifacts), 16), max_new_tokens=3)
-    st = next(iter(gen._state.values()))
+    st = next(iter(gen._engines.values()))
     assert backend.capture_blocker(st.token, st.position, st.k, st.v) is None  # full TensorRT: no such query
     ctx = engines[1].contexts[0]
     ctx.is_stream_capturable = lambda stream: (engines[1].logger.log(Severity.ERROR, "blocking allocation") or False)
@@ -321,7 +321,7 @@ def test_engine_outputs_reach_their_cache_slots_and_the_generator(stand_in, stra
         start = P + len(prompt)  # the first decode step writes here
         want = [FIRST_TOKEN + b] + [next_token(start + k) for k in range(5)]
         assert result.tokens[b].tolist() == want, b
-        (st,) = gen._state.values()  # one bucket
+        (st,) = gen._engines.values()  # one bucket
         for layer in range(L):
             for kv, cache in (("key", st.k), ("value", st.v)):
                 code = kv_code(f"present.{layer}.{kv}")

@@ -6,6 +6,8 @@ suite runs them in Triton's interpreter). Skipped only where there is no CUDA de
 - Interleaved buckets: one generator serving 24, then 100, then 24 new tokens replays the first bucket's graph
   with the first bucket's tokens.
 - The fused Triton kernels give the torch backend's greedy tokens on a small trained model's validation inputs.
+- In-flight batching on captured graphs (decode step and prefill): requests that join between replayed steps get the
+  tokens they get alone, un-captured.
 """
 import pytest
 import torch
@@ -13,6 +15,7 @@ import torch
 from mmgpt.model import GPTConfig, MultimodalGPT, image_to_text
 from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
+from mmgpt.runtime.inflight import InflightEngine, Request
 from mmgpt.runtime.sampling import SamplingConfig
 from mmgpt.tokenizer import ByteTokenizer
 
@@ -88,3 +91,29 @@ def test_triton_gives_the_torch_tokens_on_a_trained_model(exported):
         runs[name] = gen.generate(prefix, max_new_tokens=24)
     assert torch.equal(runs["triton"].tokens, runs["torch"].tokens)
     assert sum(t == c for t, c in zip(runs["torch"].texts, captions)) >= len(captions) // 2  # a trained model
+
+
+@pytest.mark.parametrize("name", ["torch", "torch-triton"])
+def test_inflight_joins_on_captured_graphs_give_solo_tokens(model, name):
+    tok = ByteTokenizer()
+    backend = backend_of(name, model)
+    g = torch.Generator().manual_seed(5)
+    requests = [Request(torch.randn(8, 8, generator=g), [256, *range(100, 100 + i % 5)], 8 + 5 * (i % 4),
+                        SamplingConfig(temperature=0.8, seed=i) if i % 3 == 0 else SamplingConfig())
+                for i in range(10)]
+    engine = InflightEngine(backend, tok, rows=4, capacity=128, cuda_graph=True)
+    assert engine.graph is not None and engine.capture_prefill
+    states = [engine.submit(r) for r in requests[:5]]
+    engine.step()
+    engine.step()
+    states += [engine.submit(r) for r in requests[5:]]  # join rows freed between replayed steps
+    engine.run()
+    step_graph = engine.graph
+    for r, s in zip(requests, states):
+        solo = InflightEngine(backend, tok, rows=1, capacity=128, cuda_graph=False)
+        alone = solo.submit(r)
+        solo.run()
+        assert s.tokens == alone.tokens, r
+    again = [engine.submit(r) for r in requests]
+    engine.run()
+    assert [s.tokens for s in again] == [s.tokens for s in states] and engine.graph is step_graph  # replayed

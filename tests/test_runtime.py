@@ -110,7 +110,7 @@ def test_bad_inputs_fail_before_anything_runs(setup):
         gen.generate(prefix, prompts)
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=0.0)
-    assert gen._state == {}  # nothing was allocated
+    assert gen._engines == {}  # nothing was allocated
 
 
 def _infer_cfg(exported, *extra):

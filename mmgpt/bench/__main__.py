@@ -1,5 +1,6 @@
 """python -m mmgpt.bench [decode options]  |  python -m mmgpt.bench train [training options]  |
-python -m mmgpt.bench integrity [--artifacts DIR]"""
+python -m mmgpt.bench integrity [--artifacts DIR]  |  python -m mmgpt.bench serving [serving options]  |
+python -m mmgpt.bench http [--artifacts DIR]"""
 import sys
 
 
@@ -8,6 +9,12 @@ def main(argv=None):
     if argv and argv[0] == "train":
         from mmgpt.bench.train import main as train_main
         return train_main(argv[1:])
+    if argv and argv[0] == "serving":
+        from mmgpt.bench.serving import main as serving_main
+        return serving_main(argv[1:])
+    if argv and argv[0] == "http":
+        from mmgpt.bench.http_overhead import main as http_main
+        return http_main(argv[1:])
     if argv and argv[0] == "integrity":
         from mmgpt.bench.integrity import main as integrity_main
         return integrity_main(argv[1:])

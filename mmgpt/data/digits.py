@@ -196,18 +196,20 @@ class DigitsTask:
         return cls(**{k: v for k, v in data.items() if k in fields})
 
 
-def read_images(paths: list[str], task: DigitsTask) -> np.ndarray:
-    """Image files -> 8x8 digit-style images (ink high, as in load_digits) as the trained image modality holds them
-    (patches or pixel tokens), grouped into samples of the trained digits-per-sample."""
+def read_images(sources: list, task: DigitsTask, names: list[str] | None = None) -> np.ndarray:
+    """Image files (paths, or binary file objects with `names` for messages) -> 8x8 digit-style images (ink high, as
+    in load_digits) as the trained image modality holds them (patches or tokens), grouped into samples of the
+    trained digits-per-sample."""
     from PIL import Image
 
     per = task.digits_per_sample
-    if len(paths) % per:
-        raise UserError(f"{len(paths)} images, but the model reads {per} per sample: give a multiple of {per}")
+    names = names or [str(s) for s in sources]
+    if len(sources) % per:
+        raise UserError(f"{len(sources)} images, but the model reads {per} per sample: give a multiple of {per}")
     images = []
-    for p in paths:
+    for source, p in zip(sources, names):
         try:
-            with Image.open(p) as im:  # reads the header only: the size is known before any pixel is decoded
+            with Image.open(source) as im:  # reads the header only: the size is known before any pixel is decoded
                 if im.width * im.height > MAX_IMAGE_PIXELS:
                     raise UserError(f"{p}: {im.width}x{im.height} pixels, more than the {MAX_IMAGE_PIXELS} an input "
                                     "image may have (a digit scan needs far fewer); downscale it first")
@@ -218,4 +220,4 @@ def read_images(paths: list[str], task: DigitsTask) -> np.ndarray:
             img = 255.0 - img
         images.append(img / 255.0 * 16.0)
     values = task.images(np.stack(images))  # (N, patches, F) or (N, 64)
-    return values.reshape(len(paths) // per, -1, *values.shape[2:])
+    return values.reshape(len(sources) // per, -1, *values.shape[2:])

@@ -27,6 +27,7 @@ class Backend:
     """What the generator needs to know of a backend, set once by every backend's constructor."""
 
     name = "backend"
+    prefill_capturable = False  # prefill is pure device work of fixed shapes: the engine may capture it per bucket
 
     def __init__(self, dims: ModelDims, device, dtype: torch.dtype, context_lens: dict[str, int] | None = None,
                  max_batch: int | None = None):

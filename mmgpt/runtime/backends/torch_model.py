@@ -11,6 +11,7 @@ from mmgpt.runtime.backends import Backend, write_kv
 
 class TorchBackend(Backend):
     name = "torch"
+    prefill_capturable = True
 
     def __init__(self, model: MultimodalGPT, compile: bool = False, context_lens: dict[str, int] | None = None):
         p = next(model.parameters())
@@ -24,6 +25,13 @@ class TorchBackend(Backend):
     def prefill(self, context, input_ids, input_lengths):
         start = torch.zeros_like(input_lengths)
         return self.model.forward_cached(context, input_ids, input_lengths, start, None, None)
+
+    @torch.no_grad()
+    def prefill_after(self, past_keys, past_values, input_ids, input_lengths):
+        """A prompt after a context whose keys and values are known (per layer (B, H, P, D), e.g. from a prefix
+        cache) -> logits (B, V) at each row's last real token, and the prompt's keys and values (B, H, T, D)."""
+        start = torch.full_like(input_lengths, past_keys[0].shape[2])
+        return self.model.forward_cached(None, input_ids, input_lengths, start, past_keys, past_values)
 
     def decode(self, input_ids, position_ids, k_cache, v_cache):
         with torch.no_grad():

@@ -1,0 +1,521 @@
+"""In-flight batching: a running bucket of fixed rows x cache capacity whose rows are request slots.
+
+Requests join free rows between decode steps: joiners that arrive together are prefilled together (grouped by the
+lengths of their continuous context; a discrete context is ragged, each row packed) and their keys and values are
+written into their own rows' slots, while the other rows keep their state. The decode step (backend execute + KV
+write + per-row sampling + count / position / finished update) touches only device tensors of fixed shape, so it is
+captured once per engine on a GPU and replayed whatever joins or leaves.
+A request leaves on its end token, on its max_tokens or when cancelled; its row is then free for the next joiner.
+
+The host reads the sampled tokens once per window of `stream_interval` steps (one transfer for all rows), which is
+all that streaming needs. Sampling noise is a hash of (the request's seed, its token index, the vocabulary index),
+so a seeded request draws the same tokens whichever requests it shares the bucket with.
+
+A context's keys and values can be kept in a PrefixCache (keyed by the weights' hash and the context's bytes):
+a joiner whose context is cached copies them into its slots and runs only its prompt after them (in one call where
+the backend has `prefill_after`, else one token per decode call).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import threading
+import time
+import warnings
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from mmgpt.errors import UserError
+from mmgpt.runtime.requests import batch_context, capacity_for, check_context, check_token_ids, special_ids
+from mmgpt.runtime.sampling import RowSampling, SamplingConfig, row_noise, sample_rows
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation: its context (modality -> (P, F) features, P may be 0, or a token list; a bare (P, F) tensor
+    for a model whose context is one continuous modality), prompt ids of the decoded modality, a token budget and
+    its sampling."""
+    context: dict | torch.Tensor
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingConfig = SamplingConfig()
+
+
+@dataclass
+class RequestState:
+    """A submitted request as the host sees it. `tokens` holds every generated id, the end token included."""
+    id: int
+    request: Request
+    on_update: Callable[["RequestState", list[int]], None] | None = None  # called from the engine's thread
+    context: dict = field(default_factory=dict)  # the request's context, checked: modality -> features or token list
+    context_len: int = 0  # its real length: where the prompt starts
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # stop | length | cancelled | error
+    row: int | None = None
+    cache_key: str | None = None
+    cache_hit: bool = False
+    submitted_s: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None
+    cancelled: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        """Leave at the next step boundary (thread-safe: a flag the engine reads)."""
+        self.cancelled = True
+
+
+MIN_PROMPT_BUCKET = 8  # captured prefills round prompts up to a power of two, at least this
+
+
+def _by_lengths(states: list["RequestState"]) -> list[list["RequestState"]]:
+    """Joiners that can share one prefill: the same length of each continuous modality (a discrete context is
+    ragged: any lengths batch together)."""
+    groups: dict[tuple, list[RequestState]] = {}
+    for s in states:
+        key = tuple(v.shape[0] for v in s.context.values() if torch.is_tensor(v))
+        groups.setdefault(key, []).append(s)
+    return list(groups.values())
+
+
+def _by_context_len(states: list["RequestState"]) -> list[list["RequestState"]]:
+    groups: dict[int, list[RequestState]] = {}
+    for s in states:
+        groups.setdefault(s.context_len, []).append(s)
+    return list(groups.values())
+
+
+def _power_of_two(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+@dataclass
+class _PrefillGraph:
+    """A captured prefill: its static inputs, and the outputs each replay rewrites."""
+    graph: "torch.cuda.CUDAGraph"
+    context: dict[str, torch.Tensor]  # modality -> (J, P, F): captured prefills take continuous contexts only
+    ids: torch.Tensor  # (J, T)
+    lengths: torch.Tensor  # (J,)
+    logits: torch.Tensor
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+class QueueFull(Exception):
+    """More requests wait than the engine's queue allows: the caller should answer 'busy' (HTTP 429 / 503)."""
+
+
+class PrefixCache:
+    """Keys and values of contexts, LRU under a byte budget. The key hashes the weights' identity with each context
+    modality's shape and bytes, so another model or another image never hits."""
+
+    def __init__(self, budget_bytes: int, namespace: str):
+        if budget_bytes < 0:
+            raise UserError(f"prefix cache budget {budget_bytes} bytes must be >= 0 (0 turns the cache off)")
+        self.budget, self.namespace = budget_bytes, namespace
+        self.entries: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.nbytes = self.hits = self.misses = 0
+
+    def key(self, context: dict) -> str:
+        """context: one row's, modality -> (P, F) features or a token list."""
+        h = hashlib.sha256(self.namespace.encode())
+        for name, value in context.items():
+            data = value.detach().to("cpu", torch.float32) if torch.is_tensor(value) else torch.tensor(value)
+            h.update(f"|{name}|{tuple(data.shape)}|".encode())
+            h.update(data.contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        entry = self.entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return entry
+
+    def put(self, key: str, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: (L, H, P, D), owned by the cache from now on."""
+        size = k.numel() * k.element_size() * 2
+        if key in self.entries or size > self.budget:
+            return
+        while self.nbytes + size > self.budget:
+            _, (old_k, old_v) = self.entries.popitem(last=False)
+            self.nbytes -= old_k.numel() * old_k.element_size() * 2
+        self.entries[key] = (k, v)
+        self.nbytes += size
+
+
+class InflightEngine:
+    """Rows x capacity of running requests over one backend. Drive it with `submit` and `step` from one thread (the
+    server runs it in its own thread); `cancel` and `submit` are safe from others."""
+
+    def __init__(self, backend, tokenizer, rows: int, capacity: int, cuda_graph: bool | None = None,
+                 prefix_cache: PrefixCache | None = None, stream_interval: int = 1, max_queue: int = 1024,
+                 capture_prefill: bool | None = None, greedy_only: bool = False):
+        """capture_prefill: replay prefills from CUDA graphs, one per (joiners, context lengths, prompt length)
+        bucket, joiners and prompt lengths rounded up to powers of two (default: where the decode step is captured
+        and the backend's prefill can be). greedy_only: the step takes the argmax and skips the per-row sampling
+        (its sort of the vocabulary): for batches known to be greedy; sampled requests are then refused."""
+        self.backend, self.tok = backend, tokenizer
+        self.start_id, self.end_id, self.pad_id = special_ids(backend.dims, tokenizer)
+        self.device = torch.device(backend.device)
+        if rows < 1 or (backend.max_batch is not None and rows > backend.max_batch):
+            raise UserError(f"rows={rows} must lie in [1, {backend.max_batch or 'any'}] for the {backend.name} "
+                            "backend (an engine profile's max batch, where it has one)")
+        if stream_interval < 1:
+            raise UserError(f"stream_interval={stream_interval} must be >= 1 (decode steps between host reads)")
+        self.rows, self.capacity, self.stream_interval, self.max_queue = rows, capacity, stream_interval, max_queue
+        self.use_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
+        if self.use_graph and self.device.type != "cuda":
+            raise UserError("cuda_graph=True needs a CUDA backend device")
+        self.cache = prefix_cache
+        self.greedy_only = greedy_only
+        ragged = any(m.kind == "discrete" for m in backend.dims.context)  # prefill shapes follow each batch's ids
+        capturable = self.use_graph and backend.prefill_capturable and not ragged
+        self.capture_prefill = capturable if capture_prefill is None else capture_prefill
+        if self.capture_prefill and not capturable:
+            raise UserError(f"capture_prefill needs a CUDA device, a backend whose prefill can be captured (torch, "
+                            f"torch-triton) and a context without a discrete modality, not {backend.name} on "
+                            f"{self.device} with context {[m.name for m in backend.dims.context]}")
+        self._prefill_graphs: dict[tuple[int, int, int], _PrefillGraph] = {}
+        # all device work on a stream of our own: engines must not run on the legacy default stream
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        d, dev, R = backend.dims, self.device, rows
+        shape = (d.n_layer, R, d.n_head, capacity, d.head_dim)
+        self.k = torch.zeros(shape, dtype=backend.dtype, device=dev)  # (L, R, H, S, D)
+        self.v = torch.zeros(shape, dtype=backend.dtype, device=dev)
+        self.token = torch.zeros(R, 1, dtype=torch.long, device=dev)  # last sampled token
+        self.position = torch.zeros(R, 1, dtype=torch.long, device=dev)  # where that token goes in the cache
+        self.count = torch.zeros(R, dtype=torch.long, device=dev)  # tokens generated so far
+        self.max_tokens = torch.ones(R, dtype=torch.long, device=dev)
+        self.finished = torch.ones(R, dtype=torch.bool, device=dev)  # free rows count as finished
+        self.sampling = RowSampling.empty(R, dev)
+        self.window = torch.zeros(R, stream_interval, dtype=torch.long, device=dev)  # tokens since the last read
+        self.window_step = torch.zeros(1, dtype=torch.long, device=dev)
+        # prompts fed after a cached prefix: buffers of their own, kept, since engines bind tensors by address
+        self.feed_token = torch.zeros(R, 1, dtype=torch.long, device=dev)
+        self.feed_position = torch.zeros(R, 1, dtype=torch.long, device=dev)
+        self.graph = None
+        self.graph_captures = 0
+        self.slots: list[RequestState | None] = [None] * R
+        self.waiting: deque[RequestState] = deque()
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self.decode_steps = 0
+        if self.use_graph:
+            with self._on_stream():
+                self._capture()
+
+    # ---------------------------------------------------------------- requests
+    def check(self, request: Request) -> tuple[dict, int]:
+        """Every way a request can be wrong, as a UserError, before it is queued. Returns its context, checked (on
+        the device), and the context's real length."""
+        if not isinstance(request.sampling, SamplingConfig):
+            raise UserError("sampling must be a SamplingConfig")
+        if self.greedy_only and not request.sampling.greedy:
+            raise UserError(f"temperature={request.sampling.temperature}: this engine decodes greedily only "
+                            "(greedy_only=True); use an engine without it for sampled requests")
+        if not request.prompt:
+            raise UserError("empty prompt: every request needs at least one token (the BOS token is the usual start)")
+        check_token_ids([request.prompt], self.backend.dims.vocab_size)
+        given = request.context if isinstance(request.context, dict) else {None: request.context}
+        for name, value in given.items():
+            if torch.is_tensor(value) and value.ndim != 2:
+                raise UserError(f"{name or 'the context'} features must be a (P, F) tensor, got shape "
+                                f"{tuple(value.shape)}")
+        one = {name: value[None] if torch.is_tensor(value) else [value] for name, value in given.items()}
+        context, _, lengths = check_context(self.backend, one[None] if None in one else one)
+        capacity_for(self.backend, 1, int(lengths[0]), len(request.prompt), request.max_tokens, [self.capacity])
+        return {name: value[0] for name, value in context.items()}, int(lengths[0])
+
+    def submit(self, request: Request, on_update=None) -> RequestState:
+        """Queue a request (checked first); it joins a free row at the next step boundary."""
+        context, context_len = self.check(request)
+        with self._lock:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting, the most this engine queues")
+            state = RequestState(next(self._ids), request, on_update, context, context_len)
+            self.waiting.append(state)
+        return state
+
+    @property
+    def active_rows(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    def has_work(self) -> bool:
+        return self.active_rows > 0 or len(self.waiting) > 0
+
+    # ---------------------------------------------------------------- the loop
+    @torch.inference_mode()
+    def step(self, max_steps: int | None = None) -> None:
+        """One scheduling round: free cancelled rows, admit waiting requests into free rows, then run
+        `stream_interval` decode steps (fewer if max_steps says so) and hand each request its new tokens."""
+        with self._on_stream():
+            self._release_cancelled()
+            self._admit()
+            n = self.stream_interval if max_steps is None else min(max_steps, self.stream_interval)
+            if self.active_rows and n > 0:
+                self.window_step.zero_()
+                for _ in range(n):
+                    self.graph.replay() if self.graph is not None else self._decode_step()
+                self.decode_steps += n
+                self._collect(n)
+
+    def run(self) -> None:
+        """Step until every submitted request is done."""
+        while self.has_work():
+            self.step()
+
+    def _on_stream(self):
+        if self.stream is None:
+            return contextlib.nullcontext()
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        return torch.cuda.stream(self.stream)
+
+    def _release_cancelled(self) -> None:
+        with self._lock:
+            for state in [s for s in self.waiting if s.cancelled]:
+                self.waiting.remove(state)
+                self._finish(state, "cancelled")
+        rows = [r for r, s in enumerate(self.slots) if s is not None and s.cancelled]
+        if rows:
+            self.finished[rows] = True
+            for r in rows:
+                self._finish(self.slots[r], "cancelled")
+
+    def abort(self) -> None:
+        """End every running and waiting request with finish_reason 'error' (after a failed step: the rows' state is
+        unknown), leaving every row free."""
+        with self._lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        for state in [s for s in self.slots if s is not None] + waiting:
+            self._finish(state, "error")
+        self.finished.fill_(True)
+
+    def _admit(self) -> None:
+        free = [r for r, s in enumerate(self.slots) if s is None]
+        with self._lock:
+            joiners = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
+        if not joiners:
+            return
+        for state, row in zip(joiners, free):
+            state.row = row
+            self.slots[row] = state
+        hits, misses = [], []
+        for state in joiners:
+            cached = None
+            if self.cache is not None and state.context_len > 0:
+                state.cache_key = self.cache.key(state.context)
+                cached = self.cache.get(state.cache_key)
+            (hits if cached is not None else misses).append((state, cached))
+        rows, logits = [], []
+        if hits:  # before the prefills: feeding prompts writes stale positions of the rows not yet started
+            for state, (k, v) in hits:
+                state.cache_hit = True
+                P = k.shape[2]
+                self.k[:, state.row, :, :P].copy_(k)
+                self.v[:, state.row, :, :P].copy_(v)
+            if hasattr(self.backend, "prefill_after"):
+                for group in _by_context_len([s for s, _ in hits]):
+                    rows.append(torch.tensor([s.row for s in group], device=self.device))
+                    logits.append(self._prefill_after(group, rows[-1]))
+            else:
+                group = [s for s, _ in hits]
+                rows.append(torch.tensor([s.row for s in group], device=self.device))
+                logits.append(self._feed_prompts(group, rows[-1]))
+        for group in _by_lengths([s for s, _ in misses]):
+            rows.append(torch.tensor([s.row for s in group], device=self.device))
+            logits.append(self._prefill(group, rows[-1]))
+        self._start(joiners, torch.cat(rows), torch.cat(logits))
+
+    def _prompts(self, group: list[RequestState]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded prompt ids (J, T) and their lengths (J,), on the device."""
+        prompts = [s.request.prompt for s in group]
+        ids = torch.full((len(group), max(map(len, prompts))), self.pad_id, dtype=torch.long)
+        for j, p in enumerate(prompts):
+            ids[j, : len(p)] = torch.tensor(p)
+        return ids.to(self.device), torch.tensor(list(map(len, prompts)), device=self.device)
+
+    def _prefill_after(self, group: list[RequestState], rows: torch.Tensor) -> torch.Tensor:
+        """Prompts after cached contexts of one length, in one call; writes the prompts' slots after the context."""
+        ids, lengths = self._prompts(group)
+        P, T = group[0].context_len, ids.shape[1]
+        past_k = self.k[:, rows, :, :P]  # (L, J, H, P, D), a gathered copy
+        past_v = self.v[:, rows, :, :P]
+        logits, keys, values = self.backend.prefill_after(list(past_k), list(past_v), ids, lengths)
+        for i in range(len(keys)):
+            self.k[i, rows, :, P: P + T] = keys[i].to(self.k.dtype)
+            self.v[i, rows, :, P: P + T] = values[i].to(self.v.dtype)
+        return logits
+
+    def _prefill(self, group: list[RequestState], rows: torch.Tensor) -> torch.Tensor:
+        """One batched prefill of requests sharing their continuous context lengths; writes their slots, returns their
+        logits."""
+        ids, lengths = self._prompts(group)
+        T = ids.shape[1]
+        context = batch_context(self.backend.dims, [s.context for s in group], self.device)
+        logits, keys, values = self._run_prefill(context, ids, lengths)
+        N = max(s.context_len for s in group) + T  # every row's real slots lie below: packed, each row's first
+        for i in range(len(keys)):
+            self.k[i, rows, :, :N] = keys[i][:, :, :N].to(self.k.dtype)
+            self.v[i, rows, :, :N] = values[i][:, :, :N].to(self.v.dtype)
+        if self.cache is not None:
+            for state in (s for s in group if s.context_len > 0):
+                row, P = state.row, state.context_len
+                self.cache.put(state.cache_key, self.k[:, row, :, :P].clone(), self.v[:, row, :, :P].clone())
+        return logits
+
+    def _run_prefill(self, context: dict, ids: torch.Tensor, lengths: torch.Tensor):
+        """The backend's prefill, eager or replayed from the bucket's graph (padded rows and positions are ignored:
+        rows do not interact, and a right-padded prompt's real positions never attend to its padding)."""
+        if not self.capture_prefill:
+            return self.backend.prefill(context, ids, lengths)
+        J, T = ids.shape
+        lengths_of = tuple(v.shape[1] for v in context.values())
+        key = (_power_of_two(J), lengths_of, max(_power_of_two(T), MIN_PROMPT_BUCKET))
+        if key not in self._prefill_graphs:
+            self._prefill_graphs[key] = self._capture_prefill(*key)
+        g = self._prefill_graphs[key]
+        for name, value in context.items():
+            g.context[name][:J].copy_(value)
+        g.ids.fill_(self.pad_id)
+        g.ids[:J, :T].copy_(ids)
+        g.lengths.fill_(1)
+        g.lengths[:J].copy_(lengths)
+        g.graph.replay()
+        return g.logits[:J], [k[:J] for k in g.keys], [v[:J] for v in g.values]
+
+    def _capture_prefill(self, J: int, lengths_of: tuple[int, ...], T: int) -> "_PrefillGraph":
+        d, dev = self.backend.dims, self.device
+        context = {m.name: torch.zeros(J, P, m.dim, dtype=self.backend.dtype, device=dev)
+                   for m, P in zip(d.context, lengths_of)}
+        ids = torch.full((J, T), self.pad_id, dtype=torch.long, device=dev)
+        lengths = torch.ones(J, dtype=torch.long, device=dev)
+        self.backend.prefill(context, ids, lengths)  # warm-up: lazy init and cuBLAS handles outside the capture
+        torch.cuda.synchronize(dev)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.stream):
+            logits, keys, values = self.backend.prefill(context, ids, lengths)
+        self.graph_captures += 1
+        return _PrefillGraph(graph, context, ids, lengths, logits, keys, values)
+
+    def _feed_prompts(self, group: list[RequestState], rows: torch.Tensor) -> torch.Tensor:
+        """Prompts after a cached prefix, one token per full-bucket decode call. Running rows are fed their own
+        current token at its own position: the call writes the key and value that their next step writes anyway,
+        and their logits are dropped. A shorter prompt repeats its last token at its last position (idempotent)."""
+        longest = max(len(s.request.prompt) for s in group)
+        ids, position = self.feed_token, self.feed_position
+        ids.copy_(self.token)
+        position.copy_(self.position)
+        for t in range(longest):
+            ids[rows, 0] = torch.tensor([s.request.prompt[min(t, len(s.request.prompt) - 1)] for s in group],
+                                        device=self.device)
+            position[rows, 0] = torch.tensor([s.context_len + min(t, len(s.request.prompt) - 1)
+                                              for s in group], device=self.device)
+            logits = self.backend.decode(ids, position, self.k, self.v)
+        return logits[rows]
+
+    def _start(self, joiners: list[RequestState], rows: torch.Tensor, logits: torch.Tensor) -> None:
+        """Sample each joiner's first token and set its row's state; the host reads the first tokens (TTFT)."""
+        order = {s.row: s for s in joiners}
+        states = [order[r] for r in rows.tolist()]
+        sampling = RowSampling.of([s.request.sampling for s in states], self.device)
+        zero = torch.zeros(len(states), dtype=torch.long, device=self.device)
+        first = self._sample(logits, sampling, zero)
+        limit = torch.tensor([s.request.max_tokens for s in states], device=self.device)
+        start = torch.tensor([s.context_len + len(s.request.prompt) for s in states], device=self.device)
+        self.sampling.write(rows, sampling)
+        self.token[rows, 0] = first
+        self.position[rows, 0] = start
+        self.count[rows] = 1
+        self.max_tokens[rows] = limit
+        self.finished[rows] = (first == self.end_id) | (limit <= 1)
+        now = time.perf_counter()
+        for state, token in zip(states, first.tolist()):
+            state.first_token_s = now
+            self._emit(state, [token])
+
+    def _decode_step(self) -> None:
+        """One token for every row, device-only: execute + KV write, sample, record, advance."""
+        logits = self.backend.decode(self.token, self.position, self.k, self.v)
+        nxt = self._sample(logits, self.sampling, self.count)
+        nxt = torch.where(self.finished, torch.full_like(nxt, self.end_id), nxt)  # finished rows emit the end token
+        self.window.scatter_(1, self.window_step.expand(self.rows, 1), nxt[:, None])
+        live = (~self.finished).long()
+        self.count.add_(live)
+        self.position.add_(live[:, None])
+        self.finished.logical_or_((nxt == self.end_id) | (self.count >= self.max_tokens))
+        self.token.copy_(nxt[:, None])
+        self.window_step.add_(1)
+
+    def _sample(self, logits: torch.Tensor, sampling: RowSampling, counter: torch.Tensor) -> torch.Tensor:
+        if self.greedy_only:
+            return logits.argmax(dim=-1)
+        return sample_rows(logits, sampling, row_noise(sampling.seed, counter, logits.shape[-1]))
+
+    def _collect(self, n: int) -> None:
+        """One host read per window: each live row's new tokens are the first (count - emitted) of the window."""
+        snapshot = torch.cat([self.window[:, :n], self.count[:, None], self.finished[:, None].long()], 1).tolist()
+        for r, state in enumerate(self.slots):
+            if state is None:
+                continue
+            *window, count, finished = snapshot[r]
+            new = window[: count - len(state.tokens)]
+            if new:
+                self._emit(state, new)  # a row finishes on a token it emits: _emit sees it
+
+    def _emit(self, state: RequestState, tokens: list[int]) -> None:
+        state.tokens += tokens
+        if state.on_update is not None:
+            state.on_update(state, tokens)
+        if state.tokens[-1] == self.end_id or len(state.tokens) >= state.request.max_tokens:
+            self._finish(state, "stop" if state.tokens[-1] == self.end_id else "length")
+
+    def _finish(self, state: RequestState, reason: str) -> None:
+        if state.done:
+            return
+        state.finish_reason = reason
+        if state.row is not None:
+            self.slots[state.row] = None
+        if state.on_update is not None:
+            state.on_update(state, [])
+
+    # ---------------------------------------------------------------- capture
+    def _capture(self) -> None:
+        """Capture the decode step once, on idle rows (every row finished at position 0, so warm-up writes stay in
+        range and change nothing a joiner reads); where the backend cannot be captured, warn and run eagerly."""
+        self._decode_step()  # warm-up: lazy init, compilation, cuBLAS handles, TensorRT's shape-dependent setup
+        torch.cuda.synchronize(self.device)
+        blocker = getattr(self.backend, "capture_blocker", None)
+        reason = blocker(self.token, self.position, self.k, self.v) if blocker else None
+        if reason is None:
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, stream=self.stream):
+                    self._decode_step()
+                self.graph = graph
+                self.graph_captures += 1
+            except Exception as e:  # noqa: BLE001 -- reported; the step runs un-captured instead
+                reason = f"{type(e).__name__}: {e}"
+                if e.__context__ is not None:
+                    reason += f" (during capture: {e.__context__})"
+                torch.cuda.synchronize(self.device)
+        if reason is not None:
+            warnings.warn(f"decode step for {self.rows} rows, capacity {self.capacity} runs without a CUDA graph "
+                          f"(slower, same tokens): {reason}", RuntimeWarning, stacklevel=3)
+        self.count.zero_()
+        self.position.zero_()
+        self.finished.fill_(True)
+
+
