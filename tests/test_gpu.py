@@ -83,8 +83,8 @@ def test_triton_gives_the_torch_tokens_on_a_trained_model(exported):
     from mmgpt.runtime.backends.fused_triton import TritonBackend
     artifacts = Artifacts.open(exported)
     model = artifacts.load_model("cuda")
-    inputs = load_inputs("digits", artifacts.manifest.data, limit=32)
-    prefix, captions = inputs.prefixes, inputs.references
+    inputs = load_inputs("digits", artifacts.manifest.data, artifacts.manifest.config, artifacts.tokenizer, limit=32)
+    prefix, captions = inputs.context["image"], inputs.references
     runs = {}
     for name, backend in (("torch", TorchBackend(model)), ("triton", TritonBackend(model))):
         gen = Generator(backend, artifacts.tokenizer, max_positions=model.config.block_size)

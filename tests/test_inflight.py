@@ -155,7 +155,7 @@ def test_bad_requests_and_a_full_queue(model, requests):
         e.submit(Request(r.context, r.prompt, 64))
     with pytest.raises(UserError, match="image features have F=15, but the model expects F=16"):
         e.submit(Request(r.context[:, :15], r.prompt, 4))
-    with pytest.raises(UserError, match="not integers in the vocabulary"):
+    with pytest.raises(UserError, match="not integers in its modality.s vocabulary"):
         e.submit(Request(r.context, [10**6], 4))
     with pytest.raises(UserError, match="empty prompt"):
         e.submit(Request(r.context, [], 4))

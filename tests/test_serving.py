@@ -13,7 +13,7 @@ import torch
 
 from helpers import require
 from mmgpt.contract.artifacts import Artifacts
-from mmgpt.data.digits import DigitsTask, images_to_prefixes
+from mmgpt.data.digits import DigitsTask, read_images
 from mmgpt.runtime.backends.onnx_runtime import OnnxRuntimeBackend
 from mmgpt.runtime.generator import Generator
 from mmgpt.serving.protocol import Limits
@@ -57,7 +57,7 @@ def validation(exported):
     task = DigitsTask.from_data_config(artifacts.manifest.data)
     _, val, _, _ = task.build()
     gen = Generator(OnnxRuntimeBackend(artifacts), artifacts.tokenizer, capacity_buckets=[128], cuda_graph=False)
-    return artifacts, val.prefixes[:16], gen
+    return artifacts, val.values["image"][:16], gen
 
 
 def solo_ids(gen, prefix, max_tokens, eos):
@@ -139,7 +139,7 @@ def test_chat_with_data_url_images_and_the_prefix_cache(server, validation):
     urls = [png_data_url(digits.images[i]) for i in (0, 7)]
     task = DigitsTask.from_data_config(artifacts.manifest.data)
     files = [io.BytesIO(base64.b64decode(u.split(",", 1)[1])) for u in urls]
-    prefix = torch.from_numpy(images_to_prefixes(files, task)[0])  # preprocessed as in training
+    prefix = torch.from_numpy(read_images(files, task)[0])  # preprocessed as in training
     want = artifacts.tokenizer.decode(solo_ids(gen, prefix, 20, artifacts.tokenizer.eos_id))
     content = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
     messages = [{"role": "user", "content": content}]
