@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from helpers import EOT, SENTENCES, require, train_tokenizer, write_gpt2
-from mmgpt.data.captions import IGNORE_INDEX, tokenize_captions
-from mmgpt.hf import HFFormatError, load_hf_gpt2, load_language_model, load_prefix_encoder, save_hf_gpt2
-from mmgpt.model import GPTConfig, MultimodalGPT
+from mmgpt.data.samples import IGNORE_INDEX, tokenize_captions
+from mmgpt.hf import HFFormatError, load_hf_gpt2, load_language_model, load_modality_tables, save_hf_gpt2
+from mmgpt.model import GPTConfig, MultimodalGPT, image_to_text
 from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
 from mmgpt.tokenizer import ByteTokenizer, TokenizerError, check_tokenizer_fits, load_hf_tokenizer, tokenizer_from_dict
@@ -26,8 +26,8 @@ def gpt2_dir(tmp_path_factory):
     return d
 
 
-def load_mmgpt(directory, **free):
-    config, state, tok = load_hf_gpt2(directory, prefix_dim=PREFIX_DIM, **free)
+def load_mmgpt(directory, encoder="linear"):
+    config, state, tok = load_hf_gpt2(directory, **image_to_text(PREFIX_DIM, encoder))
     torch.manual_seed(1)
     model = MultimodalGPT(config)
     load_language_model(model, state)
@@ -39,8 +39,8 @@ def hf_model(directory):
 
 
 def text_logits(model, ids):
-    """mmgpt's training forward with a zero-length prefix: the text-only logits at every position."""
-    return model(torch.zeros(ids.shape[0], 0, model.config.prefix_dim), ids)[0]
+    """mmgpt's training forward with a zero-length image: the text-only logits at every position."""
+    return model(torch.zeros(ids.shape[0], 0, PREFIX_DIM), ids)[0]
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -119,24 +119,24 @@ def test_tokenizer_must_fit_the_model_vocabulary(tmp_path):
 
 # ---------------------------------------------------------------- GPT-2 in
 def test_text_and_multimodal_logits_match_transformers(gpt2_dir):
-    model, tok = load_mmgpt(gpt2_dir, prefix_encoder="mlp")
+    model, tok = load_mmgpt(gpt2_dir, "mlp")
     hf = hf_model(gpt2_dir)
     ids = torch.tensor([tok.encode(s)[:12] for s in SENTENCES])
     with torch.no_grad():
         assert (text_logits(model, ids) - hf(input_ids=ids).logits).abs().max() <= 1e-5
         prefix = torch.randn(len(SENTENCES), 5, PREFIX_DIM)
-        embeds = torch.cat([model.prefix_encoder(prefix), hf.get_input_embeddings()(ids)], dim=1)
+        embeds = torch.cat([model.encoders["image"](prefix), hf.get_input_embeddings()(ids)], dim=1)
         want = hf(inputs_embeds=embeds).logits[:, 5:]
         assert (model(prefix, ids)[0] - want).abs().max() <= 1e-5
 
 
 def test_greedy_ragged_batch_matches_transformers_generate(gpt2_dir, tmp_path):
-    """HF from the directory save_hf_gpt2 wrote, prefix through prefix_encoder.json's function: what a serving
+    """HF from the directory save_hf_gpt2 wrote, the image through modalities.json's function: what a serving
     stack would do. HF generates a batch left-padded (it derives positions from the attention mask); mmgpt's
     generator right-pads."""
     model, tok = load_mmgpt(gpt2_dir)
     save_hf_gpt2(model, tok, tmp_path / "hf")
-    hf, projector = hf_model(tmp_path / "hf"), load_prefix_encoder(tmp_path / "hf")
+    hf, tables = hf_model(tmp_path / "hf"), load_modality_tables(tmp_path / "hf")
     P, new = 4, 10
     prefix = torch.randn(3, P, PREFIX_DIM, generator=torch.Generator().manual_seed(2))
     prompts = [tok.encode("the quick"), [tok.bos_id], tok.encode("héllo")]
@@ -148,7 +148,8 @@ def test_greedy_ragged_batch_matches_transformers_generate(gpt2_dir, tmp_path):
     with torch.no_grad():
         for row, p in zip(prefix, prompts):
             pad = T - len(p)
-            embeds.append(torch.cat([torch.zeros(pad, 32), projector(row), hf.get_input_embeddings()(torch.tensor(p))]))
+            text = hf.get_input_embeddings()(torch.tensor(p))
+            embeds.append(torch.cat([torch.zeros(pad, 32), tables.embed("image", row), text]))
             mask.append([0] * pad + [1] * (P + len(p)))
         theirs = hf.generate(inputs_embeds=torch.stack(embeds), attention_mask=torch.tensor(mask), do_sample=False,
                              max_new_tokens=new, min_new_tokens=new, eos_token_id=None, pad_token_id=tok.pad_id)
@@ -189,7 +190,7 @@ def test_exact_gelu_round_trip(tmp_path):
 # ---------------------------------------------------------------- GPT-2 out
 @pytest.mark.parametrize("encoder", ["linear", "mlp"])
 def test_save_hf_gpt2_reloads_in_transformers(gpt2_dir, tmp_path, encoder):
-    model, tok = load_mmgpt(gpt2_dir, prefix_encoder=encoder)
+    model, tok = load_mmgpt(gpt2_dir, encoder)
     out = save_hf_gpt2(model, tok, tmp_path / "hf")
     reloaded = hf_model(out)
     ids = torch.tensor([tok.encode(s)[:12] for s in SENTENCES])
@@ -205,12 +206,16 @@ def test_save_hf_gpt2_reloads_in_transformers(gpt2_dir, tmp_path, encoder):
     assert auto.eos_token_id == auto.bos_token_id == auto.pad_token_id == tok.eos_id
 
     prefix = torch.randn(2, 3, PREFIX_DIM)
-    spec = json.loads((out / "prefix_encoder.json").read_text())
-    assert (spec["kind"], spec["prefix_dim"], spec["n_embd"], spec["dtype"]) == (encoder, PREFIX_DIM, 32, "float32")
+    spec = json.loads((out / "modalities.json").read_text())
+    image = spec["modalities"][0]
+    assert (image["name"], image["encoder"], image["dim"], spec["n_embd"], spec["dtype"]) == \
+        ("image", encoder, PREFIX_DIM, 32, "float32")
+    assert (spec["context"], spec["decoded"]) == (["image"], "text")
     with torch.no_grad():
-        assert torch.allclose(load_prefix_encoder(out)(prefix), model.prefix_encoder(prefix), atol=1e-6)
+        assert torch.allclose(load_modality_tables(out).embed("image", prefix), model.encoders["image"](prefix),
+                              atol=1e-6)
 
-    again, state, tok_again = load_hf_gpt2(out, prefix_dim=PREFIX_DIM, prefix_encoder=encoder)
+    again, state, tok_again = load_hf_gpt2(out, **image_to_text(PREFIX_DIM, encoder))
     assert again == model.config
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert tok_again.encode(TEXT) == tok.encode(TEXT)
@@ -308,7 +313,7 @@ def test_bad_directories(tmp_path):
         load_hf_gpt2(tmp_path)
     write_gpt2(tmp_path)
     with pytest.raises(HFFormatError, match=r"\['n_layer', 'prefix_len'\] cannot be set: .* determines every "
-                                            "model config field except prefix_dim, prefix_encoder, dropout"):
+                                            "model config field except modalities, context, decoded, dropout"):
         load_hf_gpt2(tmp_path, n_layer=3, prefix_len=3)
 
     weights = tmp_path / "model.safetensors"

@@ -101,7 +101,7 @@ def build_app(service: ModelService) -> FastAPI:
             service.rejected_total += 1
             raise APIError(429, f"the server is busy ({e}); retry later", type="rate_limit_error") from None
         rid = new_id("chatcmpl" if chat else "cmpl")
-        prompt_tokens = requests[0].prefix.shape[0] + len(requests[0].prompt)
+        prompt_tokens = requests[0].context.shape[0] + len(requests[0].prompt)  # the served context is features
         if params.stream:
             service.open_responses += 1  # until the stream's last byte: a drain waits for it (stream() ends it)
             return StreamingResponse(stream(queue, states, rid, params.model, chat), media_type="text/event-stream")
