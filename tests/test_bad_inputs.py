@@ -347,7 +347,7 @@ def test_features_with_an_empty_dim(exported, tmp_path, capsys, shape):
 def test_features_that_overflow_the_dtype_that_runs(exported, tmp_path, capsys):
     np.savez(tmp_path / "big.npz", features=np.full((2, 8, 16), 1e39), texts=np.array(["a", "b"]))  # float64
     fails(_infer(exported, f"input={tmp_path}/big.npz"), capsys, "big.npz: features contain NaN or infinite values")
-    from mmgpt.runtime.generator import check_features
+    from mmgpt.runtime.requests import check_features
     fp16_overflow = torch.full((1, 8, 16), 1e5)
     check_features(fp16_overflow, torch.float32)  # negative control: finite in float32
     fails(lambda: check_features(fp16_overflow, torch.float16), capsys, "features: NaN or infinite values in the "
