@@ -43,7 +43,7 @@ def graph_replay(model, tok) -> list[dict]:
         graphed = Generator(backend, tok, max_positions=1024, cuda_graph=True, eos_check_interval=1000)
         for batch in (1, 8):
             g = torch.Generator().manual_seed(batch)
-            prefix = torch.randn(batch, 64, model.config.prefix_dim, generator=g)
+            prefix = torch.randn(batch, 64, model.config.modality("image").dim, generator=g)
             prompts = [torch.randint(0, 50000, (1 + 5 * b % 32,), generator=g).tolist() for b in range(batch)]
             for sampling in (SamplingConfig(), SamplingConfig(temperature=0.8, top_k=50, top_p=0.95, seed=7)):
                 before = graphed.graph_captures
@@ -63,7 +63,7 @@ def graph_replay(model, tok) -> list[dict]:
                 print(json.dumps(check), flush=True)
         # buckets interleaved: capacity 128, then 512, then 128 again (its own graph, its own buffers)
         g = torch.Generator().manual_seed(3)
-        prefix = torch.randn(2, 64, model.config.prefix_dim, generator=g)
+        prefix = torch.randn(2, 64, model.config.modality("image").dim, generator=g)
         runs = [graphed.generate(prefix, max_new_tokens=n) for n in (32, 200, 32)]
         check = {"backend": variant, "check": "interleaved buckets 32 / 200 / 32 new tokens",
                  "capacities": [r.capacity for r in runs],
@@ -85,7 +85,7 @@ class HostSyncBackend(TorchBackend):
 
 
 def capture_fallback(model, tok) -> dict:
-    prefix = torch.randn(2, 64, model.config.prefix_dim, generator=torch.Generator().manual_seed(5))
+    prefix = torch.randn(2, 64, model.config.modality("image").dim, generator=torch.Generator().manual_seed(5))
     backend = HostSyncBackend(model)
     want = Generator(TorchBackend(model), tok, max_positions=1024, cuda_graph=False).generate(prefix, max_new_tokens=64)
     with warnings.catch_warnings(record=True) as caught:
@@ -122,11 +122,11 @@ def trained_model(path: Path) -> list[dict]:
     256 and prefix lengths 0, 64, 576 beside the model's own."""
     artifacts = Artifacts.open(path)
     model = artifacts.load_model(DEV)
-    inputs = load_inputs("digits", artifacts.manifest.data)
+    inputs = load_inputs("digits", artifacts.manifest.data, artifacts.manifest.config, artifacts.tokenizer)
     tok = artifacts.tokenizer
     gens = {name: Generator(b, tok, max_positions=model.config.block_size)
             for name, b in (("torch", TorchBackend(model)), ("torch-triton", TritonBackend(model)))}
-    native = artifacts.manifest.prefix_len
+    native = artifacts.manifest.context_lens.get("image")
     checks = []
     for P in (native, 0, 64, 576):
         if P + 1 + 32 > model.config.block_size:  # BOS + 32 new tokens after the prefix
@@ -134,7 +134,7 @@ def trained_model(path: Path) -> list[dict]:
             checks.append({"model": str(path), "prefix_len": P, "skipped": f"over the model's {limit} positions"})
             print(json.dumps(checks[-1]), flush=True)
             continue
-        prefixes = inputs.prefixes if P == native else prefix_of_length(inputs.prefixes, P)
+        prefixes = inputs.context["image"] if P == native else prefix_of_length(inputs.context["image"], P)
         for batch in (1, 8, 64, 256):
             n = min(len(prefixes), max(batch, 64))  # a few batches at small B, one full batch at large B
             rows = {name: [] for name in gens}

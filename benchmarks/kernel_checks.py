@@ -159,7 +159,7 @@ def check_graph_replay(run: Run, model, pdl: bool):
     backend = TritonBackend(model, pdl=pdl)
     for batch in (1, 8):
         g = torch.Generator().manual_seed(batch)
-        prefix = torch.randn(batch, 64, model.config.prefix_dim, generator=g)
+        prefix = torch.randn(batch, 64, model.config.modality("image").dim, generator=g)
         prompts = [torch.randint(0, model.config.vocab_size - 1, (1 + 5 * b % 32,), generator=g).tolist()
                    for b in range(batch)]
         row = {"batch": batch, "pdl": pdl, **guarded(partial(graph_vs_eager, backend, prefix, prompts))}

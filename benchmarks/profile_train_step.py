@@ -32,8 +32,8 @@ def main():
     dev = torch.device("cuda")
     shape = SHAPES[args.shape]
     module = build_module(shape, dev).train()
-    prefix, input_ids, targets = make_batch(shape, module.model.config.prefix_dim, dev)
-    batch = {"prefix": prefix, "input_ids": input_ids, "targets": targets}
+    prefix, input_ids, targets = make_batch(shape, module.model.config.modality("image").dim, dev)
+    batch = {"context": {"image": prefix}, "input_ids": input_ids, "targets": targets}
     step = mmgpt_step(module, args.impl, batch, dev, total_steps=3 + args.steps)
 
     for _ in range(3):

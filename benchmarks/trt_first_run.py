@@ -129,7 +129,7 @@ def logits_against_torch(backend, artifacts: Artifacts) -> dict:
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream), torch.inference_mode():
         for B in (1, 3):
-            prefix = torch.rand(B, m.prefix_len or 8, m.config.prefix_dim, device="cuda")
+            prefix = torch.rand(B, m.context_lens.get("image", 8), m.config.modality("image").dim, device="cuda")
             lengths = torch.tensor([1, 3, 6][:B], device="cuda")
             ids = torch.full((B, int(lengths.max())), tok.pad_id, device="cuda")
             for b in range(B):
@@ -147,7 +147,7 @@ def logits_against_torch(backend, artifacts: Artifacts) -> dict:
                 caches.append((logits, k, v))
             scale = caches[1][0].float().abs().max().item()
             diffs.append((caches[0][0].float() - caches[1][0].float()).abs().max().item() / scale)
-            pos = ((m.prefix_len or 8) + lengths)[:, None]  # each row's next slot: prefix + its prompt
+            pos = ((m.context_lens.get("image", 8)) + lengths)[:, None]  # each row's next slot: prefix + its prompt
             token = caches[1][0].argmax(-1, keepdim=True)
             for _ in range(8):
                 a = backend.decode(token, pos, caches[0][1], caches[0][2])
@@ -165,7 +165,7 @@ def logits_against_torch(backend, artifacts: Artifacts) -> dict:
 def capture_interleaved(backend, artifacts: Artifacts) -> dict:
     from mmgpt.runtime.generator import Generator
     m = artifacts.manifest
-    prefix = torch.rand(2, m.prefix_len or 8, m.config.prefix_dim)
+    prefix = torch.rand(2, m.context_lens.get("image", 8), m.config.modality("image").dim)
     graphed = Generator(backend, artifacts.tokenizer, m.capacity_buckets, m.config.block_size, cuda_graph=True,
                         eos_check_interval=1000)
     eager = Generator(backend, artifacts.tokenizer, m.capacity_buckets, m.config.block_size, cuda_graph=False,
@@ -188,7 +188,7 @@ def speed(backend, artifacts: Artifacts) -> dict:
     rows = {}
     for B in (1, 8):
         for name, be in (("tensorrt", backend), ("torch_triton", triton)):
-            r = bench_mmgpt(be, B, 8, 64, backend.prefix_len or 8, torch.device("cuda"), repeats=2)
+            r = bench_mmgpt(be, B, 8, 64, backend.context_lens.get("image", 8), torch.device("cuda"), repeats=2)
             rows[f"{name}_b{B}_tokens_per_s"] = round(r["tokens_per_s"], 1)
     return rows
 

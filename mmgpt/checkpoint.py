@@ -16,7 +16,7 @@ from mmgpt.tokenizer import tokenizer_from_dict
 class LoadedModel:
     model: MultimodalGPT
     tokenizer: object  # ByteTokenizer | HFTokenizer
-    prefix_len: int | None
+    context_lens: dict[str, int]  # continuous context modality -> the length it was trained with
     data_config: dict | None  # the training data config: rebuilds the exact validation split
 
 
@@ -65,19 +65,25 @@ def load_checkpoint(path) -> LoadedModel:
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the model config inside it "
                               f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-    return LoadedModel(model=model.eval(), tokenizer=tokenizer, prefix_len=meta.prefix_len,
+    return LoadedModel(model=model.eval(), tokenizer=tokenizer, context_lens=meta.context_lens,
                        data_config=meta.data)
 
 
 def check_resume(path, model_fields: dict) -> None:
     """ckpt_path=: the checkpoint must hold the model the config describes (n_layer, n_head, n_embd, ...), else
     resuming fails deep inside the weight loading with a size-mismatch traceback. `model_fields` are the configured
-    model's fields; fields the config does not set (the data sets vocab_size, prefix_dim) are not compared."""
+    model's fields; fields the config does not set (the data sets vocab_size and each modality's dim, vocabulary and
+    end token) are not compared."""
     saved = read_checkpoint(path)[1].model_config
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path}: its model config is missing or not an object; use a checkpoint written by "
                               "mmgpt's train.py")
-    differ = {k: (saved[k], v) for k, v in model_fields.items() if k in saved and saved[k] != v}
+    differ = {k: (saved[k], v) for k, v in model_fields.items() if k in saved and k != "modalities" and saved[k] != v}
+    saved_modalities = {m.get("name"): m for m in saved.get("modalities", []) if isinstance(m, dict)}
+    for m in model_fields.get("modalities") or []:  # the keys the config sets; the data set the others
+        have = saved_modalities.get(m.get("name"), {})
+        if any(have.get(k) != v for k, v in m.items()):
+            differ[f"modalities[{m.get('name')}]"] = (have or None, m)
     if differ:
         raise CheckpointError(f"ckpt_path={path} holds another model: "
                               f"{', '.join(f'model.{k}={a!r} there, {b!r} here' for k, (a, b) in differ.items())}; "

@@ -1,16 +1,18 @@
 """Hugging Face in and out: a local `save_pretrained` directory of GPT-2 or of the Llama family (LlamaForCausalLM,
 Qwen2ForCausalLM; SmolLM2 is a Llama) becomes an mmgpt config + language-model weights + tokenizer, and an mmgpt
-model becomes such a directory of its own family again, plus its prefix encoder.
+model becomes such a directory of its own family again, plus its modalities' own tables (encoders of continuous
+modalities, embeddings and heads of discrete ones other than text) and their description.
 
 GPT-2: the two models differ only in storage: transformers keeps `c_attn`, `c_proj` and `c_fc` in Conv1D layout
 (in, out), mmgpt in nn.Linear layout (out, in); parameter names are otherwise GPT-2's on both sides. Llama family:
 names and layouts are Hugging Face's on both sides (`model.layers.{i}.self_attn.q_proj.weight`, ...); a Qwen2 is a
 Llama with q/k/v biases. Both families position every input element alike (learned table or RoPE at 0, 1, ...),
-so a prefix enters HF as `inputs_embeds` and reproduces mmgpt (GPT-2's names shown):
+so any modality enters HF as `inputs_embeds` and reproduces mmgpt (GPT-2's names shown):
 
     hf = transformers.GPT2LMHeadModel.from_pretrained(d)
-    embeds = torch.cat([load_prefix_encoder(d)(prefix), hf.get_input_embeddings()(input_ids)], dim=1)
-    logits = hf(inputs_embeds=embeds).logits[:, prefix.shape[1]:]  # = mmgpt's forward(prefix, input_ids)
+    tables = load_modality_tables(d)
+    embeds = torch.cat([tables.embed("image", features), hf.get_input_embeddings()(input_ids)], dim=1)
+    logits = hf(inputs_embeds=embeds).logits[:, features.shape[1]:]  # = mmgpt's forward({"image": ...}, ids)
 
 Only json, safetensors and torch are needed here: transformers stays a test / serving dependency.
 """
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from mmgpt.files import staging_dir
-from mmgpt.model import GPTConfig, MultimodalGPT, RopeScaling
+from mmgpt.model import MODALITY_TABLES, TEXT, GPTConfig, MultimodalGPT, RopeScaling
 from mmgpt.tokenizer import (ByteTokenizer, HFTokenizer, TextTokenizer, as_hf_tokenizer, check_tokenizer_fits,
                              load_hf_tokenizer)
 from mmgpt.errors import UserError
@@ -49,7 +51,7 @@ FIXED_FIELDS = {
     "add_cross_attention": (False, "mmgpt is a decoder without cross-attention"),
 }
 # GPTConfig fields a GPT-2 config.json says nothing about: the caller's choice.
-FREE_FIELDS = ("prefix_dim", "prefix_encoder", "dropout")
+FREE_FIELDS = ("modalities", "context", "decoded", "dropout")
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Llama / Qwen2 config.json field -> GPTConfig field, and the value transformers assumes where a field is absent
 # (None: required).
@@ -72,7 +74,7 @@ ROPE_TYPES = ("default", "llama3")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SHARD_INDEX = "model.safetensors.index.json"
 DROPPED_BUFFERS = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")  # buffers older versions saved
-PREFIX_WEIGHTS, PREFIX_SPEC = "prefix_encoder.safetensors", "prefix_encoder.json"
+TABLES_WEIGHTS, TABLES_SPEC = "modalities.safetensors", "modalities.json"
 
 
 class HFFormatError(UserError):
@@ -81,7 +83,7 @@ class HFFormatError(UserError):
 
 class HFLanguageModel(NamedTuple):
     config: GPTConfig
-    state_dict: dict[str, torch.Tensor]  # mmgpt names and layout, without prefix_encoder.*
+    state_dict: dict[str, torch.Tensor]  # mmgpt names and layout, without the modalities' own tables
     tokenizer: HFTokenizer
 
 
@@ -187,7 +189,7 @@ def state_dict_from_hf(weights: dict[str, torch.Tensor], config: GPTConfig, sour
         state.pop("lm_head.weight", None)  # a tied head is wte; some files store a copy
     with torch.device("meta"):  # names and shapes only, no memory
         expected = {k: v.shape for k, v in MultimodalGPT(config).state_dict().items()
-                    if not k.startswith("prefix_encoder.") and not (config.tie_weights and k == "lm_head.weight")}
+                    if not k.startswith(MODALITY_TABLES) and not (config.tie_weights and k == "lm_head.weight")}
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
         raise HFFormatError(f"{source}: weights do not match config.json (missing {missing[:5]}"
@@ -243,8 +245,9 @@ def _read_shards(index_path: Path) -> dict[str, torch.Tensor]:
 def load_hf(directory, **free) -> HFLanguageModel:
     """A local Hugging Face GPT-2 / Llama / Qwen2 directory -> (GPTConfig, language-model state dict, tokenizer).
 
-    `free` sets the fields config.json does not determine (prefix_dim, prefix_encoder, dropout). The state dict
-    has no prefix encoder: it starts fresh (`load_language_model`). Every check runs before any training can.
+    `free` sets the fields config.json does not determine (modalities, context, decoded, dropout). The state dict
+    has none of the modalities' own tables: they start fresh (`load_language_model`). Every check runs before any
+    training can.
     """
     directory = Path(directory)
     config_path = directory / "config.json"
@@ -266,10 +269,10 @@ def load_hf(directory, **free) -> HFLanguageModel:
 
 
 def load_language_model(model: MultimodalGPT, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load `load_hf`'s weights into a model built from its config; only the prefix encoder keeps its
+    """Load `load_hf`'s weights into a model built from its config; only the modalities' own tables keep their
     fresh initialisation."""
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if not k.startswith("prefix_encoder.")
+    missing = [k for k in missing if not k.startswith(MODALITY_TABLES)
                and not (k == "lm_head.weight" and model.config.tie_weights)]
     if missing or unexpected:
         raise HFFormatError(f"the language-model weights do not fit this model (missing {missing[:5]}, "
@@ -277,40 +280,43 @@ def load_language_model(model: MultimodalGPT, state_dict: dict[str, torch.Tensor
 
 
 # ---------------------------------------------------------------- out
-# Per prefix-encoder kind: the function it computes, and each tensor's name in prefix_encoder.safetensors
-# (the function's symbols) -> its name in mmgpt's PrefixEncoder (indices of its nn.Sequential for "mlp").
-PREFIX_FUNCTIONS = {
+# Per encoder kind: the function it computes, and each tensor's name in modalities.safetensors (the function's
+# symbols, after "<modality>.") -> its name in mmgpt's ModalityEncoder (indices of its nn.Sequential for "mlp").
+ENCODER_FUNCTIONS = {
     "linear": "E = X W^T + b",
     "mlp": "E = gelu_tanh(LN(X) W1^T + b1) W2^T + b2, LN(X) = (X - mean(X)) / sqrt(var(X) + eps) * ln_weight "
            "+ ln_bias over the last dim (biased variance), gelu_tanh(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + "
            "0.044715 x^3)))",
 }
-PREFIX_TENSORS = {
+ENCODER_TENSORS = {
     "linear": {"W": "proj.weight", "b": "proj.bias"},
     "mlp": {"ln_weight": "proj.0.weight", "ln_bias": "proj.0.bias", "W1": "proj.1.weight", "b1": "proj.1.bias",
             "W2": "proj.3.weight", "b2": "proj.3.bias"},
 }
-README = """# {name}: a {family} with a prefix encoder, written by mmgpt
+README = """# {name}: a {family} with more modalities, written by mmgpt
 
 - config.json, model.safetensors, generation_config.json: the language model, loadable with
-  `transformers.{architecture}.from_pretrained(this_dir)`.
+  `transformers.{architecture}.from_pretrained(this_dir)`; its token table and head are the `text` modality's.
 - tokenizer.json, tokenizer_config.json: `transformers.AutoTokenizer.from_pretrained(this_dir)`.{byte_note}
-- prefix_encoder.safetensors, prefix_encoder.json: maps raw prefix features X (B, P, {prefix_dim}) to P
-  embeddings E (B, P, {n_embd}); prefix_encoder.json states the function and every tensor's shape.
+- modalities.safetensors, modalities.json: every other modality's own tables. modalities.json lists the
+  modalities, the context order ({context}) and the decoded modality ({decoded}); per modality its kind, an
+  encoder's function (continuous: features X (B, P, dim) -> embeddings E (B, P, {n_embd})) or an embedding table
+  and head (discrete: ids -> rows of `<name>.embedding`; logits = final hidden state @ `<name>.head`^T), and
+  every tensor's shape.
 
-mmgpt's input is [E; token embeddings], with positions 0, 1, ... over both, which is exactly what
-transformers computes for `inputs_embeds`. With mmgpt installed:
+mmgpt's input is the context's embeddings, then the decoded modality's, with positions 0, 1, ... over all of
+them, which is exactly what transformers computes for `inputs_embeds`. With mmgpt installed:
 
     import torch, transformers
-    from mmgpt.hf import load_prefix_encoder
+    from mmgpt.hf import load_modality_tables
     hf = transformers.{architecture}.from_pretrained(this_dir)
-    tok = transformers.AutoTokenizer.from_pretrained(this_dir)
-    X = ...  # (1, P, {prefix_dim}) float32: the prefix features, as mmgpt was given them
-    ids = torch.tensor([[tok.bos_token_id]])  # mmgpt's default prompt: BOS alone
-    embeds = torch.cat([load_prefix_encoder(this_dir)(X), hf.get_input_embeddings()(ids)], dim=1)
-    out = hf.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-                      max_new_tokens=32, do_sample=False)
-    print(tok.decode(out[0], skip_special_tokens=True))
+    tables = load_modality_tables(this_dir)
+    wte = hf.get_input_embeddings()
+    inputs = {{...}}  # per context modality: features (1, P, dim) or ids (1, n); the decoded one's prompt ids
+    embeds = torch.cat([tables.embed(name, inputs[name], wte) for name in tables.context]
+                       + [tables.embed(tables.decoded, inputs[tables.decoded], wte)], dim=1)
+    hidden = hf.base_model(inputs_embeds=embeds).last_hidden_state  # the final norm applied
+    logits = tables.logits(tables.decoded, hidden)  # a new modality's head (text: hf.lm_head(hidden))
 
 The same embeddings serve vLLM (`prompt_embeds`) or TensorRT-LLM's prompt table.
 """
@@ -353,24 +359,37 @@ def hf_config(config: GPTConfig, tokenizer: HFTokenizer, dtype: torch.dtype) -> 
             "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout}
 
 
-def _prefix_spec(model: MultimodalGPT, tensors: dict[str, torch.Tensor]) -> dict:
-    c = model.config
-    spec = {"format": "mmgpt-prefix-encoder", "version": 1, "kind": c.prefix_encoder, "prefix_dim": c.prefix_dim,
-            "n_embd": c.n_embd, "function": PREFIX_FUNCTIONS[c.prefix_encoder],
-            "input": f"X (batch, prefix_len, {c.prefix_dim}) float: the raw prefix features mmgpt was trained on",
-            "output": f"E (batch, prefix_len, {c.n_embd}): inputs_embeds for the prefix positions, ahead of the "
-                      "token embeddings; the language model adds positions 0, 1, ... to both",
-            "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
-            "tensors_file": PREFIX_WEIGHTS,  # tensor name (the function's symbol) -> shape
-            "tensors": {sym: list(t.shape) for sym, t in tensors.items()}}
-    if c.prefix_encoder == "mlp":
-        spec["eps"] = model.prefix_encoder.proj[0].eps
-    return spec
+def _tables(model: MultimodalGPT) -> tuple[dict[str, torch.Tensor], dict]:
+    """The modalities' own tensors under their file names, and modalities.json's description of them."""
+    c, params = model.config, {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    tensors, described = {}, []
+    for m in c.modalities:
+        entry = {"name": m.name, "kind": m.kind}
+        if m.kind == "continuous":
+            names = {f"{m.name}.{sym}": f"encoders.{m.name}.{name}" for sym, name in ENCODER_TENSORS[m.encoder].items()}
+            entry.update(dim=m.dim, encoder=m.encoder, function=ENCODER_FUNCTIONS[m.encoder],
+                         input=f"X (batch, length, {m.dim}) float", output=f"E (batch, length, {c.n_embd})")
+            if m.encoder == "mlp":
+                entry["eps"] = model.encoders[m.name].proj[0].eps
+        elif m.name == TEXT:
+            names = {}
+            entry.update(vocab_size=m.vocab_size, tables="the language model's own token table and lm_head")
+        else:
+            names = {f"{m.name}.embedding": f"embeddings.{m.name}.weight",
+                     **({f"{m.name}.head": f"heads.{m.name}.weight"} if m.head else {})}
+            entry.update(vocab_size=m.vocab_size, end_id=m.end_id, head=m.head)
+        tensors.update({sym: params[name].contiguous() for sym, name in names.items()})
+        entry["tensors"] = {sym: list(params[name].shape) for sym, name in names.items()}
+        described.append(entry)
+    spec = {"format": "mmgpt-modalities", "version": 1, "n_embd": c.n_embd, "context": c.context,
+            "decoded": c.decoded, "tensors_file": TABLES_WEIGHTS,
+            "dtype": str(model.token_embedding.weight.dtype).removeprefix("torch."), "modalities": described}
+    return tensors, spec
 
 
 def save_hf(model: MultimodalGPT, tokenizer: TextTokenizer, directory) -> Path:
-    """Write `model` as a transformers-loadable directory of its family (GPT-2, Llama or Qwen2) plus its prefix
-    encoder (see README in it).
+    """Write `model` as a transformers-loadable directory of its family (GPT-2, Llama or Qwen2) plus its modalities'
+    own tables (see README in it).
 
     Written into a temporary sibling that replaces `directory` only when complete.
     """
@@ -384,9 +403,8 @@ def save_hf(model: MultimodalGPT, tokenizer: TextTokenizer, directory) -> Path:
     dtype = model.token_embedding.weight.dtype
     conv1d = CONV1D_WEIGHTS if c.family == "gpt2" else ()
     lm = {k: (v.t() if k.endswith(conv1d) else v).contiguous() for k, v in params.items()
-          if not k.startswith("prefix_encoder.") and not (c.tie_weights and k == "lm_head.weight")}
-    names = PREFIX_TENSORS[c.prefix_encoder]
-    prefix = {sym: params[f"prefix_encoder.{name}"].contiguous() for sym, name in names.items()}
+          if not k.startswith(MODALITY_TABLES) and not (c.tie_weights and k == "lm_head.weight")}
+    tables, spec = _tables(model)
     directory = Path(directory)
     with staging_dir(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config(c, tokenizer, dtype), indent=2) + "\n")
@@ -395,41 +413,65 @@ def save_hf(model: MultimodalGPT, tokenizer: TextTokenizer, directory) -> Path:
             indent=2) + "\n")
         save_file(lm, tmp / "model.safetensors", metadata={"format": "pt"})
         tokenizer.save_files(tmp)
-        save_file(prefix, tmp / PREFIX_WEIGHTS, metadata={"format": "pt"})
-        (tmp / PREFIX_SPEC).write_text(json.dumps(_prefix_spec(model, prefix), indent=2) + "\n")
+        save_file(tables, tmp / TABLES_WEIGHTS, metadata={"format": "pt"})
+        (tmp / TABLES_SPEC).write_text(json.dumps(spec, indent=2) + "\n")
         (tmp / "README.md").write_text(README.format(
             name=directory.name, family=hf_model_type(c), architecture=hf_architecture(c),
-            prefix_dim=c.prefix_dim, n_embd=c.n_embd,
+            context=", ".join(c.context), decoded=c.decoded, n_embd=c.n_embd,
             byte_note=BYTE_NOTE if byte_level else ""))
     return directory
 
 
 @dataclass
-class PrefixProjector:
-    """prefix_encoder.json's function over prefix_encoder.safetensors' tensors: (B, P, F) -> (B, P, C). Computed
-    from the description alone, not with mmgpt's module, as any other runtime would have to."""
-    kind: str
+class ModalityTables:
+    """modalities.json's functions over modalities.safetensors' tensors, computed from the description alone, not
+    with mmgpt's modules, as any other runtime would have to."""
+    spec: dict
     tensors: dict[str, torch.Tensor]
-    eps: float | None  # the LayerNorm's, for "mlp"
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.tensors
-        x = x.to(next(iter(t.values())).dtype)  # features arrive as float32 whatever the weights' dtype
-        if self.kind == "linear":
-            return F.linear(x, t["W"], t["b"])
-        h = F.layer_norm(x, x.shape[-1:], t["ln_weight"], t["ln_bias"], self.eps)
-        return F.linear(F.gelu(F.linear(h, t["W1"], t["b1"]), approximate="tanh"), t["W2"], t["b2"])
+    @property
+    def context(self) -> list[str]:
+        return self.spec["context"]
+
+    @property
+    def decoded(self) -> str:
+        return self.spec["decoded"]
+
+    def _modality(self, name: str) -> dict:
+        found = [m for m in self.spec["modalities"] if m["name"] == name]
+        if not found:
+            raise HFFormatError(f"no modality {name!r}; modalities.json has "
+                                f"{[m['name'] for m in self.spec['modalities']]}")
+        return found[0]
+
+    def embed(self, name: str, x: torch.Tensor, text_table: torch.nn.Module | None = None) -> torch.Tensor:
+        """A modality's input -> embeddings (B, n, C): features through its encoder, ids through its table (text:
+        the language model's, `text_table`)."""
+        m, t = self._modality(name), self.tensors
+        if m["kind"] == "discrete":
+            return text_table(x) if name == TEXT else F.embedding(x, t[f"{name}.embedding"])
+        x = x.to(t[f"{name}.W" if m["encoder"] == "linear" else f"{name}.W1"].dtype)
+        if m["encoder"] == "linear":
+            return F.linear(x, t[f"{name}.W"], t[f"{name}.b"])
+        h = F.layer_norm(x, x.shape[-1:], t[f"{name}.ln_weight"], t[f"{name}.ln_bias"], m["eps"])
+        return F.linear(F.gelu(F.linear(h, t[f"{name}.W1"], t[f"{name}.b1"]), approximate="tanh"),
+                        t[f"{name}.W2"], t[f"{name}.b2"])
+
+    def logits(self, name: str, hidden: torch.Tensor) -> torch.Tensor:
+        """The final hidden states (after ln_f) through a non-text discrete modality's head."""
+        if f"{name}.head" not in self.tensors:
+            raise HFFormatError(f"modality {name!r} has no head in modalities.safetensors (text's is lm_head)")
+        return F.linear(hidden, self.tensors[f"{name}.head"])
 
 
-def load_prefix_encoder(directory, device: str | torch.device = "cpu") -> PrefixProjector:
-    """The prefix encoder of a directory save_hf wrote."""
+def load_modality_tables(directory, device: str | torch.device = "cpu") -> ModalityTables:
+    """The modalities' own tables of a directory save_hf wrote."""
     directory = Path(directory)
-    spec_path = directory / PREFIX_SPEC
+    spec_path = directory / TABLES_SPEC
     if not spec_path.is_file():
-        raise HFFormatError(f"{directory}: no {PREFIX_SPEC}; only directories written by mmgpt's save_hf "
-                            "have a prefix encoder")
+        raise HFFormatError(f"{directory}: no {TABLES_SPEC}; only directories written by mmgpt's save_hf "
+                            "have modality tables")
     spec = json.loads(spec_path.read_text())
-    if spec.get("format") != "mmgpt-prefix-encoder" or spec.get("kind") not in PREFIX_TENSORS:
-        raise HFFormatError(f"{spec_path}: not an mmgpt prefix-encoder description (format "
-                            f"{spec.get('format')!r}, kind {spec.get('kind')!r})")
-    return PrefixProjector(spec["kind"], load_file(directory / PREFIX_WEIGHTS, device=str(device)), spec.get("eps"))
+    if spec.get("format") != "mmgpt-modalities":
+        raise HFFormatError(f"{spec_path}: not an mmgpt modalities description (format {spec.get('format')!r})")
+    return ModalityTables(spec, load_file(directory / TABLES_WEIGHTS, device=str(device)))

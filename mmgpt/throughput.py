@@ -1,8 +1,8 @@
 """Training throughput: tokens/s, step time and MFU in the logs and the progress bar, without a host sync per step.
 
 MFU follows nanoGPT: a training step costs 6 N FLOPs per token for the weights (forward 2N, backward 4N) plus
-12 L H Dh T for attention over a sequence of T positions (the prefix included), against the GPU's dense bf16
-peak. Tokens are sequence positions, prefix included: B (P + T) per step. Activation checkpointing's recompute is
+12 L H Dh T for attention over a sequence of T positions (the context included), against the GPU's dense bf16
+peak. Tokens are sequence positions, context included: B (context + T) per step. Activation checkpointing's recompute is
 not counted (this is model FLOPs utilisation, not hardware FLOPs utilisation).
 """
 from __future__ import annotations
@@ -34,9 +34,10 @@ PEAK_FLOPS = (
 
 
 def matmul_params(model: MultimodalGPT) -> int:
-    """N of the 6N term: every parameter except GPT-2's position table, and except the token table when it is not
-    also the output head (a table lookup costs no FLOPs; a tied table does the head's matmul)."""
-    n = model.num_params()
+    """N of the 6N term: every parameter except GPT-2's position table and the modalities' own embedding tables,
+    and except the token table when it is not also the output head (a table lookup costs no FLOPs; a tied table
+    does the head's matmul)."""
+    n = model.num_params() - sum(p.numel() for p in model.embeddings.parameters())
     if model.config.family == "gpt2":
         n -= model.transformer.wpe.weight.numel()
     if not model.config.tie_weights:
@@ -134,8 +135,8 @@ class ThroughputMonitor(L.Callback):
             self.first_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        B, P = batch["prefix"].shape[:2]
-        N = P + batch["input_ids"].shape[1]
+        B, T = batch["input_ids"].shape
+        N = T + sum((c if torch.is_tensor(c) else c[0]).shape[1] for c in batch["context"].values())
         self.tokens += B * N
         self.flops += B * N * flops_per_token(*self.shape, N)
         if self.first_step_s is None:

@@ -72,3 +72,16 @@ def exported(trained, tmp_path_factory):
     cfg = compose_config("export", [f"ckpt={trained['last_ckpt']}", f"output_root={root}", "name=digits",
                                     "engine=none"])
     return export(cfg)
+
+
+@pytest.fixture(scope="session")
+def drawn(tmp_path_factory):
+    """digits_draw briefly trained (a ragged text context, the image decoded as pixel tokens through its own
+    tables) and exported with parity, no engines."""
+    from mmgpt.export.pipeline import export
+    from mmgpt.training import train
+    root = tmp_path_factory.mktemp("draw")
+    result = train(compose_config("train", ["+experiment=digits_draw", *small_train_overrides(root / "run", steps=3),
+                                            "data.train_samples=64", "data.val_samples=4", "module.max_new_tokens=4"]))
+    return export(compose_config("export", [f"ckpt={result['last_ckpt']}", f"output_root={root}", "name=draw",
+                                            "engine=none"]))

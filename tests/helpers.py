@@ -154,16 +154,16 @@ def write_llama(directory, kind="llama", seed=0, **overrides):
 
 def greedy_ours_and_hf(model, tok, directory, prefix_dim: int, new: int = 10):
     """Greedy tokens (B, new) of mmgpt's generator and of transformers' generate(inputs_embeds=...) on the same
-    ragged batch with a 4-element prefix. HF runs from the directory save_hf writes into `directory`, the prefix
-    through prefix_encoder.json's function: what a serving stack would do. HF generates a batch left-padded (it
+    ragged batch with a 4-element image. HF runs from the directory save_hf writes into `directory`, the image
+    through modalities.json's function: what a serving stack would do. HF generates a batch left-padded (it
     derives positions from the attention mask); mmgpt's generator right-pads."""
     import transformers
-    from mmgpt.hf import load_prefix_encoder, save_hf
+    from mmgpt.hf import load_modality_tables, save_hf
     from mmgpt.runtime.backends.torch_model import TorchBackend
     from mmgpt.runtime.generator import Generator
     save_hf(model, tok, directory)
     hf = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
-    projector = load_prefix_encoder(directory)
+    tables = load_modality_tables(directory)
     P = 4
     prefix = torch.randn(3, P, prefix_dim, generator=torch.Generator().manual_seed(2))
     prompts = [tok.encode("the quick"), [tok.bos_id], tok.encode("héllo")]
@@ -174,7 +174,7 @@ def greedy_ours_and_hf(model, tok, directory, prefix_dim: int, new: int = 10):
     with torch.no_grad():
         for row, p in zip(prefix, prompts):
             pad = T - len(p)
-            embeds.append(torch.cat([torch.zeros(pad, model.config.n_embd), projector(row),
+            embeds.append(torch.cat([torch.zeros(pad, model.config.n_embd), tables.embed("image", row),
                                      hf.get_input_embeddings()(torch.tensor(p))]))
             mask.append([0] * pad + [1] * (P + len(p)))
         theirs = hf.generate(inputs_embeds=torch.stack(embeds), attention_mask=torch.tensor(mask), do_sample=False,
@@ -193,14 +193,14 @@ def write_features(root: Path, dim: int = 6) -> Path:
 
 
 # ---------------------------------------------------------------- mmgpt and transformers on the same directory
-HF_PREFIX_DIM = 6  # features per prefix element of the models built from tiny Hugging Face directories
+HF_PREFIX_DIM = 6  # features per image element of the models built from tiny Hugging Face directories
 
 
-def load_mmgpt(directory, **free):
-    """An mmgpt model from a Hugging Face directory (its prefix encoder seeded), in eval mode, and its tokenizer."""
+def load_mmgpt(directory, encoder: str = "linear", **free):
+    """An mmgpt model from a Hugging Face directory, its image encoder seeded, in eval mode, and its tokenizer."""
     from mmgpt.hf import load_hf, load_language_model
-    from mmgpt.model import MultimodalGPT
-    config, state, tok = load_hf(directory, prefix_dim=HF_PREFIX_DIM, **free)
+    from mmgpt.model import MultimodalGPT, image_to_text
+    config, state, tok = load_hf(directory, **image_to_text(HF_PREFIX_DIM, encoder), **free)
     torch.manual_seed(1)
     model = MultimodalGPT(config)
     load_language_model(model, state)
@@ -213,5 +213,5 @@ def hf_model(directory):
 
 
 def text_logits(model, ids):
-    """mmgpt's training forward with a zero-length prefix: the text-only logits at every position."""
-    return model(torch.zeros(ids.shape[0], 0, model.config.prefix_dim), ids)[0]
+    """mmgpt's training forward with a zero-length image: the text-only logits at every position."""
+    return model(torch.zeros(ids.shape[0], 0, model.config.modality("image").dim), ids)[0]

@@ -307,7 +307,7 @@ def test_an_init_from_config_that_is_not_an_object(tmp_path, capsys, content):
     from mmgpt.hf import load_hf
     write_gpt2(tmp_path)
     (tmp_path / "config.json").write_text(content)
-    fails(lambda: load_hf(tmp_path, prefix_dim=16), capsys, "config.json: must hold a JSON object")
+    fails(lambda: load_hf(tmp_path), capsys, "config.json: must hold a JSON object")
 
 
 # ---------------------------------------------------------------- inputs, in the dtype that runs
@@ -347,10 +347,10 @@ def test_features_with_an_empty_dim(exported, tmp_path, capsys, shape):
 def test_features_that_overflow_the_dtype_that_runs(exported, tmp_path, capsys):
     np.savez(tmp_path / "big.npz", features=np.full((2, 8, 16), 1e39), texts=np.array(["a", "b"]))  # float64
     fails(_infer(exported, f"input={tmp_path}/big.npz"), capsys, "big.npz: features contain NaN or infinite values")
-    from mmgpt.runtime.generator import check_prefix
+    from mmgpt.runtime.requests import check_features
     fp16_overflow = torch.full((1, 8, 16), 1e5)
-    check_prefix(fp16_overflow, torch.float32)  # negative control: finite in float32
-    fails(lambda: check_prefix(fp16_overflow, torch.float16), capsys, "prefix holds NaN or infinite values in the "
+    check_features(fp16_overflow, torch.float32)  # negative control: finite in float32
+    fails(lambda: check_features(fp16_overflow, torch.float16), capsys, "features: NaN or infinite values in the "
           "model's dtype float16")
 
 
@@ -365,20 +365,20 @@ def test_generator_api_checks_prefix_and_token_ids(exported, capsys):
     assert len(generator.generate(prefix, [[bos], [bos, 65]], max_new_tokens=2).texts) == 2  # negative control
     vocab = artifacts.manifest.config.vocab_size
     fails(lambda: generator.generate(prefix, [[bos], [bos, vocab]], max_new_tokens=2), capsys,
-          f"prompt 1 holds token id(s) [{vocab}] that are not integers in the vocabulary [0, {vocab})")
+          f"prompt 1 holds token id(s) [{vocab}] that are not integers in its modality's vocabulary [0, {vocab})")
     fails(lambda: generator.generate(prefix, [[-1], [bos]], max_new_tokens=2), capsys,
           "prompt 0 holds token id(s) [-1]")
     fails(lambda: generator.generate(prefix, [[1.5], [bos]], max_new_tokens=2), capsys, "[1.5]")
     nan_prefix = prefix.clone()
     nan_prefix[1, 3, 2] = float("nan")
-    fails(lambda: generator.generate(nan_prefix), capsys, "prefix holds NaN or infinite values")
+    fails(lambda: generator.generate(nan_prefix), capsys, "image features: NaN or infinite values")
 
 
 def test_capacity_buckets_must_hold_prefix_prompt_and_a_token(trained, tmp_path, capsys, monkeypatch):
     import mmgpt.export.pipeline as pipeline
     monkeypatch.setattr(pipeline, "trace", lambda *a, **k: pytest.fail("traced with buckets that cannot decode"))
     fails(_export(f"ckpt={trained['last_ckpt']}", f"output_root={tmp_path}", "name=x", "capacity_buckets=[4,64]"),
-          capsys, "capacity_buckets=[4, 64]: [4] cannot hold the prefix (8 positions) + a prompt token + one "
+          capsys, "capacity_buckets=[4, 64]: [4] cannot hold the context (8 positions) + a prompt token + one "
           "generated token = 10")
     assert list(tmp_path.iterdir()) == []
 

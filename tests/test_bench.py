@@ -120,6 +120,19 @@ def test_llama_shapes_and_their_hf_peer_on_the_same_weights():
     assert not hf_agrees(model, hf, torch.device("cpu"), prompt_len=4)["tokens_match"]
 
 
+def test_smoke_decodes_a_new_modality_beside_text(tmp_path):
+    """--decoded text codes: the same model shape decodes a new modality through its own tables; each of its rows
+    carries its tok/s over text's at the same batch, context and impl."""
+    report = main(["--smoke", "--out", str(tmp_path), "--no-hf", "--decoded", "text", "codes", "--batches", "1"])
+    rows = {(r["decoded"], r["prefix_len"]): r for r in report["rows"]}
+    assert set(rows) == {(d, p) for d in ("text", "codes") for p in (0, 16, 64)}
+    for p in (0, 16, 64):
+        new, text = rows[("codes", p)], rows[("text", p)]
+        assert new["new_over_text"] == pytest.approx(new["tokens_per_s"] / text["tokens_per_s"], abs=2e-3)
+        assert "new_over_text" not in text
+    assert report["settings"]["decoded"] == ["text", "codes"] and "| codes |" in markdown_table(report)
+
+
 def test_serving_smoke_report_is_well_formed(tmp_path):
     from mmgpt.bench.serving import main as serving_main, markdown_table as serving_table
     report = serving_main(["--smoke", "--out", str(tmp_path)])

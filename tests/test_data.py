@@ -6,8 +6,8 @@ import torch
 
 from mmgpt.data.features import DataFileError, load_features_file
 from mmgpt.data.modules import DigitsDataModule, FeaturesDataModule
-from mmgpt.data.captions import CaptionDataset, DeviceBatches, tokenize_captions
-from mmgpt.data.digits import caption_for, patchify, split_images
+from mmgpt.data.samples import DeviceBatches, Samples, tokenize_captions
+from mmgpt.data.digits import DigitsTask, caption_for, digits_of, patchify, split_images
 from mmgpt.tokenizer import ByteTokenizer
 
 
@@ -29,7 +29,47 @@ def test_digits_split_is_by_image():
     dm = DigitsDataModule(train_samples=200, val_samples=50)
     dm.setup()
     assert set(dm.val_pick.ravel()) <= set(dm.val_image_ids)
-    assert dm.val_set.prefixes.shape == (50, 8, 16)
+    assert dm.val_set.context["image"].shape == (50, 8, 16)
+
+
+def test_digits_as_pixel_tokens_in_either_direction():
+    dm = DigitsDataModule(train_samples=20, val_samples=5, image_tokens=True, digits_per_sample=1)
+    assert (dm.provides["image"].kind, dm.provides["image"].vocab_size, dm.provides["image"].end_id) == \
+        ("discrete", 18, 17) and dm.context_lens == {}
+    train, val = dm.build()
+    pixels = np.array(val.values["image"][0])
+    assert pixels.shape == (64,) and pixels.min() >= 0 and pixels.max() <= 16 and pixels.max() >= 10  # ink
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    assert pixels.tolist() == digits.images[dm.val_pick[0, 0]].astype(int).ravel().tolist()
+    assert digits_of(val.references[0]) == [digits.target[dm.val_pick[0, 0]]]
+    from mmgpt.model import GPTConfig, Modality
+    draw = GPTConfig(vocab_size=259, modalities=[Modality("text", "discrete"), dm.provides["image"]],
+                     context=["text"], decoded="image")
+    val.tokenize(ByteTokenizer(), draw)
+    ids, lengths = val.context["text"]
+    assert ids[0, : lengths[0]].tolist() == list(val.references[0].encode())  # the caption, no BOS / EOS
+    assert val.input_ids[0].tolist() == [17, *pixels.tolist(), 17]  # end token frames the drawn image
+    assert val.targets[0].tolist() == [*pixels.tolist(), 17, -100]
+    assert np.array_equal(dm.task.drawn_images([pixels.tolist(), pixels[:10].tolist()])[:, 0].reshape(2, 64),
+                          np.stack([pixels, np.r_[pixels[:10], np.zeros(54)]]))  # a short drawing ends blank
+
+
+def test_image_codes_are_a_coarser_drawing_the_reader_still_reads():
+    task = DigitsTask(image_tokens=True, image_codes=64, digits_per_sample=1, val_samples=200)
+    assert (task.provides["image"].vocab_size, task.provides["image"].end_id, task.tokens_per_image) == (65, 64, 16)
+    _, val, pick, _ = task.build()
+    codes = [list(v) for v in val.values["image"]]
+    assert all(len(c) == 16 and 0 <= min(c) and max(c) < 64 for c in codes)
+    images = task.drawn_images(codes)  # (n, 1, 8, 8): each 2x2 patch its code's centroid
+    from sklearn.datasets import load_digits
+    real = load_digits().images[pick[:, 0]]
+    assert np.abs(images[:, 0] - real).mean() < 1.0  # close to the real pixels (0..16)
+    reader = task.reader()
+    assert reader.held_out_accuracy > 0.97
+    assert np.mean(reader.recognised(images, val.references)) > 0.95  # what the codes keep, the reader still reads
+    shuffled = reader.recognised(images, val.references[1:] + val.references[:1])
+    assert np.mean(shuffled) < 0.3  # negative control: the wrong caption is not recognised
 
 
 def test_captions_pad_to_the_longest_and_targets_ignore_padding():
@@ -39,18 +79,27 @@ def test_captions_pad_to_the_longest_and_targets_ignore_padding():
     assert targets[0].tolist() == [97, 98, tok.eos_id, -100, -100, -100]
 
 
+def caption_config():
+    from mmgpt.model import GPTConfig, image_to_text
+    return GPTConfig(vocab_size=259, **image_to_text(dim=3))
+
+
 def test_every_batch_has_the_dataset_shape():
-    ds = CaptionDataset(np.zeros((5, 2, 3), np.float32), ["a", "abcdef", "ab", "a", "abc"]).tokenize(ByteTokenizer())
-    assert ds.text_len == 8  # [BOS] abcdef [EOS]
+    texts = ["a", "abcdef", "ab", "a", "abc"]
+    ds = Samples({"image": np.zeros((5, 2, 3), np.float32), "text": texts}, texts).tokenize(ByteTokenizer(),
+                                                                                            caption_config())
+    assert ds.decoded_len == 8  # [BOS] abcdef [EOS]
     batch = ds.__getitems__([0, 3])  # two short captions still come padded to the dataset's longest
     assert batch["input_ids"].shape == batch["targets"].shape == (2, 8)
-    assert batch["prefix"].shape == (2, 2, 3) and batch["captions"] == ["a", "a"]
+    assert batch["context"]["image"].shape == (2, 2, 3) and batch["references"] == ["a", "a"]
 
 
 def test_device_batches_are_full_and_reshuffled_each_epoch():
-    ds = CaptionDataset(np.arange(10, dtype=np.float32).reshape(10, 1, 1), [str(i) for i in range(10)])
-    batches = DeviceBatches(ds.tokenize(ByteTokenizer()), batch_size=4, device=torch.device("cpu"), seed=0)
-    epochs = [[b["prefix"].flatten().int().tolist() for b in batches] for _ in range(2)]
+    texts = [str(i) for i in range(10)]
+    ds = Samples({"image": np.arange(30, dtype=np.float32).reshape(10, 1, 3), "text": texts}, texts)
+    batches = DeviceBatches(ds.tokenize(ByteTokenizer(), caption_config()), batch_size=4, device=torch.device("cpu"),
+                            seed=0)
+    epochs = [[b["context"]["image"][:, 0, 0].int().tolist() for b in batches] for _ in range(2)]
     for epoch in epochs:
         assert len(epoch) == len(batches) == 2 and all(len(b) == 4 for b in epoch)  # the partial batch is dropped
         assert len(set(sum(epoch, []))) == 8  # no sample twice in an epoch
@@ -77,7 +126,7 @@ def test_features_npz_and_jsonl(tmp_path):
         assert np.allclose(x, feats) and t == texts
     dm = FeaturesDataModule(str(tmp_path / "d.npz"), val_fraction=0.2)
     dm.setup()
-    assert (dm.prefix_len, dm.prefix_dim) == (3, 4)
+    assert dm.context_lens == {"features": 3} and dm.provides["features"].dim == 4
     assert len(dm.train_set) == 8 and len(dm.val_set) == 2
 
 

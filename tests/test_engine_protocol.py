@@ -20,11 +20,17 @@ import torch
 import mmgpt.runtime.backends.tensorrt_engines as engines_backend
 from mmgpt.contract.artifacts import Artifacts
 from mmgpt.contract.engines import ENGINES, EngineBuild, EngineConfig, EngineFile
-from mmgpt.contract.graphs import BATCH, CACHE, PREFIX, TEXT, declare_graphs
+from mmgpt.contract.graphs import BATCH, CACHE, PROMPT, declare_graphs, length_symbol
 from mmgpt.engines.build import profile_shapes, profile_sizes
 from mmgpt.engines.trt import EngineError
 from mmgpt.runtime.backends.tensorrt_engines import TensorRTBackend, current_stream_handle
 from mmgpt.runtime.generator import Generator
+
+IMAGE = length_symbol("image")
+
+
+def image_len(artifacts) -> int:
+    return artifacts.manifest.context_lens["image"]
 
 STREAM = 7  # what the stand-in's "current stream" is
 
@@ -63,9 +69,9 @@ class FakeContext:
         (prefill: slots 0.., decode: the row's position), logits one-hot at the token the flow picks."""
         graph, shapes = self.engine.graph, self.shapes
         B, T = shapes["input_ids"]
-        sizes = {BATCH: B, TEXT: T, PREFIX: shapes.get("prefix", (0, 0))[1],
+        sizes = {BATCH: B, PROMPT: T, IMAGE: shapes.get("image_features", (0, 0))[1],
                  CACHE: shapes.get("past_key_values.0.key", (0, 0, 0))[2]}
-        decoding = T == 1 and sizes[PREFIX] == 0 and "position_ids" in shapes and sizes[CACHE] > 0
+        decoding = T == 1 and sizes[IMAGE] == 0 and "position_ids" in shapes and sizes[CACHE] > 0
         rows = torch.arange(B, dtype=torch.float32) / 4
         if decoding:
             positions = at(self.addresses["position_ids"], (B, 1), torch.long)[:, 0].clone()
@@ -215,7 +221,7 @@ def test_one_context_per_bucket_and_interleaved_buckets_keep_their_shapes(stand_
     artifacts, trt, calls, engines = stand_in
     backend = TensorRTBackend(artifacts, strategy, device="cpu", trt=trt)
     gen = _generator(artifacts, backend)
-    prefix = torch.rand(2, artifacts.manifest.prefix_len, 16)
+    prefix = torch.rand(2, image_len(artifacts), 16)
     small, large = 20, 100  # capacity 64, then 128, then 64 again
     for n in (small, large, small):
         gen.generate(prefix, max_new_tokens=n)
@@ -240,7 +246,7 @@ def test_one_context_per_bucket_and_interleaved_buckets_keep_their_shapes(stand_
 def test_memory_and_profile_before_shapes_on_a_non_default_stream(stand_in, strategy):
     artifacts, trt, calls, engines = stand_in
     backend = TensorRTBackend(artifacts, strategy, device="cpu", trt=trt)
-    _generator(artifacts, backend).generate(torch.rand(1, artifacts.manifest.prefix_len, 16), max_new_tokens=4)
+    _generator(artifacts, backend).generate(torch.rand(1, image_len(artifacts), 16), max_new_tokens=4)
     memory = {c[2] for c in calls if c[1] == "set_device_memory"}
     assert len(memory) == 1  # one block shared by every context
     for ctx in (c for e in engines for c in e.contexts):
@@ -258,14 +264,14 @@ def test_memory_and_profile_before_shapes_on_a_non_default_stream(stand_in, stra
 def test_empty_tensors_get_distinct_non_null_addresses(stand_in):
     artifacts, trt, calls, engines = stand_in
     backend = TensorRTBackend(artifacts, "shared", device="cpu", trt=trt)
-    _generator(artifacts, backend).generate(torch.rand(2, artifacts.manifest.prefix_len, 16), max_new_tokens=3)
+    _generator(artifacts, backend).generate(torch.rand(2, image_len(artifacts), 16), max_new_tokens=3)
     prefill, decode = engines[0].contexts
     L = artifacts.manifest.config.n_layer
     empty_prefill = [n for n, s in prefill.shapes.items() if 0 in s]
     assert len(empty_prefill) == 2 * L  # the context profile's empty past
     empty_decode = [n for n, s in decode.shapes.items() if 0 in s]
-    assert empty_decode == ["prefix"]  # the generation profile's empty prefix
-    addresses = [prefill.addresses[n] for n in empty_prefill] + [decode.addresses["prefix"]]
+    assert empty_decode == ["image_features"]  # the generation profile's empty context
+    addresses = [prefill.addresses[n] for n in empty_prefill] + [decode.addresses["image_features"]]
     assert all(addresses) and len(set(addresses)) == len(addresses)
     assert all(a % 256 == 0 for a in addresses)
 
@@ -276,8 +282,8 @@ def test_errors_carry_tensorrt_lines_and_the_default_stream_is_refused(stand_in,
     gen = _generator(artifacts, backend)
     engines[1].fail_next = True
     with pytest.raises(EngineError, match="illegal memory access \\(fake\\)"):
-        gen.generate(torch.rand(1, artifacts.manifest.prefix_len, 16), max_new_tokens=4)
-    prefix = torch.rand(9, artifacts.manifest.prefix_len, 16)
+        gen.generate(torch.rand(1, image_len(artifacts), 16), max_new_tokens=4)
+    prefix = torch.rand(9, image_len(artifacts), 16)
     with pytest.raises(ValueError, match="batch 9 exceeds the tensorrt backend's max batch 8"):
         gen.generate(prefix, max_new_tokens=4)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
@@ -290,7 +296,7 @@ def test_rtx_stream_capture_check(stand_in):
     artifacts, trt, calls, engines = stand_in
     backend = TensorRTBackend(artifacts, "two_engines", device="cpu", trt=trt)
     gen = _generator(artifacts, backend)
-    gen.generate(torch.rand(1, artifacts.manifest.prefix_len, 16), max_new_tokens=3)
+    gen.generate(torch.rand(1, image_len(artifacts), 16), max_new_tokens=3)
     st = next(iter(gen._engines.values()))
     assert backend.capture_blocker(st.token, st.position, st.k, st.v) is None  # full TensorRT: no such query
     ctx = engines[1].contexts[0]
@@ -308,7 +314,7 @@ def test_engine_outputs_reach_their_cache_slots_and_the_generator(stand_in, stra
     artifacts, trt, calls, engines = stand_in
     backend = TensorRTBackend(artifacts, strategy, device="cpu", trt=trt)
     gen = _generator(artifacts, backend)
-    P, L = artifacts.manifest.prefix_len, artifacts.manifest.config.n_layer
+    P, L = image_len(artifacts), artifacts.manifest.config.n_layer
     prompts = [[256], [256, 116, 104]]
     result = gen.generate(torch.rand(2, P, 16), prompts, max_new_tokens=6)
     for b, prompt in enumerate(prompts):

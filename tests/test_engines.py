@@ -53,6 +53,21 @@ def test_shared_engine_is_smaller_than_two_engines(built):
     assert w2 and w1 and w2 >= 1.9 * w1
 
 
+def test_new_modality_graphs_build_in_both_strategies_with_one_weight_copy(drawn, tmp_path):
+    """digits_draw's graphs (a ragged text context in, the drawn image's own table and head in the decode flow)
+    build with TensorRT-RTX in both strategies; the shared engine's builder-reported weights are one copy."""
+    path = tmp_path / "draw"
+    shutil.copytree(drawn, path)
+    entries = {s: build_engines(Artifacts.open(path), ENGINE_CFG.replace(strategy=s))
+               for s in ("two_engines", "shared")}
+    shared = entries["shared"].engines["shared"]
+    assert shared.profiles["context"]["text_ids"][2] == [8, 96]  # max batch, the context's exported limit
+    assert shared.profiles["generation"]["text_ids"] == [[1, 0], [2, 0], [8, 0]]
+    assert shared.io["logits"]["shape"] == [-1, 65]  # the drawn modality's vocabulary
+    w2, w1 = entries["two_engines"].builder_weights_bytes, entries["shared"].builder_weights_bytes
+    assert w2 and w1 and w2 >= 1.9 * w1
+
+
 def test_engine_io_matches_graph_declarations(built):
     artifacts, entries = built
     graphs = declare_graphs(artifacts.manifest.dims)
@@ -71,11 +86,11 @@ def test_profiles_cover_both_flows(built):
     artifacts, entries = built
     shared = entries["shared"].engines["shared"].profiles
     m = artifacts.manifest
-    P, L = m.prefix_len, m.config.n_layer
+    P, L = m.context_lens["image"], m.config.n_layer
     assert list(shared) == ["context", "generation"]
     assert shared["context"]["past_key_values.0.key"] == [[1, 4, 0, 32], [2, 4, 0, 32], [8, 4, 0, 32]]
-    assert shared["context"]["prefix"][2] == [8, P, 16]
-    assert shared["generation"]["prefix"] == [[1, 0, 16], [2, 0, 16], [8, 0, 16]]
+    assert shared["context"]["image_features"][2] == [8, P, 16]
+    assert shared["generation"]["image_features"] == [[1, 0, 16], [2, 0, 16], [8, 0, 16]]
     assert shared["generation"]["input_ids"] == [[1, 1], [2, 1], [8, 1]]
     # capacity clipped to the model's 128 positions
     assert shared["generation"][f"past_key_values.{L - 1}.value"][2] == [8, 4, 128, 32]
@@ -126,8 +141,8 @@ def test_one_masked_past_slot_variant_builds_and_keeps_parity(built, tmp_path):
     m = artifacts.manifest
     sess = ort.InferenceSession(str(artifacts.graph_path("context_generation")), providers=["CPUExecutionProvider"])
     g = np.random.default_rng(0)
-    B, P, T, H, D = 2, m.prefix_len, 5, m.config.n_head, m.dims.head_dim
-    feed = {"prefix": g.random((B, P, m.config.prefix_dim), dtype=np.float32),
+    B, P, T, H, D = 2, m.context_lens["image"], 5, m.config.n_head, m.dims.head_dim
+    feed = {"image_features": g.random((B, P, m.dims.context[0].dim), dtype=np.float32),
             "input_ids": g.integers(0, 256, (B, T)), "input_lengths": np.array([T, 3]),
             "position_ids": np.zeros((B, 1), dtype=np.int64)}
     empty = sess.run(None, {**feed, **{n: np.zeros((B, H, 0, D), np.float32) for n in past_names(m.config.n_layer)}})
@@ -177,7 +192,7 @@ def test_engine_execution_matches_torch(built, strategy):
         if torch.cuda.get_device_capability() >= (9, 0) and "TensorRT-RTX cannot run" in str(e):
             pytest.skip("TensorRT-RTX does not run on compute capability 9.0+ (H100 / H200)")
         raise
-    prefix = torch.rand(3, artifacts.manifest.prefix_len, 16)
+    prefix = torch.rand(3, artifacts.manifest.context_lens["image"], 16)
     prompts = [[256], [256, 116], [256, 111, 110]]
     runs = [Generator(b, artifacts.tokenizer, max_positions=128).generate(prefix, prompts, max_new_tokens=24)
             for b in (backend, TorchBackend(artifacts.load_model("cuda")))]

@@ -19,13 +19,13 @@ def test_artifacts_follow_the_contract(exported):
     prefill = onnx.load(a.graph_path("prefill"), load_external_data=False)
     decode = onnx.load(a.graph_path("decode"), load_external_data=False)
     assert prefill.opset_import[0].version == OPSET
-    assert [i.name for i in prefill.graph.input] == ["prefix", "input_ids", "input_lengths"]
+    assert [i.name for i in prefill.graph.input] == ["image_features", "input_ids", "input_lengths"]
     assert [o.name for o in prefill.graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
     assert [i.name for i in decode.graph.input][:4] == ["input_ids", "position_ids", "past_key_values.0.key",
                                                         "past_key_values.0.value"]
     dims = io_dims(prefill)
-    assert dims["prefix"] == ["batch", "prefix_len", 16]
-    assert dims["input_ids"] == ["batch", "text_len"]
+    assert dims["image_features"] == ["batch", "image_len", 16]
+    assert dims["input_ids"] == ["batch", "prompt_len"]
     assert dims["present.0.key"][:2] == ["batch", H] and isinstance(dims["present.0.key"][2], str)
     dims = io_dims(decode)
     assert dims[f"past_key_values.{L - 1}.value"] == ["batch", H, "cache_len", D]
@@ -101,17 +101,17 @@ def test_failed_reexport_keeps_the_previous_artifacts(exported, trained, monkeyp
 
 
 @pytest.mark.parametrize("edit, match", [
-    (lambda meta: meta.update(format=99), r"format 99, this mmgpt reads format 2: it was written by a newer mmgpt"),
+    (lambda meta: meta.update(format=99), r"format 99, this mmgpt reads format 3: it was written by a newer mmgpt"),
     (lambda meta: meta.pop("format"), r"format 1, .* an older mmgpt. Use the mmgpt version that wrote it, or re-train"),
     (lambda meta: meta.pop("schedule"), r"'mmgpt' entry is damaged \(missing field 'mmgpt.schedule'\)"),
-    (lambda meta: meta.update(prefix_len="8"), r"'mmgpt.prefix_len' must be an integer"),
+    (lambda meta: meta.update(context_lens={"image": "8"}), r"'mmgpt.context_lens.image' must be an integer"),
 ])
 def test_checkpoint_meta_is_checked_before_export(trained, tmp_path, edit, match):
     """The checkpoint's mmgpt entry is read through its type: another format or a damaged field is refused, with
     what to do, before anything is traced; the untouched checkpoint reads (negative control)."""
     from mmgpt.checkpoint import read_checkpoint
     ckpt = torch.load(trained["last_ckpt"], map_location="cpu", weights_only=True)
-    assert read_checkpoint(trained["last_ckpt"])[1].format == 2
+    assert read_checkpoint(trained["last_ckpt"])[1].format == 3
     edit(ckpt["mmgpt"])
     torch.save(ckpt, tmp_path / "edited.ckpt")
     with pytest.raises(CheckpointError, match=match):

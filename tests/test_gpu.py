@@ -12,7 +12,7 @@ suite runs them in Triton's interpreter). Skipped only where there is no CUDA de
 import pytest
 import torch
 
-from mmgpt.model import GPTConfig, MultimodalGPT
+from mmgpt.model import GPTConfig, MultimodalGPT, image_to_text
 from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
 from mmgpt.runtime.inflight import InflightEngine, Request
@@ -33,7 +33,7 @@ def backend_of(name: str, model):
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    config = GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=256, prefix_dim=8, vocab_size=300)
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=256, vocab_size=300, **image_to_text(8))
     model = MultimodalGPT(config).cuda().half().eval()
     with torch.no_grad():  # wider than the init, so logits are far apart and greedy choices are not near-ties
         for p in model.parameters():
@@ -83,8 +83,8 @@ def test_triton_gives_the_torch_tokens_on_a_trained_model(exported):
     from mmgpt.runtime.backends.fused_triton import TritonBackend
     artifacts = Artifacts.open(exported)
     model = artifacts.load_model("cuda")
-    inputs = load_inputs("digits", artifacts.manifest.data, limit=32)
-    prefix, captions = inputs.prefixes, inputs.references
+    inputs = load_inputs("digits", artifacts.manifest.data, artifacts.manifest.config, artifacts.tokenizer, limit=32)
+    prefix, captions = inputs.context["image"], inputs.references
     runs = {}
     for name, backend in (("torch", TorchBackend(model)), ("triton", TritonBackend(model))):
         gen = Generator(backend, artifacts.tokenizer, max_positions=model.config.block_size)

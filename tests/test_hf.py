@@ -8,9 +8,9 @@ import torch
 from helpers import HF_PREFIX_DIM as PREFIX_DIM
 from helpers import (EOT, SENTENCES, greedy_ours_and_hf, hf_model, load_mmgpt, require, text_logits, train_tokenizer,
                      write_gpt2)
-from mmgpt.data.captions import IGNORE_INDEX, tokenize_captions
-from mmgpt.hf import HFFormatError, load_hf, load_language_model, load_prefix_encoder, save_hf
-from mmgpt.model import GPTConfig, MultimodalGPT
+from mmgpt.data.samples import IGNORE_INDEX, tokenize_captions
+from mmgpt.hf import HFFormatError, load_hf, load_language_model, load_modality_tables, save_hf
+from mmgpt.model import GPTConfig, MultimodalGPT, image_to_text
 from mmgpt.tokenizer import ByteTokenizer, TokenizerError, check_tokenizer_fits, load_hf_tokenizer, tokenizer_from_dict
 
 transformers = require("transformers", "transformers is not installed (pip install -e .[dev])")  # a dev dependency
@@ -101,13 +101,13 @@ def test_tokenizer_must_fit_the_model_vocabulary(tmp_path):
 
 # ---------------------------------------------------------------- GPT-2 in
 def test_text_and_multimodal_logits_match_transformers(gpt2_dir):
-    model, tok = load_mmgpt(gpt2_dir, prefix_encoder="mlp")
+    model, tok = load_mmgpt(gpt2_dir, "mlp")
     hf = hf_model(gpt2_dir)
     ids = torch.tensor([tok.encode(s)[:12] for s in SENTENCES])
     with torch.no_grad():
         assert (text_logits(model, ids) - hf(input_ids=ids).logits).abs().max() <= 1e-5
         prefix = torch.randn(len(SENTENCES), 5, PREFIX_DIM)
-        embeds = torch.cat([model.prefix_encoder(prefix), hf.get_input_embeddings()(ids)], dim=1)
+        embeds = torch.cat([model.encoders["image"](prefix), hf.get_input_embeddings()(ids)], dim=1)
         want = hf(inputs_embeds=embeds).logits[:, 5:]
         assert (model(prefix, ids)[0] - want).abs().max() <= 1e-5
 
@@ -152,7 +152,7 @@ def test_exact_gelu_round_trip(tmp_path):
 # ---------------------------------------------------------------- GPT-2 out
 @pytest.mark.parametrize("encoder", ["linear", "mlp"])
 def test_save_hf_gpt2_reloads_in_transformers(gpt2_dir, tmp_path, encoder):
-    model, tok = load_mmgpt(gpt2_dir, prefix_encoder=encoder)
+    model, tok = load_mmgpt(gpt2_dir, encoder)
     out = save_hf(model, tok, tmp_path / "hf")
     reloaded = hf_model(out)
     ids = torch.tensor([tok.encode(s)[:12] for s in SENTENCES])
@@ -168,12 +168,16 @@ def test_save_hf_gpt2_reloads_in_transformers(gpt2_dir, tmp_path, encoder):
     assert auto.eos_token_id == auto.bos_token_id == auto.pad_token_id == tok.eos_id
 
     prefix = torch.randn(2, 3, PREFIX_DIM)
-    spec = json.loads((out / "prefix_encoder.json").read_text())
-    assert (spec["kind"], spec["prefix_dim"], spec["n_embd"], spec["dtype"]) == (encoder, PREFIX_DIM, 32, "float32")
+    spec = json.loads((out / "modalities.json").read_text())
+    image = spec["modalities"][0]
+    assert (image["name"], image["encoder"], image["dim"], spec["n_embd"], spec["dtype"]) == \
+        ("image", encoder, PREFIX_DIM, 32, "float32")
+    assert (spec["context"], spec["decoded"]) == (["image"], "text")
     with torch.no_grad():
-        assert torch.allclose(load_prefix_encoder(out)(prefix), model.prefix_encoder(prefix), atol=1e-6)
+        assert torch.allclose(load_modality_tables(out).embed("image", prefix), model.encoders["image"](prefix),
+                              atol=1e-6)
 
-    again, state, tok_again = load_hf(out, prefix_dim=PREFIX_DIM, prefix_encoder=encoder)
+    again, state, tok_again = load_hf(out, **image_to_text(PREFIX_DIM, encoder))
     assert again == model.config
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert tok_again.encode(TEXT) == tok.encode(TEXT)
@@ -271,7 +275,7 @@ def test_bad_directories(tmp_path):
         load_hf(tmp_path)
     write_gpt2(tmp_path)
     with pytest.raises(HFFormatError, match=r"\['n_layer', 'prefix_len'\] cannot be set: .* determines every "
-                                            "model config field except prefix_dim, prefix_encoder, dropout"):
+                                            "model config field except modalities, context, decoded, dropout"):
         load_hf(tmp_path, n_layer=3, prefix_len=3)
 
     weights = tmp_path / "model.safetensors"

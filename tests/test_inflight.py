@@ -67,10 +67,10 @@ def test_joins_between_steps_give_each_request_its_solo_tokens(model, requests):
         assert len(s.tokens) <= r.max_tokens
         assert s.tokens == solo(model, r), s.id  # sampled rows too: noise depends only on (seed, token index)
         if r.sampling.greedy:  # and greedy rows equal the static generator's batch of one
-            alone = gen.generate(r.prefix[None], [r.prompt], max_new_tokens=r.max_tokens)
+            alone = gen.generate(r.context[None], [r.prompt], max_new_tokens=r.max_tokens)
             assert s.tokens == alone.tokens[0, : alone.num_generated[0]].tolist()
     sampled = [s.tokens for r, s in zip(requests, states) if not r.sampling.greedy]
-    greedy_of_same = [solo(model, Request(r.prefix, r.prompt, r.max_tokens)) for r in requests
+    greedy_of_same = [solo(model, Request(r.context, r.prompt, r.max_tokens)) for r in requests
                       if not r.sampling.greedy]
     assert sampled != greedy_of_same  # negative control: the hot rows did sample
 
@@ -78,7 +78,7 @@ def test_joins_between_steps_give_each_request_its_solo_tokens(model, requests):
 def test_seeds_decide_the_draws(model, requests):
     r = requests[2]
     again = solo(model, r)
-    others = [solo(model, Request(r.prefix, r.prompt, r.max_tokens,
+    others = [solo(model, Request(r.context, r.prompt, r.max_tokens,
                                   SamplingConfig(temperature=5.0, top_k=40, top_p=0.95, seed=s))) for s in (7, 8, 9)]
     assert again == solo(model, r)
     assert any(o != again for o in others)
@@ -102,7 +102,7 @@ def test_per_row_sampling_mixes_greedy_and_sampled_rows():
 
 def test_cancel_frees_the_row_for_a_waiting_request(model, requests):
     e = engine(model, rows=2)
-    long = Request(requests[0].prefix, requests[0].prompt, max_tokens=40)
+    long = Request(requests[0].context, requests[0].prompt, max_tokens=40)
     a, b = e.submit(long), e.submit(long)
     c = e.submit(requests[1])
     e.step()
@@ -122,7 +122,7 @@ def test_prefix_cache_hit_gives_the_tokens_of_a_miss(model, requests):
     e.run()
     assert (cache.hits, cache.misses) == (0, 6) and not any(s.cache_hit for s in first)
     # the same images again, some with other prompts of other lengths: those are fed after the cached prefix
-    other_prompts = [Request(r.prefix, requests[4 - i].prompt, r.max_tokens, r.sampling)
+    other_prompts = [Request(r.context, requests[4 - i].prompt, r.max_tokens, r.sampling)
                      for i, r in enumerate(requests[3:6])]
     again = [e.submit(r) for r in requests[:3]] + [e.submit(r) for r in other_prompts]
     e.run()
@@ -136,14 +136,14 @@ def test_prefix_cache_hit_gives_the_tokens_of_a_miss(model, requests):
 def test_prefix_cache_is_lru_under_its_budget_and_keyed_by_weights():
     k = torch.zeros(2, 2, 8, 4)  # 512 bytes each of k and v: 1 KiB an entry
     cache = PrefixCache(budget_bytes=2 * 1024, namespace="w1")
-    keys = [cache.key(torch.full((8, 16), float(i))) for i in range(3)]
+    keys = [cache.key({"image": torch.full((8, 16), float(i))}) for i in range(3)]
     cache.put(keys[0], k, k)
     cache.put(keys[1], k, k)
     assert cache.get(keys[0]) is not None  # 0 is now the most recent
     cache.put(keys[2], k, k)
     assert cache.get(keys[1]) is None and cache.get(keys[0]) is not None and cache.get(keys[2]) is not None
     assert cache.nbytes == 2048
-    assert PrefixCache(2048, "w2").key(torch.full((8, 16), 0.0)) != keys[0]
+    assert PrefixCache(2048, "w2").key({"image": torch.full((8, 16), 0.0)}) != keys[0]
     with pytest.raises(UserError, match="must be >= 0"):
         PrefixCache(-1, "w")
 
@@ -152,17 +152,17 @@ def test_bad_requests_and_a_full_queue(model, requests):
     e = engine(model, rows=1, max_queue=2)
     r = requests[0]
     with pytest.raises(UserError, match=r"= 73 exceeds the largest cache capacity 64; lower max_new_tokens to 55"):
-        e.submit(Request(r.prefix, r.prompt, 64))
-    with pytest.raises(UserError, match="prefix feature size F=15"):
-        e.submit(Request(r.prefix[:, :15], r.prompt, 4))
-    with pytest.raises(UserError, match="not integers in the vocabulary"):
-        e.submit(Request(r.prefix, [10**6], 4))
+        e.submit(Request(r.context, r.prompt, 64))
+    with pytest.raises(UserError, match="image features have F=15, but the model expects F=16"):
+        e.submit(Request(r.context[:, :15], r.prompt, 4))
+    with pytest.raises(UserError, match="not integers in its modality.s vocabulary"):
+        e.submit(Request(r.context, [10**6], 4))
     with pytest.raises(UserError, match="empty prompt"):
-        e.submit(Request(r.prefix, [], 4))
+        e.submit(Request(r.context, [], 4))
     with pytest.raises(UserError, match="max_new_tokens=0 must be an integer >= 1"):
-        e.submit(Request(r.prefix, r.prompt, 0))
+        e.submit(Request(r.context, r.prompt, 0))
     with pytest.raises(UserError, match="temperature=2.0: this engine decodes greedily only"):
-        engine(model, rows=1, greedy_only=True).submit(Request(r.prefix, r.prompt, 4, SamplingConfig(temperature=2.0)))
+        engine(model, rows=1, greedy_only=True).submit(Request(r.context, r.prompt, 4, SamplingConfig(temperature=2.0)))
     e.submit(r)
     e.submit(r)
     with pytest.raises(QueueFull):

@@ -10,7 +10,7 @@ from helpers import HF_PREFIX_DIM as PREFIX_DIM
 from helpers import (LLAMA_KINDS, SENTENCES, greedy_ours_and_hf, hf_model, load_mmgpt, require, text_logits,
                      write_llama)
 from mmgpt.hf import HFFormatError, load_hf, save_hf
-from mmgpt.model import GPTConfig, MultimodalGPT
+from mmgpt.model import GPTConfig, MultimodalGPT, image_to_text
 
 transformers = require("transformers", "transformers is not installed (pip install -e .[dev])")
 
@@ -36,7 +36,7 @@ def test_config_per_family(llama_dir):
 
 
 def test_text_and_multimodal_logits_match_transformers(llama_dir):
-    model, tok = load_mmgpt(llama_dir, prefix_encoder="mlp")
+    model, tok = load_mmgpt(llama_dir, "mlp")
     hf = hf_model(llama_dir)
     ids = torch.tensor([tok.encode(s)[:12] for s in SENTENCES])
     with torch.no_grad():
@@ -44,7 +44,7 @@ def test_text_and_multimodal_logits_match_transformers(llama_dir):
         assert want.abs().max() > 1  # far from zero: the tolerance below is meaningful
         assert (text_logits(model, ids) - want).abs().max() <= 1e-5
         prefix = torch.randn(len(SENTENCES), 5, PREFIX_DIM)
-        embeds = torch.cat([model.prefix_encoder(prefix), hf.get_input_embeddings()(ids)], dim=1)
+        embeds = torch.cat([model.encoders["image"](prefix), hf.get_input_embeddings()(ids)], dim=1)
         want = hf(inputs_embeds=embeds).logits[:, 5:]
         assert (model(prefix, ids)[0] - want).abs().max() <= 1e-5
         assert (model(prefix.flip(1), ids)[0] - want).abs().max() > 1e-3  # positions matter (RoPE is applied)
@@ -101,7 +101,7 @@ def test_sharded_safetensors_load(tmp_path):
         assert (text_logits(model, ids) - hf(input_ids=ids).logits).abs().max() <= 1e-5
     next(iter((tmp_path / "sharded").glob("model-*.safetensors"))).unlink()
     with pytest.raises(HFFormatError, match="names the shard .* which is missing"):
-        load_hf(tmp_path / "sharded", prefix_dim=PREFIX_DIM)
+        load_hf(tmp_path / "sharded", **image_to_text(PREFIX_DIM))
 
 
 def test_legacy_rope_fields_of_hub_files(tmp_path):
@@ -113,7 +113,7 @@ def test_legacy_rope_fields_of_hub_files(tmp_path):
     cfg["rope_theta"] = params.pop("rope_theta")
     cfg["rope_scaling"] = {**params, "type": params.pop("rope_type")}
     path.write_text(json.dumps(cfg))
-    config, _, _ = load_hf(tmp_path, prefix_dim=PREFIX_DIM)
+    config, _, _ = load_hf(tmp_path, **image_to_text(PREFIX_DIM))
     assert config.rope_theta == 500000.0 and config.rope_scaling.factor == 8.0
     assert config.rope_scaling.original_max_position_embeddings == 32
 
@@ -143,7 +143,7 @@ def test_config_fields_mmgpt_cannot_represent(tmp_path, kind, fields, message):
     write_llama(tmp_path, kind)
     edit_config(tmp_path, **fields)
     with pytest.raises(HFFormatError, match=None) as e:
-        load_hf(tmp_path, prefix_dim=PREFIX_DIM)
+        load_hf(tmp_path, **image_to_text(PREFIX_DIM))
     assert message in str(e.value)
 
 

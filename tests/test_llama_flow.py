@@ -13,6 +13,7 @@ from mmgpt.checkpoint import load_checkpoint
 from mmgpt.contract.artifacts import Artifacts
 from mmgpt.export.onnx_graphs import io_dims
 from mmgpt.hf import load_hf
+from mmgpt.model import MODALITY_TABLES, image_to_text
 
 transformers = require("transformers", "transformers is not installed (pip install -e .[dev])")
 
@@ -96,11 +97,11 @@ def flow(request, tmp_path_factory):
 
 def test_frozen_language_model_stays_bit_identical(flow):
     kind, root, result, _ = flow
-    pretrained = load_hf(root / "hf_in", prefix_dim=6)
+    pretrained = load_hf(root / "hf_in", **image_to_text(6))
     state = load_checkpoint(result["last_ckpt"]).model.state_dict()
     for name, tensor in pretrained.state_dict.items():
         assert torch.equal(state[name], tensor), name
-    assert len(pretrained.state_dict) == len([n for n in state if not n.startswith("prefix_encoder.")]) - (
+    assert len(pretrained.state_dict) == len([n for n in state if not n.startswith(MODALITY_TABLES)]) - (
         1 if LLAMA_KINDS[kind][2]["tie_word_embeddings"] else 0)  # a tied head is the token table, stored once
     assert result["global_step"] == 4
 

@@ -2,21 +2,21 @@
 import pytest
 import torch
 
-from mmgpt.model import GPTConfig, MultimodalGPT
+from mmgpt.model import GPTConfig, MultimodalGPT, image_to_text
 from mmgpt.runtime.backends import write_kv
 from mmgpt.runtime.backends.torch_model import TorchBackend
 
 
-def tiny(**kw):
+def tiny(encoder="linear", **kw):
     torch.manual_seed(0)
-    cfg = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, prefix_dim=5, vocab_size=300)
+    cfg = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=300, **image_to_text(5, encoder))
     cfg.update(kw)
     return MultimodalGPT(GPTConfig(**cfg)).eval()
 
 
 @pytest.mark.parametrize("encoder", ["linear", "mlp"])
 def test_prefill_plus_decode_steps_equal_full_forward_ragged(encoder):
-    model = tiny(prefix_encoder=encoder)
+    model = tiny(encoder)
     B, P, T, N, S = 3, 4, 6, 7, 32
     g = torch.Generator().manual_seed(1)
     prefix = torch.randn(B, P, 5, generator=g)
@@ -67,7 +67,9 @@ def test_write_kv_writes_each_row_at_its_position():
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="divisible"):
         GPTConfig(n_embd=30, n_head=4)
-    with pytest.raises(ValueError, match="prefix_encoder"):
-        GPTConfig(prefix_encoder="conv")
+    with pytest.raises(ValueError, match="encoder='conv': choose 'linear' or 'mlp'"):
+        GPTConfig(**image_to_text(5, "conv"))
     with pytest.raises(ValueError, match="unknown model config keys"):
         GPTConfig.from_dict({"n_layers": 3})
+    with pytest.raises(ValueError, match="written before modalities; re-train it"):
+        GPTConfig.from_dict({"prefix_dim": 16, "prefix_encoder": "linear"})

@@ -13,7 +13,7 @@ NotebookClient = require("nbclient", "nbclient is not installed (pip install -e 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 # Parameters the test sets in a notebook's first cell (what papermill would inject): fewer training steps keep the
 # suite inside its time budget; the notebook's own value is what a reader runs.
-PARAMETERS = {"01_data_and_model": {"TRAIN_STEPS": 80}}
+PARAMETERS = {"01_data_and_model": {"TRAIN_STEPS": 80, "DRAW_STEPS": 40}}
 
 
 # 01 trains and 02 exports and builds engines: the slow pass runs them; 03 only plots committed results

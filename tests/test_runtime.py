@@ -92,18 +92,18 @@ def test_sampling_draws_from_the_distribution():
 
 def test_bad_inputs_fail_before_anything_runs(setup):
     loaded, _, prefix, prompts = setup
-    backend = TorchBackend(loaded.model, prefix_len=8)
+    backend = TorchBackend(loaded.model, context_lens={"image": 8})
     gen = Generator(backend, loaded.tokenizer, max_positions=128, cuda_graph=False)
     with pytest.raises(ValueError, match=r"= 133 exceeds the largest cache capacity 128; lower max_new_tokens to 115"):
         gen.generate(prefix, prompts, max_new_tokens=120)
-    with pytest.raises(ValueError, match=r"prefix feature size F=15, but the model expects F=16"):
+    with pytest.raises(ValueError, match=r"image features have F=15, but the model expects F=16"):
         gen.generate(prefix[..., :15], prompts)
-    with pytest.raises(ValueError, match=r"prefix length P=7, but the exported graphs expect P=8"):
+    with pytest.raises(ValueError, match=r"image length P=7, but the exported graphs expect P=8"):
         gen.generate(prefix[:, :7], prompts)
-    with pytest.raises(ValueError, match=r"prefix must be a float tensor"):
+    with pytest.raises(ValueError, match=r"image features must be a float tensor"):
         gen.generate(prefix.long(), prompts)
-    with pytest.raises(ValueError, match=r"prefix must be a \(B, P, F\) tensor with B >= 1 and F >= 1, got shape "
-                                         r"\(8, 16\)"):
+    with pytest.raises(ValueError, match=r"image features must be a \(B, P, F\) tensor with B >= 1 and F >= 1, got "
+                                         r"shape \(8, 16\)"):
         gen.generate(prefix[0], prompts)
     backend.max_batch = 2
     with pytest.raises(ValueError, match=r"batch 3 exceeds the torch backend's max batch 2"):

@@ -60,6 +60,7 @@ def test_serve_py_on_ray(served, exported):
     artifacts = Artifacts.open(exported)
     from mmgpt.data.digits import DigitsTask
     _, val, _, _ = DigitsTask.from_data_config(artifacts.manifest.data).build()
+    images = val.values["image"]
     gen = Generator(OnnxRuntimeBackend(artifacts), artifacts.tokenizer, capacity_buckets=[128], cuda_graph=False)
     eos = artifacts.tokenizer.eos_id
     c = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
@@ -67,7 +68,7 @@ def test_serve_py_on_ray(served, exported):
     async def one(i):
         ids = []
         stream = await c.completions.create(model="digits", prompt="", max_tokens=4 + i % 13, temperature=0,
-                                            stream=True, extra_body={"features": val.prefixes[i % 16].tolist()})
+                                            stream=True, extra_body={"features": images[i % 16].tolist()})
         async for event in stream:
             ids += event.choices[0].model_extra["token_ids"]
         return ids
@@ -75,17 +76,17 @@ def test_serve_py_on_ray(served, exported):
     async def all32():
         return await asyncio.gather(*[one(i) for i in range(32)])
     for i, ids in enumerate(asyncio.run(all32())):
-        solo = gen.generate(val.prefixes[i % 16][None], max_new_tokens=4 + i % 13)
+        solo = gen.generate(images[i % 16][None], max_new_tokens=4 + i % 13)
         assert ids == [t for t in solo.tokens[0, : solo.num_generated[0]].tolist() if t != eos], i
 
     bad = httpx.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
-                     json={"model": "digits", "prompt": "", "temperature": -1, "features": val.prefixes[0].tolist()})
+                     json={"model": "digits", "prompt": "", "temperature": -1, "features": images[0].tolist()})
     assert bad.status_code == 400 and "temperature must lie in [0, 2]" in bad.json()["error"]["message"]
     assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 401
 
     # SIGTERM while a stream runs: the stream still ends normally, then the command exits
     body = {"model": "digits", "prompt": "", "max_tokens": 100, "temperature": 2.0, "seed": 2, "stream": True,
-            "features": val.prefixes[3].tolist()}
+            "features": images[3].tolist()}
     reasons = []
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120,
                       headers={"Authorization": f"Bearer {KEY}"}) as response:

@@ -13,7 +13,7 @@ import torch
 
 from helpers import require
 from mmgpt.contract.artifacts import Artifacts
-from mmgpt.data.digits import DigitsTask, images_to_prefixes
+from mmgpt.data.digits import DigitsTask, read_images
 from mmgpt.runtime.backends.onnx_runtime import OnnxRuntimeBackend
 from mmgpt.runtime.generator import Generator
 from mmgpt.serving.protocol import Limits
@@ -57,7 +57,7 @@ def validation(exported):
     task = DigitsTask.from_data_config(artifacts.manifest.data)
     _, val, _, _ = task.build()
     gen = Generator(OnnxRuntimeBackend(artifacts), artifacts.tokenizer, capacity_buckets=[128], cuda_graph=False)
-    return artifacts, val.prefixes[:16], gen
+    return artifacts, val.values["image"][:16], gen
 
 
 def solo_ids(gen, prefix, max_tokens, eos):
@@ -139,7 +139,7 @@ def test_chat_with_data_url_images_and_the_prefix_cache(server, validation):
     urls = [png_data_url(digits.images[i]) for i in (0, 7)]
     task = DigitsTask.from_data_config(artifacts.manifest.data)
     files = [io.BytesIO(base64.b64decode(u.split(",", 1)[1])) for u in urls]
-    prefix = torch.from_numpy(images_to_prefixes(files, task)[0])  # preprocessed as in training
+    prefix = torch.from_numpy(read_images(files, task)[0])  # preprocessed as in training
     want = artifacts.tokenizer.decode(solo_ids(gen, prefix, 20, artifacts.tokenizer.eos_id))
     content = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
     messages = [{"role": "user", "content": content}]
@@ -183,14 +183,14 @@ def test_every_bad_request_gets_its_4xx_and_the_server_still_answers(server, val
         (post(chat_with("data:image/png;base64," + base64.b64encode(b"not a png").decode()), "/v1/chat/completions"),
          400, "not a readable image"),
         (post(None, raw=b" " * (70 << 10)), 413, "more than the 65536 allowed"),
-        (post({**base, "features": [row[:15] for row in good]}), 400, "prefix feature size F=15"),
+        (post({**base, "features": [row[:15] for row in good]}), 400, "image features have F=15"),
         (post({**base, "features": [[str(x) for x in row] for row in good]}), 400, "must be a finite number"),
         (post({**base, "features": good[0]}), 400, "'features' must be a (P, F) list"),
         (post({**base, "max_tokens": 500}), 400, "exceeds the largest cache capacity 128; lower max_new_tokens to 119"),
         (post({**base, "model": "gpt-4"}), 404, "model 'gpt-4' does not exist"),
         (post({**base, "temperature": -0.5}), 400, "temperature must lie in [0, 2]"),
         (post({**base, "n": 99}), 400, "n must lie in [1, 8]"),
-        (post({**base, "features": None}), 400, "prefix length P=0, but the exported graphs expect P=8"),
+        (post({**base, "features": None}), 400, "image length P=0, but the exported graphs expect P=8"),
         (post(base, headers={}), 401, "missing or wrong API key"),
         (post(base, headers={"Authorization": "Bearer sk-wrong"}), 401, "missing or wrong API key"),
         (httpx.get(f"{server.url}/v1/models"), 401, "missing or wrong API key"),

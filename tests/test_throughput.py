@@ -2,19 +2,19 @@
 import pytest
 import torch
 
-from mmgpt.model import GPTConfig, MultimodalGPT
+from mmgpt.model import GPTConfig, MultimodalGPT, image_to_text
 from mmgpt.throughput import flops_per_token, matmul_params, mfu, peak_flops_for
 from mmgpt.training.module import compile_options
 
-TINY = dict(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=8, prefix_dim=3)
+TINY = dict(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=8, **image_to_text(3))
 
 
 def test_flops_per_token_matches_a_hand_count():
     model = MultimodalGPT(GPTConfig(**TINY))
     C = 8
     block = 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + 2 * C + (C * 4 * C + 4 * C) + (4 * C * C + C)  # 872
-    wte, ln_f, prefix_encoder = 11 * C, 2 * C, 3 * C + C  # the tied token table is the head; wpe does no matmul
-    n = 2 * block + wte + ln_f + prefix_encoder
+    wte, ln_f, image_encoder = 11 * C, 2 * C, 3 * C + C  # the tied token table is the head; wpe does no matmul
+    n = 2 * block + wte + ln_f + image_encoder
     assert n == 1880 == matmul_params(model)
     attention = 12 * 2 * 2 * 4 * 10  # 12 L H Dh T over a 10-position sequence
     assert flops_per_token(n, 2, 2, 4, seq_len=10) == 6 * 1880 + attention == 13200

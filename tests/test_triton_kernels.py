@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from helpers import KERNEL_DEVICE, KERNEL_RTOL, compose_config, require
-from mmgpt.model import GPTConfig, MultimodalGPT
+from mmgpt.model import GPTConfig, MultimodalGPT, image_to_text
 from mmgpt.runtime.backends.torch_model import TorchBackend
 
 require("triton", "triton is not installed (pip install -e .[dev])")
@@ -17,7 +17,7 @@ CONFIGS = {"tensor-core": GemvConfig(block_n=16, block_k=32, row_block_n=0),
 def tiny_model(n_embd=32, n_head=2, n_layer=2, block_size=64):
     torch.manual_seed(0)
     return MultimodalGPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                                   prefix_dim=5, vocab_size=300)).eval().to(KERNEL_DEVICE)
+                                   vocab_size=300, **image_to_text(5))).eval().to(KERNEL_DEVICE)
 
 
 def assert_step_matches_torch(model, backend, positions, capacity):

@@ -1,7 +1,7 @@
 """Decode-speed benchmark: mmgpt's decode loop against Hugging Face transformers, same weights, same GPU, one run.
 
 python -m mmgpt.bench [decode] [--models 124m 355m 1p5b] [--dtypes fp16 bf16] [--batches 1 8] [--prefixes 0 64]
-                              [--skip IMPL ...] [--smoke]
+                              [--decoded text codes] [--skip IMPL ...] [--smoke]
 
 Models: GPT-2 shapes (124m, 355m, 1p5b), and Llama-family shapes read from conf/model/ (smollm2_135m,
 qwen2p5_0p5b, llama3p2_1b) with their own vocabularies. Rows: mmgpt torch backend in a CUDA graph, with and without
@@ -12,6 +12,9 @@ Each row reports tok/s, time to first token, GB/s and % of the memory-bandwidth 
 the same run), and peak memory. Rows with an image prefix carry the multimodal / text-only ratio of the same decode
 loop, the ratio the byte count allows (weights + mean KV bytes per step without the prefix, over the same with
 it) and the first over the second; every row carries its tok/s over mmgpt's torch graph at the same shape.
+`--decoded text codes` also decodes a new discrete modality (`codes`: its own embedding table and head over
+`--new-vocab` ids, the image as the context) with the same model otherwise, and gives each such row its tok/s over
+decoding text at the same batch, context and impl (the seed's question: is the new modality as fast as text?).
 `--smoke` runs a tiny CPU configuration that only checks the report is well formed (speed is never asserted).
 """
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 
 from mmgpt.bench.results import write_result
 from mmgpt.hf import hf_config
-from mmgpt.model import GPTConfig, MultimodalGPT
+from mmgpt.model import MODALITY_TABLES, GPTConfig, Modality, MultimodalGPT, image_to_text
 from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
 from mmgpt.tokenizer import ByteTokenizer
@@ -52,6 +55,7 @@ PATCH_DIM = 48  # a 4x4 RGB patch
 GRAPH_IMPL = "mmgpt-graph"  # the row the others are compared with
 WARMUP = 3  # untimed calls of every variant before it is timed: one compiles and captures, the rest settle
 CHECK_TOKENS = 16  # greedy tokens compared between mmgpt and Hugging Face on the timed weights
+NEW_VOCAB = 8192  # the new modality's vocabulary: a VQ image codebook's size
 
 
 def shape_fields(size: str, vocab: int) -> dict:
@@ -61,12 +65,19 @@ def shape_fields(size: str, vocab: int) -> dict:
     from omegaconf import OmegaConf
     fields = OmegaConf.to_container(OmegaConf.load(CONF_MODELS / f"{size}.yaml"))
     fields.setdefault("vocab_size", vocab)
-    return {k: v for k, v in fields.items() if k not in ("block_size", "prefix_encoder")}
+    return {k: v for k, v in fields.items() if k not in ("block_size", "modalities", "context", "decoded")}
 
 
-def build_model(size: str, dtype, device, vocab: int = 50257, block: int = 1024) -> MultimodalGPT:
+def build_model(size: str, dtype, device, vocab: int = 50257, block: int = 1024, decoded: str = "text",
+                new_vocab: int = NEW_VOCAB) -> MultimodalGPT:
+    """The image as the context; decoding text, or a new modality `codes` with its own tables."""
     torch.manual_seed(0)
-    cfg = GPTConfig(**{**shape_fields(size, vocab), "block_size": block, "prefix_dim": PATCH_DIM})
+    roles = image_to_text(PATCH_DIM)
+    if decoded != "text":
+        roles["modalities"].append(Modality(decoded, "discrete", vocab_size=new_vocab, end_id=new_vocab - 1,
+                                            head=True))
+        roles["decoded"] = decoded
+    cfg = GPTConfig(**{**shape_fields(size, vocab), "block_size": block, **roles})
     return MultimodalGPT(cfg).to(device=device, dtype=dtype).eval()
 
 
@@ -123,7 +134,7 @@ def to_hf_llama(model: MultimodalGPT):
     fields = hf_config(model.config, ByteTokenizer(bos_id=V - 1, eos_id=V - 1, pad_id=V - 1), p.dtype)
     hf_cfg = transformers.CONFIG_MAPPING[fields.pop("model_type")](**fields)
     hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).to(device=p.device, dtype=p.dtype).eval()
-    ours = {k: v for k, v in model.state_dict().items() if not k.startswith("prefix_encoder")}
+    ours = {k: v for k, v in model.state_dict().items() if not k.startswith(MODALITY_TABLES)}
     missing, unexpected = hf.load_state_dict(ours, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_weights)]
     if missing or unexpected:  # a benchmark of other weights than mmgpt's would compare nothing
@@ -141,7 +152,7 @@ def to_hf_gpt2(model: MultimodalGPT):
                         attn_pdrop=0.0, tie_word_embeddings=True)
     p = next(model.parameters())
     hf = GPT2LMHeadModel(hf_cfg).to(device=p.device, dtype=p.dtype).eval()
-    ours = {k: v for k, v in model.state_dict().items() if not k.startswith("prefix_encoder")}
+    ours = {k: v for k, v in model.state_dict().items() if not k.startswith(MODALITY_TABLES)}
     theirs = hf.state_dict()
     unmapped = sorted(set(ours) - set(theirs))
     unset = sorted(k for k in set(theirs) - set(ours) if not k.endswith(".attn.bias")  # causal-mask buffers
@@ -170,11 +181,11 @@ def _seconds(fn, device) -> float:
 
 def bench_mmgpt(be: TorchBackend, batch, prompt_len, new_tokens, prefix_len, device, repeats, warmup=WARMUP):
     model = be.model
-    V = model.config.vocab_size
+    V = be.dims.vocab_size  # the decoded modality's
     gen = Generator(be, ByteTokenizer(bos_id=V - 1, eos_id=V - 1, pad_id=V - 1),
                     max_positions=model.config.block_size, eos_check_interval=new_tokens + 1)  # EOS never stops it
     g = torch.Generator().manual_seed(1)
-    prefix = torch.randn(batch, prefix_len, model.config.prefix_dim, generator=g).to(device)
+    prefix = torch.randn(batch, prefix_len, PATCH_DIM, generator=g).to(device)
     prompts = torch.randint(0, V - 1, (batch, prompt_len), generator=g).tolist()
     for _ in range(warmup):  # compile, capture, allocate, and let clocks and caches settle
         gen.generate(prefix, prompts, max_new_tokens=new_tokens)
@@ -194,7 +205,7 @@ def hf_agrees(model: MultimodalGPT, hf, device, prompt_len: int) -> dict:
     ids = torch.randint(0, V - 1, (2, prompt_len), generator=g)
     gen = Generator(TorchBackend(model), ByteTokenizer(bos_id=V - 1, eos_id=V - 1, pad_id=V - 1),
                     max_positions=model.config.block_size, cuda_graph=False, eos_check_interval=CHECK_TOKENS + 1)
-    ours = gen.generate(torch.zeros(2, 0, model.config.prefix_dim, device=device), ids.tolist(),
+    ours = gen.generate(torch.zeros(2, 0, PATCH_DIM, device=device), ids.tolist(),
                         max_new_tokens=CHECK_TOKENS).tokens[:, :CHECK_TOKENS]
     with torch.inference_mode():
         theirs = hf.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
@@ -268,8 +279,10 @@ def measure_row(setup: Setup, impl: str, batch: int, prefix_len: int, bench) -> 
     """Runs one benchmark (a bench_* call) and makes its row: tok/s, TTFT, bytes per step, % of floor, peak memory."""
     _reset_peak(setup.device)
     res = _guard(bench)
-    row = {"model": setup.size, "dtype": setup.dtype_name, "batch": batch, "impl": impl, "prefix_len": prefix_len}
-    label = f"{setup.size:>5} {setup.dtype_name} B={batch:<3} {impl:<24} P={prefix_len:<3}"
+    decoded = setup.model.config.decoded
+    row = {"model": setup.size, "dtype": setup.dtype_name, "batch": batch, "impl": impl, "prefix_len": prefix_len,
+           "decoded": decoded}
+    label = f"{setup.size:>5} {setup.dtype_name} B={batch:<3} {impl:<24} P={prefix_len:<3} {decoded:<5}"
     if "error" in res:
         print(f"{label} FAILED: {res['error']}", flush=True)
         return {**row, "error": res["error"]}
@@ -290,12 +303,13 @@ def measure_row(setup: Setup, impl: str, batch: int, prefix_len: int, bench) -> 
 
 
 def pair_rows(rows: list[dict]) -> list[dict]:
-    """Adds to each measured row what its partner rows say, looked up by key (model, dtype, batch, impl, prefix):
-    with a prefix, the multimodal / text-only tok/s ratio against the same impl at prefix 0, the ratio the byte count
-    allows, and the first over the second; and tok/s over mmgpt's torch graph at the same shape."""
-    def key(r, impl=None, prefix_len=None):
+    """Adds to each measured row what its partner rows say, looked up by key (model, dtype, batch, impl, prefix,
+    decoded modality): with a prefix, the multimodal / text-only tok/s ratio against the same impl at prefix 0, the
+    ratio the byte count allows, and the first over the second; tok/s over mmgpt's torch graph at the same shape;
+    decoding a new modality, tok/s over decoding text at the same shape."""
+    def key(r, impl=None, prefix_len=None, decoded=None):
         return (r["model"], r["dtype"], r["batch"], impl or r["impl"],
-                r["prefix_len"] if prefix_len is None else prefix_len)
+                r["prefix_len"] if prefix_len is None else prefix_len, decoded or r.get("decoded", "text"))
     measured = {key(r): r for r in rows if "error" not in r}
     for r in measured.values():
         text = measured.get(key(r, prefix_len=0))
@@ -308,6 +322,9 @@ def pair_rows(rows: list[dict]) -> list[dict]:
         graph = measured.get(key(r, impl=GRAPH_IMPL))
         if graph is not None and graph is not r:
             r["over_mmgpt_graph"] = round(r["tokens_per_s"] / graph["tokens_per_s"], 3)
+        text = measured.get(key(r, decoded="text"))
+        if r.get("decoded", "text") != "text" and text is not None:
+            r["new_over_text"] = round(r["tokens_per_s"] / text["tokens_per_s"], 3)
     return rows
 
 
@@ -329,40 +346,40 @@ def run(args) -> dict:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     bw = copy_bandwidth(device)
     rows = []
-    for size in args.models:
-        for dname in args.dtypes:
-            model = build_model(size, DTYPES[dname], device, vocab=args.vocab)
-            setup = Setup(size, dname, model, weight_bytes(model), bw, device, args.prompt, args.new_tokens)
-            hf = to_hf(model) if args.hf else None
-            agreement = hf_agrees(model, hf, device, args.prompt) if hf is not None else None
-            if agreement is not None:
-                verdict = "equal" if agreement["tokens_match"] else "DIFFER from"
-                print(f"{size} {dname}: Hugging Face greedy tokens {verdict} mmgpt's over {CHECK_TOKENS} steps",
-                      flush=True)
-            backends = _backends(model, device, args)
-            for batch in args.batches:
-                for name, backend in backends.items():
-                    for prefix_len in args.prefixes:
-                        rows.append(measure_row(setup, name, batch, prefix_len, partial(
-                            bench_mmgpt, backend, batch, args.prompt, args.new_tokens, prefix_len, device,
-                            args.repeats, args.warmup)))
-                if hf is not None:  # text only: the HF model has no prefix encoder
-                    hf_variants = {"hf-eager": False}
-                    if device.type == "cuda" and args.compile:
-                        hf_variants["hf-static+compile"] = True
-                    for name, static_compile in hf_variants.items():
-                        if name in args.skip:
-                            continue
-                        rows.append({**measure_row(setup, name, batch, 0, partial(
-                            bench_hf, hf, batch, args.prompt, args.new_tokens, static_compile, device, args.repeats,
-                            args.warmup)),
-                            "hf_greedy_equals_mmgpt": agreement})
-                if args.partial_out:  # keep what was measured if a later row takes the machine down
-                    write_report(_report(args, device, gpu, bw, pair_rows(rows)), Path(args.partial_out))
-            del model, hf, backends, setup
-            torch._dynamo.reset()  # compiled graphs hold the model: free them before the next size
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    for size, dname, decoded in ((s, d, m) for s in args.models for d in args.dtypes for m in args.decoded):
+        model = build_model(size, DTYPES[dname], device, vocab=args.vocab, decoded=decoded,
+                            new_vocab=args.new_vocab)
+        setup = Setup(size, dname, model, weight_bytes(model), bw, device, args.prompt, args.new_tokens)
+        hf = to_hf(model) if args.hf and decoded == "text" else None
+        agreement = hf_agrees(model, hf, device, args.prompt) if hf is not None else None
+        if agreement is not None:
+            verdict = "equal" if agreement["tokens_match"] else "DIFFER from"
+            print(f"{size} {dname}: Hugging Face greedy tokens {verdict} mmgpt's over {CHECK_TOKENS} steps",
+                  flush=True)
+        backends = _backends(model, device, args)
+        for batch in args.batches:
+            for name, backend in backends.items():
+                for prefix_len in args.prefixes:
+                    rows.append(measure_row(setup, name, batch, prefix_len, partial(
+                        bench_mmgpt, backend, batch, args.prompt, args.new_tokens, prefix_len, device,
+                        args.repeats, args.warmup)))
+            if hf is not None:  # text only: the HF model has no prefix encoder
+                hf_variants = {"hf-eager": False}
+                if device.type == "cuda" and args.compile:
+                    hf_variants["hf-static+compile"] = True
+                for name, static_compile in hf_variants.items():
+                    if name in args.skip:
+                        continue
+                    rows.append({**measure_row(setup, name, batch, 0, partial(
+                        bench_hf, hf, batch, args.prompt, args.new_tokens, static_compile, device, args.repeats,
+                        args.warmup)),
+                        "hf_greedy_equals_mmgpt": agreement})
+            if args.partial_out:  # keep what was measured if a later row takes the machine down
+                write_report(_report(args, device, gpu, bw, pair_rows(rows)), Path(args.partial_out))
+        del model, hf, backends, setup
+        torch._dynamo.reset()  # compiled graphs hold the model: free them before the next size
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return _report(args, device, gpu, bw, pair_rows(rows))
 
 
@@ -379,6 +396,7 @@ def _report(args, device, gpu, bw, rows) -> dict:
             "copy_bandwidth_gb_s": None if bw != bw else round(bw / 1e9, 1), "versions": versions(device),
             "settings": {"prompt_len": args.prompt, "new_tokens": args.new_tokens, "sampling": "greedy",
                          "prefixes": args.prefixes, "repeats": args.repeats, "vocab": args.vocab,
+                         "decoded": args.decoded, "new_vocab": args.new_vocab,
                          "warmup_calls": args.warmup},
             "rows": rows}
 
@@ -389,22 +407,26 @@ def _reset_peak(device):
 
 
 def markdown_table(report: dict) -> str:
-    head = ("| model | dtype | batch | P | impl | tok/s | TTFT ms | GB/s | % floor | peak GiB | MM/text | ideal "
-            "| of ideal | x graph |\n|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    head = ("| model | dtype | batch | P | impl | decoded | tok/s | TTFT ms | GB/s | % floor | peak GiB | MM/text | "
+            "ideal | of ideal | x graph | new/text |\n|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"
+            "---:|---:|---:|")
     legend = (f"{report['gpu']}, {report['date']}, copy bandwidth {report['copy_bandwidth_gb_s']} GB/s, "
               f"prompt {report['settings']['prompt_len']} + {report['settings']['new_tokens']} new tokens, greedy. "
               "P: image-prefix length; MM/text: tok/s over the same impl's at P=0; ideal: that ratio from the bytes "
-              "read per step; x graph: tok/s over mmgpt-graph's at the same shape")
+              "read per step; x graph: tok/s over mmgpt-graph's at the same shape; new/text: a new decoded modality's "
+              "tok/s over decoding text at the same shape")
     lines = [legend, "", head]
     for r in report["rows"]:
-        first = f"| {r['model']} | {r['dtype']} | {r['batch']} | {r.get('prefix_len', 0)} | {r['impl']} |"
+        first = (f"| {r['model']} | {r['dtype']} | {r['batch']} | {r.get('prefix_len', 0)} | {r['impl']} | "
+                 f"{r.get('decoded', 'text')} |")
         if "error" in r:
-            lines.append(f"{first} failed: {r['error'][:80]} | | | | | | | | |")
+            lines.append(f"{first} failed: {r['error'][:80]} | | | | | | | | | |")
             continue
         lines.append(f"{first} {r['tokens_per_s']:.0f} | {r['ttft_ms']:.2f} | {r['gb_per_s']:.0f} | "
                      f"{r.get('pct_of_floor', '')} | {r.get('peak_mem_gib', '')} | "
                      f"{r.get('multimodal_over_text', '')} | {r.get('ideal_multimodal_over_text', '')} | "
-                     f"{r.get('multimodal_of_ideal', '')} | {r.get('over_mmgpt_graph', '')} |")
+                     f"{r.get('multimodal_of_ideal', '')} | {r.get('over_mmgpt_graph', '')} | "
+                     f"{r.get('new_over_text', '')} |")
     return "\n".join(lines)
 
 
@@ -422,7 +444,8 @@ def merge_reports(paths: list[Path]) -> dict:
     rows: dict[tuple, dict] = {}
     for path, report in zip(paths, reports):
         for row in report["rows"]:
-            key = (row["model"], row["dtype"], row["batch"], row["impl"], row.get("prefix_len", 0))
+            key = (row["model"], row["dtype"], row["batch"], row["impl"], row.get("prefix_len", 0),
+                   row.get("decoded", "text"))
             rows[key] = {**row, "source": Path(path).name}
     base = reports[-1]
     merged = {**base, "tag": "", "merged_from": [Path(p).name for p in paths], "rows": list(rows.values())}
@@ -444,6 +467,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=WARMUP, help="untimed calls of every variant before timing")
     ap.add_argument("--vocab", type=int, default=50257)
+    ap.add_argument("--decoded", nargs="+", default=["text"],
+                    help="decoded modalities: text, and any other name for a new modality with its own tables")
+    ap.add_argument("--new-vocab", type=int, default=NEW_VOCAB, help="the new decoded modality's vocabulary")
     ap.add_argument("--no-hf", dest="hf", action="store_false")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--no-triton", dest="triton", action="store_false", help="skip the fused Triton kernels")
@@ -463,6 +489,7 @@ def main(argv=None):
     if args.smoke:
         args.models, args.dtypes, args.batches, args.prefixes = ["smoke"], ["fp32"], [1, 2], [0, 16, 64]
         args.new_tokens, args.prompt, args.repeats, args.vocab, args.warmup = 8, 4, 1, 512, 1
+        args.new_vocab = 64
     if args.hf and importlib.util.find_spec("transformers") is None:
         print("transformers is not installed: Hugging Face rows skipped (pip install -e .[bench])")
         args.hf = False

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from mmgpt.bench.results import write_result
+from mmgpt.bench.results import publish
 from mmgpt.bench.serving import percentile
 from mmgpt.contract.artifacts import Artifacts, find_latest_artifacts
 from mmgpt.runtime.inflight import Request
@@ -61,7 +61,8 @@ def run(args) -> dict:
     artifacts = Artifacts.open(path)
     m = artifacts.manifest
     g = torch.Generator().manual_seed(0)
-    prefixes = torch.rand(args.requests, m.prefix_len or 8, m.dims.prefix_dim, generator=g)
+    image = m.dims.context[0]  # serve.py's one continuous context modality
+    prefixes = torch.rand(args.requests, m.context_lens.get(image.name, 8), image.dim, generator=g)
     service = ModelService(ServeSettings(artifacts=str(artifacts.path), backend=args.backend, device="cpu",
                                          rows=args.rows, prefix_cache_mb=0))
     direct = [asyncio.run(in_process(service, p, args.max_tokens)) for p in prefixes]
@@ -113,9 +114,7 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     report = run(args)
-    path = write_result(args.out, report, report["tag"], markdown_table(report))
-    print(markdown_table(report))
-    print(f"wrote {path}")
+    publish(args.out, report, markdown_table(report))
     return report
 
 

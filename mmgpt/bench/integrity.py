@@ -20,7 +20,7 @@ import torch
 from mmgpt.bench.decode import versions
 from mmgpt.bench.results import git_commit, write_result
 from mmgpt.contract import weights as weights_file
-from mmgpt.model import GPTConfig, MultimodalGPT
+from mmgpt.model import GPTConfig, MultimodalGPT, image_to_text
 from mmgpt.throughput import device_name
 
 
@@ -38,7 +38,7 @@ def bench_hash(repeats: int) -> dict:
     in the page cache as it is right after export or a first load."""
     with torch.device("meta"):
         n = MultimodalGPT(GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257,
-                                    prefix_dim=16)).num_params()
+                                    **image_to_text(16))).num_params()
     nbytes = n * 4
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "weights.bin"

@@ -49,3 +49,11 @@ def write_result(root, report: dict, what: str, table: str | None = None) -> Pat
         write_atomic(path.with_suffix(".md"), table + "\n")
     return path
 
+
+def publish(root, report: dict, table: str) -> Path:
+    """write_result for a command: also prints the table and where the report went."""
+    path = write_result(root, report, report["tag"], table)
+    print(table)
+    print(f"wrote {path}")
+    return path
+

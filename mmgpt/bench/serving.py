@@ -24,7 +24,7 @@ import time
 import torch
 
 from mmgpt.bench.decode import DTYPES, SHAPES, build_model, versions
-from mmgpt.bench.results import write_result
+from mmgpt.bench.results import publish
 from mmgpt.runtime.backends import Backend
 from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
@@ -115,7 +115,7 @@ def run_static(gen: Generator, jobs, rows: int, device) -> dict:
         # rows padded to a power of two with copies of the first: one engine (and graph) per size, as a static
         # server buckets its batches, so that memory stays bounded
         padded = [r for _, r in batch] + [batch[0][1]] * ((1 << (len(batch) - 1).bit_length()) - len(batch))
-        prefix = torch.stack([r.prefix for r in padded]).to(device)
+        prefix = torch.stack([r.context for r in padded]).to(device)
         result = gen.generate(prefix, [r.prompt for r in padded], max_new_tokens=max(r.max_tokens for r in padded))
         step = result.decode_time_s / max(result.decode_steps, 1)
         for b, (t, r) in enumerate(batch):
@@ -135,7 +135,7 @@ def summary(tokens: int, seconds: float, ttft: list[float], itl: list[float]) ->
 def time_to_first_token(backend, tok, prefix_len: int, capacity: int, captured: bool, repeats: int) -> float:
     """Median ms from submit to the first token on the host, batch 1, prefix of prefix_len patches."""
     engine = InflightEngine(backend, tok, rows=1, capacity=capacity, capture_prefill=captured)
-    prefix = torch.rand(prefix_len, backend.dims.prefix_dim)
+    prefix = torch.rand(prefix_len, backend.dims.context[0].dim)
     times = []
     for _ in range(repeats + 2):  # the first two capture and settle
         sync(engine.device)
@@ -169,7 +169,7 @@ def run(args) -> dict:
     gen = Generator(backend, tok, capacity_buckets=[capacity])
     for rate in args.rates:
         jobs = workload(args.requests, rate, tuple(args.prompts), tuple(args.outputs), args.vocab, seed=1,
-                        prefix_dim=small.config.prefix_dim)
+                        prefix_dim=small.config.context_modalities[0].dim)
         row = {"model": args.small, "rate_req_s": rate, "inflight": run_inflight(engine, jobs),
                "static": run_static(gen, jobs, args.rows, device)}
         row["throughput_ratio"] = row["inflight"]["throughput_tok_s"] / row["static"]["throughput_tok_s"]
@@ -182,7 +182,7 @@ def run(args) -> dict:
     rate = args.rates[len(args.rates) // 2]
     n = args.prefix_requests
     jobs = workload(n, rate, tuple(args.prompts), tuple(args.outputs), args.vocab, seed=2, prefix_len=args.prefix,
-                    prefix_dim=large.config.prefix_dim, images=max(1, n // REPEATS_OF_AN_IMAGE))
+                    prefix_dim=large.config.context_modalities[0].dim, images=max(1, n // REPEATS_OF_AN_IMAGE))
     result = {}
     for on in (True, False):
         cache = PrefixCache(8 << 30, namespace=f"bench-{args.large}") if on else None
@@ -241,9 +241,7 @@ def main(argv=None):
         args.prompts, args.outputs, args.rows, args.repeats, args.vocab = [2, 8], [4, 12], 4, 2, 512
         args.backend = "torch"
     report = run(args)
-    path = write_result(args.out, report, report["tag"], markdown_table(report))
-    print(markdown_table(report))
-    print(f"wrote {path}")
+    publish(args.out, report, markdown_table(report))
     return report
 
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from mmgpt.contract.typed import build
 from mmgpt.errors import UserError
 
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3  # 3: modalities in the model config, context_lens
 META_KEY = "mmgpt"
 
 
@@ -28,7 +28,7 @@ class Schedule:
 class CheckpointMeta:
     model_config: dict  # GPTConfig fields
     tokenizer: dict  # mmgpt.tokenizer.tokenizer_from_dict's input
-    prefix_len: int | None  # the prefix length the model was trained with (None: any)
+    context_lens: dict[str, int]  # continuous context modality -> the length it was trained with (absent: any)
     data: dict | None  # the training data config: rebuilds the exact validation split
     schedule: Schedule
     format: int = CHECKPOINT_FORMAT

@@ -1,15 +1,18 @@
 """The exported graphs, each tensor declared once: name, dtype and dims.
 
-A dim is a symbol (dynamic: batch, prefix_len, text_len, cache_len, or a sum of them) or a model constant.
-Everything that needs a graph's shapes derives from these declarations: torch.export's dynamic dims, the check of
-the saved ONNX file, the TensorRT optimization profiles, and the TensorRT backend's output buffers.
+A dim is a symbol (dynamic: batch, one length per context modality, prompt_len, cache_len, or a sum of them) or a
+model constant. Everything that needs a graph's shapes derives from these declarations: torch.export's dynamic
+dims, the check of the saved ONNX file, the TensorRT optimization profiles, and the backends' inputs and buffers.
 
-  prefill             prefix (B, P, F), input_ids (B, T) right-padded, input_lengths (B,)
-                      -> logits (B, V) at each row's last real token, present.{i}.key/value (B, H_kv, P+T, D)
-  decode              input_ids (B, 1), position_ids (B, 1), past_key_values.{i}.key/value (B, H_kv, S, D)
-                      -> logits (B, V), present.{i}.key/value (B, H_kv, 1, D): the NEW slot only
+  prefill             every context modality's inputs, in context order: a continuous one's `<m>_features`
+                      (B, P_m, F_m), a discrete one's `<m>_ids` (B, T_m) right-padded and `<m>_lengths` (B,);
+                      then the decoded modality's prompt: input_ids (B, T) right-padded, input_lengths (B,)
+                      -> logits (B, V_decoded) at each row's last real token, present.{i}.key/value
+                      (B, H_kv, sum P_m + T, D), each row's real positions first
+  decode              input_ids (B, 1) of the decoded modality, position_ids (B, 1), past_key_values.{i}.key/value
+                      (B, H_kv, S, D) -> logits (B, V_decoded), present.{i}.key/value (B, H_kv, 1, D): the NEW slot only
   context_generation  both flows' inputs, for one engine with two optimization profiles: the context profile
-                      sets S = 0, the generation profile P = 0 and T = 1.
+                      sets S = 0, the generation profile every context length to 0 and T = 1.
 
 Names follow Hugging Face optimum, with one difference in meaning: optimum's `present` is past + new, mmgpt's
 decode `present` is the new slot alone, which the runtime writes into its fixed-capacity cache at `position_ids`
@@ -21,12 +24,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-BATCH, PREFIX, TEXT, CACHE = "batch", "prefix_len", "text_len", "cache_len"
-SEQUENCE = f"{PREFIX} + {TEXT}"
-SYMBOLS = (BATCH, PREFIX, TEXT, CACHE)
+from mmgpt.model import GPTConfig, Modality
+
+BATCH, PROMPT, CACHE = "batch", "prompt_len", "cache_len"
 MODEL_DTYPE = "model"  # the export dtype (float32 / float16 / bfloat16)
 
 Dim = str | int
+
+
+def length_symbol(modality: str) -> str:
+    """The dynamic length of a context modality's segment."""
+    return f"{modality}_len"
 
 
 @dataclass(frozen=True)
@@ -35,15 +43,31 @@ class ModelDims:
     n_layer: int
     n_kv_head: int  # the KV cache's heads
     head_dim: int
-    prefix_dim: int
-    vocab_size: int
     block_size: int
+    context: tuple[Modality, ...]  # the context's modalities, in sequence order
+    decoded: Modality  # the generated modality: its vocabulary is the logits'
 
     @classmethod
-    def of(cls, config) -> "ModelDims":
-        """From a GPTConfig (or anything with its fields)."""
-        return cls(config.n_layer, config.n_kv_head, config.n_embd // config.n_head, config.prefix_dim,
-                   config.vocab_size, config.block_size)
+    def of(cls, config: GPTConfig) -> "ModelDims":
+        return cls(config.n_layer, config.n_kv_head, config.n_embd // config.n_head, config.block_size,
+                   tuple(config.context_modalities), config.decoded_modality)
+
+    @property
+    def vocab_size(self) -> int:
+        """Of the decoded modality."""
+        return self.decoded.vocab_size
+
+    @property
+    def context_symbols(self) -> list[str]:
+        return [length_symbol(m.name) for m in self.context]
+
+
+def context_inputs(m: Modality) -> tuple["TensorDecl", ...]:
+    """A context modality's graph inputs: features, or ids and lengths."""
+    length = length_symbol(m.name)
+    if m.kind == "continuous":
+        return (TensorDecl(f"{m.name}_features", (BATCH, length, m.dim), MODEL_DTYPE),)
+    return (TensorDecl(f"{m.name}_ids", (BATCH, length), "int64"), TensorDecl(f"{m.name}_lengths", (BATCH,), "int64"))
 
 
 @dataclass(frozen=True)
@@ -101,23 +125,40 @@ def interleave(keys, values) -> list:
 
 
 def declare_graphs(dims: ModelDims) -> dict[str, GraphDecl]:
-    L, H, D, F, V = dims.n_layer, dims.n_kv_head, dims.head_dim, dims.prefix_dim, dims.vocab_size
-    prefix = TensorDecl("prefix", (BATCH, PREFIX, F), MODEL_DTYPE)
-    prompt = TensorDecl("input_ids", (BATCH, TEXT), "int64")
+    L, H, D, V = dims.n_layer, dims.n_kv_head, dims.head_dim, dims.vocab_size
+    context = tuple(t for m in dims.context for t in context_inputs(m))
+    prompt = TensorDecl("input_ids", (BATCH, PROMPT), "int64")
     lengths = TensorDecl("input_lengths", (BATCH,), "int64")
     token = TensorDecl("input_ids", (BATCH, 1), "int64")
     positions = TensorDecl("position_ids", (BATCH, 1), "int64")
     past = tuple(TensorDecl(n, (BATCH, H, CACHE, D), MODEL_DTYPE) for n in past_names(L))
     logits = TensorDecl("logits", (BATCH, V), MODEL_DTYPE)
+    sequence = " + ".join([*dims.context_symbols, PROMPT])
+    no_context = {s: 0 for s in dims.context_symbols}
 
     def present(length):
         return tuple(TensorDecl(n, (BATCH, H, length, D), MODEL_DTYPE) for n in present_names(L))
 
     graphs = (
-        GraphDecl("prefill", (prefix, prompt, lengths), (logits, *present(SEQUENCE)),
-                  {BATCH: 1, PREFIX: 0, TEXT: 1}),
+        GraphDecl("prefill", (*context, prompt, lengths), (logits, *present(sequence)),
+                  {BATCH: 1, **no_context, PROMPT: 1}),
         GraphDecl("decode", (token, positions, *past), (logits, *present(1)), {BATCH: 1, CACHE: 1}),
-        GraphDecl("context_generation", (prefix, prompt, lengths, positions, *past), (logits, *present(SEQUENCE)),
-                  {BATCH: 1, PREFIX: 0, TEXT: 1, CACHE: 0}),
+        GraphDecl("context_generation", (*context, prompt, lengths, positions, *past), (logits, *present(sequence)),
+                  {BATCH: 1, **no_context, PROMPT: 1, CACHE: 0}),
     )
     return {g.name: g for g in graphs}
+
+
+def context_feed(dims: ModelDims, context: dict) -> dict:
+    """A context dict (modality -> features, or (ids, lengths)) as graph inputs by name."""
+    feed = {}
+    for m, decls in ((m, context_inputs(m)) for m in dims.context):
+        value = context[m.name]
+        feed.update(zip((t.name for t in decls), (value,) if m.kind == "continuous" else value))
+    return feed
+
+
+def context_of(dims: ModelDims, named: dict) -> dict:
+    """Graph inputs by name -> the context dict `MultimodalGPT.forward_cached` takes."""
+    return {m.name: named[decls[0].name] if m.kind == "continuous" else tuple(named[t.name] for t in decls)
+            for m, decls in ((m, context_inputs(m)) for m in dims.context)}

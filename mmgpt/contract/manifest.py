@@ -17,11 +17,11 @@ from pathlib import Path
 
 from mmgpt.contract.engines import EngineBuild
 from mmgpt.contract.typed import build
-from mmgpt.contract.graphs import BATCH, CACHE, PREFIX, TEXT, ModelDims
+from mmgpt.contract.graphs import BATCH, CACHE, PROMPT, ModelDims
 from mmgpt.model import GPTConfig
 from mmgpt.errors import UserError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4  # 4: modalities (context inputs by modality, the decoded modality's logits)
 MANIFEST_FILE = "model.json"
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -59,12 +59,13 @@ class WeightsFile:
 class Limits:
     """Largest size of each dynamic dim the graphs were exported for (and engine profiles may use)."""
     max_batch: int
-    max_prefix: int
-    max_text: int
+    max_context: int  # of each context modality's segment
+    max_text: int  # of the decoded modality's prompt
     max_cache: int
 
-    def by_symbol(self) -> dict[str, int]:
-        return {BATCH: self.max_batch, PREFIX: self.max_prefix, TEXT: self.max_text, CACHE: self.max_cache}
+    def by_symbol(self, dims: ModelDims) -> dict[str, int]:
+        return {BATCH: self.max_batch, **{s: self.max_context for s in dims.context_symbols}, PROMPT: self.max_text,
+                CACHE: self.max_cache}
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class Manifest:
     source: str  # what was exported (a checkpoint path, for the record only: nothing reads it)
     model_config: dict  # GPTConfig fields
     tokenizer: dict  # mmgpt.tokenizer.tokenizer_from_dict's input; its files (if any) lie in the directory
-    prefix_len: int | None  # the prefix length the model was trained with (None: any)
+    context_lens: dict[str, int]  # continuous context modality -> the length it was trained with (absent: any)
     data: dict | None  # the training data config (rebuilds the digits validation split)
     dtype: str  # float32 | float16 | bfloat16
     opset: int
@@ -160,8 +161,9 @@ class Manifest:
             raise UserError(f"limits.max_cache={self.limits.max_cache} exceeds block_size={config.block_size}")
         if not self.capacity_buckets or min(self.capacity_buckets) < 1:
             raise UserError(f"capacity_buckets={self.capacity_buckets} must be a non-empty list of sizes >= 1")
-        if self.prefix_len is not None and not 0 <= self.prefix_len <= self.limits.max_prefix:
-            raise UserError(f"prefix_len={self.prefix_len} lies outside [0, limits.max_prefix]")
+        for name, n in self.context_lens.items():
+            if not 0 <= n <= self.limits.max_context:
+                raise UserError(f"context_lens.{name}={n} lies outside [0, limits.max_context]")
 
 
 UNSEALED = ("engines", "content_sha256")  # engines are built into the directory later, with their own record

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmgpt.data.captions import CaptionDataset
+from mmgpt.data.samples import Samples
 from mmgpt.errors import UserError
 
 
@@ -118,5 +118,5 @@ def split_features(features: np.ndarray, texts: list[str], val_fraction: float, 
     perm = np.random.default_rng(seed).permutation(len(texts))
     n_val = min(len(perm) - 1, max(1, int(round(len(perm) * val_fraction))))
     val, train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-    return (CaptionDataset(features[train], [texts[i] for i in train]),
-            CaptionDataset(features[val], [texts[i] for i in val]))
+    return tuple(Samples({"features": features[ids], "text": [texts[i] for i in ids]}, [texts[i] for i in ids])
+                 for ids in (train, val))

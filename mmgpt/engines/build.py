@@ -17,7 +17,7 @@ from pathlib import Path
 from mmgpt.contract.artifacts import Artifacts
 from mmgpt.contract.engines import ENGINES, EngineBuild, EngineConfig, EngineFile, min_opt_max
 from mmgpt.files import write_atomic
-from mmgpt.contract.graphs import BATCH, CACHE, PREFIX, TEXT, GraphDecl, declare_graphs
+from mmgpt.contract.graphs import BATCH, CACHE, PROMPT, GraphDecl, declare_graphs, length_symbol
 from mmgpt.engines.trt import EngineError, TensorRTUnavailable, TrtLog, dtype_name, import_runtime, is_rtx, \
     runtime_name
 from mmgpt.errors import UserError
@@ -56,10 +56,11 @@ def profile_sizes(artifacts: Artifacts, cfg: EngineConfig, context_past_slots: i
     b = _clip(cfg.profiles.batch, limits.max_batch, "profiles.batch")
     t = _clip(cfg.profiles.prompt, limits.max_text, "profiles.prompt")
     s = _clip(cfg.profiles.capacity, limits.max_cache, "profiles.capacity")
-    p = (m.prefix_len,) * 3 if m.prefix_len is not None else (0, min(64, limits.max_prefix), limits.max_prefix)
+    lengths = {length_symbol(c.name): (m.context_lens[c.name],) * 3 if c.name in m.context_lens else
+               (0, min(64, limits.max_context), limits.max_context) for c in m.dims.context}
     past = (context_past_slots,) * 3
-    return {"context": {BATCH: b, PREFIX: p, TEXT: t, CACHE: past},
-            "generation": {BATCH: b, PREFIX: (0, 0, 0), TEXT: (1, 1, 1), CACHE: s}}
+    return {"context": {BATCH: b, **lengths, PROMPT: t, CACHE: past},
+            "generation": {BATCH: b, **{k: (0, 0, 0) for k in lengths}, PROMPT: (1, 1, 1), CACHE: s}}
 
 
 def profile_shapes(graph: GraphDecl, sizes: dict) -> dict[str, list[list[int]]]:

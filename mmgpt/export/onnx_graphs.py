@@ -15,7 +15,8 @@ from onnx import numpy_helper
 from torch.export import Dim
 
 from mmgpt.errors import UserError
-from mmgpt.contract.graphs import BATCH, CACHE, MODEL_DTYPE, PREFIX, TEXT, GraphDecl, interleave
+from mmgpt.contract.graphs import BATCH, CACHE, MODEL_DTYPE, PROMPT, GraphDecl, ModelDims, context_of, interleave, \
+    length_symbol, past_names
 from mmgpt.contract.manifest import Limits
 from mmgpt.contract.weights import append_aligned, content_key
 from mmgpt.model import MultimodalGPT
@@ -23,77 +24,71 @@ from mmgpt.model import MultimodalGPT
 OPSET = 18  # pinned: LayerNormalization (17) and the Split / Reduce forms TensorRT 10 parses
 WEIGHTS_FILE = "weights.bin"
 _EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inline, as onnx's own convert_model_to_external_data does
-# Example sizes for tracing: all >= 2 and pairwise different, so no dim is specialised or unified with another.
-TRACE_SIZES = {BATCH: 2, PREFIX: 3, TEXT: 5, CACHE: 7}
 
 
 class ExportError(UserError, RuntimeError):
     """The export cannot go on (a graph that does not match its declaration, failed parity, bad weights)."""
 
 
+def trace_sizes(dims: ModelDims) -> dict[str, int]:
+    """Example sizes for tracing: all >= 2 and pairwise different, so no dim is specialised or unified with
+    another."""
+    fixed = {BATCH: 2, PROMPT: 5, CACHE: 7}
+    free = (n for n in range(3, 100) if n not in fixed.values())
+    return {**fixed, **{s: next(free) for s in dims.context_symbols}}
+
+
 # ------------------------------------------------------------------ the graphs as modules
-# All three wrap `MultimodalGPT.forward_cached`, the function the PyTorch backend runs: the graphs cannot drift.
-class PrefillGraph(torch.nn.Module):
-    def __init__(self, model: MultimodalGPT):
-        super().__init__()
-        self.model = model
+class GraphModule(torch.nn.Module):
+    """One declared graph over `MultimodalGPT.forward_cached`, the function the PyTorch backend runs: the graphs
+    cannot drift. Inputs arrive in the declaration's order; a graph with a past reads positions from
+    position_ids, one without starts at 0; a graph without the prompt's lengths decodes one token per row."""
 
-    def forward(self, prefix, input_ids, input_lengths):
-        logits, k, v = self.model.forward_cached(prefix, input_ids, input_lengths, torch.zeros_like(input_lengths),
-                                                 None, None)
+    def __init__(self, model: MultimodalGPT, graph: GraphDecl):
+        super().__init__()
+        self.model, self.graph, self.dims = model, graph, ModelDims.of(model.config)
+
+    def forward(self, *inputs):
+        x = dict(zip(self.graph.input_names, inputs, strict=True))
+        ids = x["input_ids"]
+        lengths = x.get("input_lengths", torch.ones_like(ids[:, 0]))
+        start = x["position_ids"][:, 0] if "position_ids" in x else torch.zeros_like(lengths)
+        names = past_names(self.dims.n_layer)
+        past = [x[n] for n in names] if names[0] in x else None
+        context = context_of(self.dims, x) if "input_lengths" in x else None
+        logits, k, v = self.model.forward_cached(context, ids, lengths, start, past and past[0::2],
+                                                 past and past[1::2])
         return (logits, *interleave(k, v))
 
 
-class DecodeGraph(torch.nn.Module):
-    def __init__(self, model: MultimodalGPT):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, position_ids, *past):
-        ones = torch.ones_like(position_ids[:, 0])
-        logits, k, v = self.model.forward_cached(None, input_ids, ones, position_ids[:, 0], past[0::2], past[1::2])
-        return (logits, *interleave(k, v))
-
-
-class ContextGenerationGraph(torch.nn.Module):
-    def __init__(self, model: MultimodalGPT):
-        super().__init__()
-        self.model = model
-
-    def forward(self, prefix, input_ids, input_lengths, position_ids, *past):
-        logits, k, v = self.model.forward_cached(prefix, input_ids, input_lengths, position_ids[:, 0], past[0::2],
-                                                 past[1::2])
-        return (logits, *interleave(k, v))
-
-
-MODULES = {"prefill": PrefillGraph, "decode": DecodeGraph, "context_generation": ContextGenerationGraph}
-
-
-def sample_inputs(graph: GraphDecl, dtype: torch.dtype, vocab: int) -> tuple:
-    """Tracing inputs at TRACE_SIZES: random floats, ids in the vocabulary, valid lengths and positions."""
+def sample_inputs(graph: GraphDecl, dims: ModelDims, dtype: torch.dtype) -> tuple:
+    """Tracing inputs at trace_sizes: random floats, ids in their modality's vocabulary, valid lengths and
+    positions."""
     g = torch.Generator().manual_seed(0)
-    B, S, T = TRACE_SIZES[BATCH], TRACE_SIZES[CACHE], TRACE_SIZES[TEXT]
-    special = {"input_lengths": torch.tensor([T, 2]), "position_ids": torch.tensor([[4], [S - 1]])}
+    sizes = trace_sizes(dims)
+    B, S = sizes[BATCH], sizes[CACHE]
+    vocab = {"input_ids": dims.vocab_size, **{f"{m.name}_ids": m.vocab_size for m in dims.context
+                                             if m.kind == "discrete"}}
+    special = {"input_lengths": torch.tensor([sizes[PROMPT], 2]), "position_ids": torch.tensor([[4], [S - 1]]),
+               **{f"{m.name}_lengths": torch.tensor([sizes[length_symbol(m.name)], 1]) for m in dims.context}}
     out = []
     for t in graph.inputs:
-        shape = t.shape(TRACE_SIZES)
+        shape = t.shape(sizes)
         if t.name in special:
             out.append(special[t.name][:B])
         elif t.dtype == MODEL_DTYPE:
             out.append(torch.randn(shape, generator=g).to(dtype))
         else:
-            out.append(torch.randint(0, vocab, shape, generator=g))
+            out.append(torch.randint(0, vocab[t.name], shape, generator=g))
     return tuple(out)
 
 
-def dynamic_shapes(graph: GraphDecl, limits: Limits) -> tuple:
-    """torch.export's dynamic_shapes, positional as forward's signature (the past arrives as one *past tuple)."""
-    top = limits.by_symbol()
-    dims = {s: Dim(s, min=graph.min_sizes[s], max=top[s]) for s in graph.symbols}
-    per_input = [{axis: dims[d] for axis, d in enumerate(t.dims) if isinstance(d, str)} or None for t in graph.inputs]
-    fixed = [s for t, s in zip(graph.inputs, per_input) if not t.name.startswith("past_key_values.")]
-    past = tuple(s for t, s in zip(graph.inputs, per_input) if t.name.startswith("past_key_values."))
-    return tuple(fixed) + ((past,) if past else ())
+def dynamic_shapes(graph: GraphDecl, dims: ModelDims, limits: Limits) -> tuple:
+    """torch.export's dynamic_shapes: every input arrives in forward's one *inputs tuple."""
+    top = limits.by_symbol(dims)
+    sym = {s: Dim(s, min=graph.min_sizes[s], max=top[s]) for s in graph.symbols}
+    return (tuple({axis: sym[d] for axis, d in enumerate(t.dims) if isinstance(d, str)} or None
+                  for t in graph.inputs),)
 
 
 class _OptionalOperatorFilter(logging.Filter):
@@ -113,10 +108,11 @@ def trace(model: MultimodalGPT, graph: GraphDecl, dtype: torch.dtype, limits: Li
         warnings.simplefilter("ignore")
         for noisy in ("torch.onnx", "onnx_ir", "onnxscript"):  # their INFO lines drown the export summary
             logging.getLogger(noisy).setLevel(logging.WARNING)
-        wrapper = MODULES[graph.name](model).eval()
-        program = torch.onnx.export(wrapper, sample_inputs(graph, dtype, model.config.vocab_size),
+        dims = ModelDims.of(model.config)
+        program = torch.onnx.export(GraphModule(model, graph).eval(), sample_inputs(graph, dims, dtype),
                                     dynamo=True, opset_version=OPSET, input_names=graph.input_names,
-                                    output_names=graph.output_names, dynamic_shapes=dynamic_shapes(graph, limits),
+                                    output_names=graph.output_names,
+                                    dynamic_shapes=dynamic_shapes(graph, dims, limits),
                                     external_data=False, verbose=False)
     return program.model_proto
 

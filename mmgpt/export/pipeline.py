@@ -60,7 +60,7 @@ def export(cfg: DictConfig) -> Path:
                  "or fp32")
     config = model.config
     limits = export_limits(cfg, config.block_size)
-    check_buckets(buckets, loaded.prefix_len, config.block_size)
+    check_buckets(buckets, sum(loaded.context_lens.values()), config.block_size)
     name = export_name(cfg.name, ckpt)
     root = Path(cfg.output_root)
     for stale, action in remove_stale_staging(root):
@@ -93,7 +93,7 @@ def export(cfg: DictConfig) -> Path:
             on_disk = record_files(out)
             manifest = Manifest(
                 name=name, created=datetime.datetime.now().isoformat(timespec="seconds"), source=str(ckpt.resolve()),
-                model_config=config.to_dict(), tokenizer=tokenizer, prefix_len=loaded.prefix_len,
+                model_config=config.to_dict(), tokenizer=tokenizer, context_lens=loaded.context_lens,
                 data=loaded.data_config, dtype=dtype_name, opset=OPSET, limits=limits, capacity_buckets=buckets,
                 weights=WeightsFile(file=WEIGHTS_FILE, nbytes=on_disk[WEIGHTS_FILE].nbytes,
                                     sha256_tree=on_disk[WEIGHTS_FILE].sha256_tree, tensors=index),
@@ -106,7 +106,7 @@ def export(cfg: DictConfig) -> Path:
                 from mmgpt.hf import save_hf
                 save_hf(model, loaded.tokenizer, out / "hf")
             if cfg.parity.enabled:
-                parity = run_parity(model, artifacts, loaded.prefix_len or 8, seed=cfg.parity.seed)
+                parity = run_parity(model, artifacts, seed=cfg.parity.seed)
                 write_json(out / "parity.json", parity)
                 print(format_table(parity))
                 if cfg.parity.enforce and not parity.get("passed", True):
@@ -154,24 +154,24 @@ def build_from_artifacts(path: Path, engine_cfg: EngineConfig) -> Path:
 
 def export_limits(cfg: DictConfig, block_size: int) -> Limits:
     """The largest size of each dynamic dim: unset ones default to the model's context."""
-    raw = {k: cfg.limits.get(k) for k in ("max_batch", "max_prefix", "max_text", "max_cache")}
+    raw = {k: cfg.limits.get(k) for k in ("max_batch", "max_context", "max_text", "max_cache")}
     limits = Limits(**{k: int(v) if v is not None else block_size for k, v in raw.items()})
     for k, v in vars(limits).items():
         if v < 1:
             raise UserError(f"limits.{k}={v} must be >= 1")
-    for k in ("max_prefix", "max_text", "max_cache"):
+    for k in ("max_context", "max_text", "max_cache"):
         if getattr(limits, k) > block_size:
             raise UserError(f"limits.{k}={getattr(limits, k)} exceeds the model's {block_size} positions")
     return limits
 
 
-def check_buckets(buckets: list[int], prefix_len: int | None, block_size: int) -> None:
-    """Every capacity bucket must hold the prefix, a one-token prompt (BOS) and one generated token; the decode loop
-    caps buckets at the model's positions, so that cap counts."""
-    need = (prefix_len or 1) + 1 + 1
+def check_buckets(buckets: list[int], context_len: int, block_size: int) -> None:
+    """Every capacity bucket must hold the trained context lengths (or one position), a one-token prompt and one
+    generated token; the decode loop caps buckets at the model's positions, so that cap counts."""
+    need = (context_len or 1) + 1 + 1
     small = [s for s in buckets if min(s, block_size) < need]
     if small:
-        raise UserError(f"capacity_buckets={buckets}: {small} cannot hold the prefix ({prefix_len or 1} positions) + "
+        raise UserError(f"capacity_buckets={buckets}: {small} cannot hold the context ({context_len or 1} positions) + "
                         f"a prompt token + one generated token = {need}; use sizes >= {need}, e.g. "
                         f"capacity_buckets=[{max(need, 64)}]")
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from mmgpt.errors import UserError
+from mmgpt.model import TEXT
 from mmgpt.runtime.inflight import InflightEngine, Request
-from mmgpt.runtime.requests import capacity_for, check_prefix, check_token_ids
+from mmgpt.runtime.requests import capacity_for, check_context, check_token_ids, special_ids
 from mmgpt.runtime.sampling import SEED_MAX, SamplingConfig
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024)
@@ -23,9 +24,10 @@ DEFAULT_BUCKETS = (64, 128, 256, 512, 1024)
 
 @dataclass
 class GenerationResult:
-    tokens: torch.Tensor  # (B, n) generated ids, EOS-padded after a row finished (CPU)
-    num_generated: torch.Tensor  # (B,) tokens up to and including the first EOS
-    texts: list[str]
+    tokens: torch.Tensor  # (B, n) generated ids, end-padded after a row finished (CPU)
+    num_generated: torch.Tensor  # (B,) tokens up to and including the first end token
+    sequences: list[list[int]]  # each row's generated ids before its end token
+    texts: list[str]  # each row decoded by the tokenizer where the decoded modality is text, else empty
     time_to_first_token_s: float
     decode_time_s: float
     decode_steps: int  # steps after the first token: one step = B tokens
@@ -43,6 +45,7 @@ class Generator:
     def __init__(self, backend, tokenizer, capacity_buckets=DEFAULT_BUCKETS,
                  max_positions: int | None = None, cuda_graph: bool | None = None, eos_check_interval: int = 8):
         self.backend, self.tok = backend, tokenizer
+        self.start_id, self.end_id, _ = special_ids(backend.dims, tokenizer)
         self.device = torch.device(backend.device)
         limit = max_positions or max(capacity_buckets)
         self.buckets = sorted({min(int(s), limit) for s in capacity_buckets})
@@ -59,17 +62,15 @@ class Generator:
 
     # ---------------------------------------------------------------- inputs
     def prepare(self, prompts: list[list[int]] | None, batch: int) -> list[list[int]]:
-        """Checked prompts, one per row. Default prompt: [BOS]."""
-        prompts = prompts or [[self.tok.bos_id]] * batch
+        """Checked prompts of the decoded modality, one per row. Default: its start token ([BOS] for text, the end
+        token for another modality)."""
+        prompts = prompts or [[self.start_id]] * batch
         if len(prompts) != batch:
-            raise UserError(f"{len(prompts)} prompts for a prefix batch of {batch}; give one prompt per prefix")
+            raise UserError(f"{len(prompts)} prompts for a context batch of {batch}; give one prompt per row")
         if any(len(p) == 0 for p in prompts):
             raise UserError("empty prompt: every row needs at least one token (the BOS token is the usual start)")
         return check_token_ids(prompts, self.backend.dims.vocab_size)
 
-    def capacity_for(self, prefix: torch.Tensor, prompt_len: int, max_new_tokens: int) -> int:
-        """Validate shapes before anything runs; returns the capacity bucket to use."""
-        return capacity_for(self.backend, prefix, prompt_len, max_new_tokens, self.buckets)
 
     def _engine(self, B: int, S: int, greedy: bool) -> InflightEngine:
         """One engine per (batch, capacity, greedy) bucket: a greedy batch's step skips the sampling arithmetic."""
@@ -81,17 +82,20 @@ class Generator:
 
     # ---------------------------------------------------------------- generate
     @torch.inference_mode()
-    def generate(self, prefix: torch.Tensor, prompts: list[list[int]] | None = None, max_new_tokens: int = 32,
+    def generate(self, context, prompts: list[list[int]] | None = None, max_new_tokens: int = 32,
                  sampling: SamplingConfig = SamplingConfig()) -> GenerationResult:
         """Every row of the batch decoded to its end token or max_new_tokens. Row b samples with seed
-        sampling.seed + b, so equal rows of one batch still draw independently."""
-        B = check_prefix(prefix).shape[0]
+        sampling.seed + b, so equal rows of one batch still draw independently.
+
+        context: modality -> features (B, P, F), or token lists (or (ids, lengths)) of a discrete modality; a bare
+        (B, P, F) tensor for a model whose context is one continuous modality."""
+        context, B, context_len = check_context(self.backend, context)
         prompts = self.prepare(prompts, B)
-        S = self.capacity_for(prefix, max(map(len, prompts)), max_new_tokens)
+        S = capacity_for(self.backend, B, int(context_len.max()), max(map(len, prompts)), max_new_tokens,
+                         self.buckets)
         engine = self._engine(B, S, sampling.greedy)
-        prefix = prefix.to(self.device)
-        states = [engine.submit(Request(prefix[b], prompts[b], max_new_tokens,
-                                        replace(sampling, seed=(sampling.seed + b) % (SEED_MAX + 1))))
+        states = [engine.submit(Request({name: value[b] for name, value in context.items()}, prompts[b],
+                                        max_new_tokens, replace(sampling, seed=(sampling.seed + b) % (SEED_MAX + 1))))
                   for b in range(B)]
         self._sync()
         t0 = time.perf_counter()
@@ -106,12 +110,14 @@ class Generator:
         self._sync()
         t2 = time.perf_counter()
 
-        tokens = torch.full((B, steps + 1), self.tok.eos_id, dtype=torch.long)
+        tokens = torch.full((B, steps + 1), self.end_id, dtype=torch.long)
         for b, state in enumerate(states):
             tokens[b, : len(state.tokens)] = torch.tensor(state.tokens)
-        texts = [self.tok.decode(s.tokens) for s in states]
+        sequences = [[t for t in s.tokens if t != self.end_id] for s in states]  # the end token is always last
+        texts = [self.tok.decode(s.tokens) for s in states] if self.backend.dims.decoded.name == TEXT else []
         return GenerationResult(tokens=tokens, num_generated=torch.tensor([len(s.tokens) for s in states]),
-                                texts=texts, time_to_first_token_s=t1 - t0, decode_time_s=t2 - t1,
+                                sequences=sequences, texts=texts, time_to_first_token_s=t1 - t0,
+                                decode_time_s=t2 - t1,
                                 decode_steps=steps, backend=self.backend.name, capacity=S,
                                 cuda_graph=engine.graph is not None)
 

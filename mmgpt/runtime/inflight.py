@@ -1,17 +1,18 @@
 """In-flight batching: a running bucket of fixed rows x cache capacity whose rows are request slots.
 
-Requests join free rows between decode steps: joiners that arrive together are prefilled together (grouped by
-prefix length) and their keys and values are written into their own rows' slots, while the other rows keep their
-state. The decode step (backend execute + KV write + per-row sampling + count / position / finished update) touches
-only device tensors of fixed shape, so it is captured once per engine on a GPU and replayed whatever joins or leaves.
+Requests join free rows between decode steps: joiners that arrive together are prefilled together (grouped by the
+lengths of their continuous context; a discrete context is ragged, each row packed) and their keys and values are
+written into their own rows' slots, while the other rows keep their state. The decode step (backend execute + KV
+write + per-row sampling + count / position / finished update) touches only device tensors of fixed shape, so it is
+captured once per engine on a GPU and replayed whatever joins or leaves.
 A request leaves on its end token, on its max_tokens or when cancelled; its row is then free for the next joiner.
 
 The host reads the sampled tokens once per window of `stream_interval` steps (one transfer for all rows), which is
 all that streaming needs. Sampling noise is a hash of (the request's seed, its token index, the vocabulary index),
 so a seeded request draws the same tokens whichever requests it shares the bucket with.
 
-A context prefix's keys and values can be kept in a PrefixCache (keyed by the weights' hash and the prefix bytes):
-a joiner whose prefix is cached copies them into its slots and runs only its prompt after them (in one call where
+A context's keys and values can be kept in a PrefixCache (keyed by the weights' hash and the context's bytes):
+a joiner whose context is cached copies them into its slots and runs only its prompt after them (in one call where
 the backend has `prefill_after`, else one token per decode call).
 """
 from __future__ import annotations
@@ -29,14 +30,16 @@ from typing import Callable
 import torch
 
 from mmgpt.errors import UserError
-from mmgpt.runtime.requests import capacity_for, check_token_ids
+from mmgpt.runtime.requests import batch_context, capacity_for, check_context, check_token_ids, special_ids
 from mmgpt.runtime.sampling import RowSampling, SamplingConfig, row_noise, sample_rows
 
 
 @dataclass(frozen=True)
 class Request:
-    """One generation: a (P, F) prefix (P may be 0), prompt token ids, a token budget and its sampling."""
-    prefix: torch.Tensor
+    """One generation: its context (modality -> (P, F) features, P may be 0, or a token list; a bare (P, F) tensor
+    for a model whose context is one continuous modality), prompt ids of the decoded modality, a token budget and
+    its sampling."""
+    context: dict | torch.Tensor
     prompt: list[int]
     max_tokens: int
     sampling: SamplingConfig = SamplingConfig()
@@ -48,6 +51,8 @@ class RequestState:
     id: int
     request: Request
     on_update: Callable[["RequestState", list[int]], None] | None = None  # called from the engine's thread
+    context: dict = field(default_factory=dict)  # the request's context, checked: modality -> features or token list
+    context_len: int = 0  # its real length: where the prompt starts
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # stop | length | cancelled | error
     row: int | None = None
@@ -69,10 +74,20 @@ class RequestState:
 MIN_PROMPT_BUCKET = 8  # captured prefills round prompts up to a power of two, at least this
 
 
-def _by_prefix_len(states: list["RequestState"]) -> list[list["RequestState"]]:
+def _by_lengths(states: list["RequestState"]) -> list[list["RequestState"]]:
+    """Joiners that can share one prefill: the same length of each continuous modality (a discrete context is
+    ragged: any lengths batch together)."""
+    groups: dict[tuple, list[RequestState]] = {}
+    for s in states:
+        key = tuple(v.shape[0] for v in s.context.values() if torch.is_tensor(v))
+        groups.setdefault(key, []).append(s)
+    return list(groups.values())
+
+
+def _by_context_len(states: list["RequestState"]) -> list[list["RequestState"]]:
     groups: dict[int, list[RequestState]] = {}
     for s in states:
-        groups.setdefault(s.request.prefix.shape[0], []).append(s)
+        groups.setdefault(s.context_len, []).append(s)
     return list(groups.values())
 
 
@@ -84,7 +99,7 @@ def _power_of_two(n: int) -> int:
 class _PrefillGraph:
     """A captured prefill: its static inputs, and the outputs each replay rewrites."""
     graph: "torch.cuda.CUDAGraph"
-    prefix: torch.Tensor  # (J, P, F)
+    context: dict[str, torch.Tensor]  # modality -> (J, P, F): captured prefills take continuous contexts only
     ids: torch.Tensor  # (J, T)
     lengths: torch.Tensor  # (J,)
     logits: torch.Tensor
@@ -97,8 +112,8 @@ class QueueFull(Exception):
 
 
 class PrefixCache:
-    """Keys and values of context prefixes, LRU under a byte budget. The key hashes the weights' identity with the
-    prefix's dtype, shape and bytes, so another model or another image never hits."""
+    """Keys and values of contexts, LRU under a byte budget. The key hashes the weights' identity with each context
+    modality's shape and bytes, so another model or another image never hits."""
 
     def __init__(self, budget_bytes: int, namespace: str):
         if budget_bytes < 0:
@@ -107,10 +122,13 @@ class PrefixCache:
         self.entries: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.nbytes = self.hits = self.misses = 0
 
-    def key(self, prefix: torch.Tensor) -> str:
-        data = prefix.detach().to("cpu", torch.float32).contiguous()
-        h = hashlib.sha256(f"{self.namespace}|{tuple(data.shape)}|".encode())
-        h.update(data.numpy().tobytes())
+    def key(self, context: dict) -> str:
+        """context: one row's, modality -> (P, F) features or a token list."""
+        h = hashlib.sha256(self.namespace.encode())
+        for name, value in context.items():
+            data = value.detach().to("cpu", torch.float32) if torch.is_tensor(value) else torch.tensor(value)
+            h.update(f"|{name}|{tuple(data.shape)}|".encode())
+            h.update(data.contiguous().numpy().tobytes())
         return h.hexdigest()
 
     def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -141,11 +159,12 @@ class InflightEngine:
     def __init__(self, backend, tokenizer, rows: int, capacity: int, cuda_graph: bool | None = None,
                  prefix_cache: PrefixCache | None = None, stream_interval: int = 1, max_queue: int = 1024,
                  capture_prefill: bool | None = None, greedy_only: bool = False):
-        """capture_prefill: replay prefills from CUDA graphs, one per (joiners, prefix length, prompt length)
+        """capture_prefill: replay prefills from CUDA graphs, one per (joiners, context lengths, prompt length)
         bucket, joiners and prompt lengths rounded up to powers of two (default: where the decode step is captured
         and the backend's prefill can be). greedy_only: the step takes the argmax and skips the per-row sampling
         (its sort of the vocabulary): for batches known to be greedy; sampled requests are then refused."""
         self.backend, self.tok = backend, tokenizer
+        self.start_id, self.end_id, self.pad_id = special_ids(backend.dims, tokenizer)
         self.device = torch.device(backend.device)
         if rows < 1 or (backend.max_batch is not None and rows > backend.max_batch):
             raise UserError(f"rows={rows} must lie in [1, {backend.max_batch or 'any'}] for the {backend.name} "
@@ -158,11 +177,13 @@ class InflightEngine:
             raise UserError("cuda_graph=True needs a CUDA backend device")
         self.cache = prefix_cache
         self.greedy_only = greedy_only
-        self.capture_prefill = (self.use_graph and backend.prefill_capturable) if capture_prefill is None \
-            else capture_prefill
-        if self.capture_prefill and not (self.use_graph and backend.prefill_capturable):
-            raise UserError(f"capture_prefill needs a CUDA device and a backend whose prefill can be captured "
-                            f"(torch, torch-triton), not {backend.name} on {self.device}")
+        ragged = any(m.kind == "discrete" for m in backend.dims.context)  # prefill shapes follow each batch's ids
+        capturable = self.use_graph and backend.prefill_capturable and not ragged
+        self.capture_prefill = capturable if capture_prefill is None else capture_prefill
+        if self.capture_prefill and not capturable:
+            raise UserError(f"capture_prefill needs a CUDA device, a backend whose prefill can be captured (torch, "
+                            f"torch-triton) and a context without a discrete modality, not {backend.name} on "
+                            f"{self.device} with context {[m.name for m in backend.dims.context]}")
         self._prefill_graphs: dict[tuple[int, int, int], _PrefillGraph] = {}
         # all device work on a stream of our own: engines must not run on the legacy default stream
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -193,8 +214,9 @@ class InflightEngine:
                 self._capture()
 
     # ---------------------------------------------------------------- requests
-    def check(self, request: Request) -> None:
-        """Every way a request can be wrong, as a UserError, before it is queued."""
+    def check(self, request: Request) -> tuple[dict, int]:
+        """Every way a request can be wrong, as a UserError, before it is queued. Returns its context, checked (on
+        the device), and the context's real length."""
         if not isinstance(request.sampling, SamplingConfig):
             raise UserError("sampling must be a SamplingConfig")
         if self.greedy_only and not request.sampling.greedy:
@@ -203,17 +225,23 @@ class InflightEngine:
         if not request.prompt:
             raise UserError("empty prompt: every request needs at least one token (the BOS token is the usual start)")
         check_token_ids([request.prompt], self.backend.dims.vocab_size)
-        if not torch.is_tensor(request.prefix) or request.prefix.ndim != 2:
-            raise UserError(f"prefix must be a (P, F) tensor, got shape {tuple(getattr(request.prefix, 'shape', ()))}")
-        capacity_for(self.backend, request.prefix[None], len(request.prompt), request.max_tokens, [self.capacity])
+        given = request.context if isinstance(request.context, dict) else {None: request.context}
+        for name, value in given.items():
+            if torch.is_tensor(value) and value.ndim != 2:
+                raise UserError(f"{name or 'the context'} features must be a (P, F) tensor, got shape "
+                                f"{tuple(value.shape)}")
+        one = {name: value[None] if torch.is_tensor(value) else [value] for name, value in given.items()}
+        context, _, lengths = check_context(self.backend, one[None] if None in one else one)
+        capacity_for(self.backend, 1, int(lengths[0]), len(request.prompt), request.max_tokens, [self.capacity])
+        return {name: value[0] for name, value in context.items()}, int(lengths[0])
 
     def submit(self, request: Request, on_update=None) -> RequestState:
         """Queue a request (checked first); it joins a free row at the next step boundary."""
-        self.check(request)
+        context, context_len = self.check(request)
         with self._lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting, the most this engine queues")
-            state = RequestState(next(self._ids), request, on_update)
+            state = RequestState(next(self._ids), request, on_update, context, context_len)
             self.waiting.append(state)
         return state
 
@@ -286,10 +314,9 @@ class InflightEngine:
             self.slots[row] = state
         hits, misses = [], []
         for state in joiners:
-            prefix = state.request.prefix
             cached = None
-            if self.cache is not None and prefix.shape[0] > 0:
-                state.cache_key = self.cache.key(prefix)
+            if self.cache is not None and state.context_len > 0:
+                state.cache_key = self.cache.key(state.context)
                 cached = self.cache.get(state.cache_key)
             (hits if cached is not None else misses).append((state, cached))
         rows, logits = [], []
@@ -300,14 +327,14 @@ class InflightEngine:
                 self.k[:, state.row, :, :P].copy_(k)
                 self.v[:, state.row, :, :P].copy_(v)
             if hasattr(self.backend, "prefill_after"):
-                for group in _by_prefix_len([s for s, _ in hits]):
+                for group in _by_context_len([s for s, _ in hits]):
                     rows.append(torch.tensor([s.row for s in group], device=self.device))
                     logits.append(self._prefill_after(group, rows[-1]))
             else:
                 group = [s for s, _ in hits]
                 rows.append(torch.tensor([s.row for s in group], device=self.device))
                 logits.append(self._feed_prompts(group, rows[-1]))
-        for group in _by_prefix_len([s for s, _ in misses]):
+        for group in _by_lengths([s for s, _ in misses]):
             rows.append(torch.tensor([s.row for s in group], device=self.device))
             logits.append(self._prefill(group, rows[-1]))
         self._start(joiners, torch.cat(rows), torch.cat(logits))
@@ -315,15 +342,15 @@ class InflightEngine:
     def _prompts(self, group: list[RequestState]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded prompt ids (J, T) and their lengths (J,), on the device."""
         prompts = [s.request.prompt for s in group]
-        ids = torch.full((len(group), max(map(len, prompts))), self.tok.pad_id, dtype=torch.long)
+        ids = torch.full((len(group), max(map(len, prompts))), self.pad_id, dtype=torch.long)
         for j, p in enumerate(prompts):
             ids[j, : len(p)] = torch.tensor(p)
         return ids.to(self.device), torch.tensor(list(map(len, prompts)), device=self.device)
 
     def _prefill_after(self, group: list[RequestState], rows: torch.Tensor) -> torch.Tensor:
-        """Prompts after cached prefixes of one length, in one call; writes the prompts' slots after the prefix."""
+        """Prompts after cached contexts of one length, in one call; writes the prompts' slots after the context."""
         ids, lengths = self._prompts(group)
-        P, T = group[0].request.prefix.shape[0], ids.shape[1]
+        P, T = group[0].context_len, ids.shape[1]
         past_k = self.k[:, rows, :, :P]  # (L, J, H, P, D), a gathered copy
         past_v = self.v[:, rows, :, :P]
         logits, keys, values = self.backend.prefill_after(list(past_k), list(past_v), ids, lengths)
@@ -333,53 +360,55 @@ class InflightEngine:
         return logits
 
     def _prefill(self, group: list[RequestState], rows: torch.Tensor) -> torch.Tensor:
-        """One batched prefill of requests sharing a prefix length; writes their slots, returns their logits."""
+        """One batched prefill of requests sharing their continuous context lengths; writes their slots, returns their
+        logits."""
         ids, lengths = self._prompts(group)
         T = ids.shape[1]
-        prefix = torch.stack([s.request.prefix for s in group]).to(self.device)
-        logits, keys, values = self._run_prefill(prefix, ids, lengths)
-        N = prefix.shape[1] + T
+        context = batch_context(self.backend.dims, [s.context for s in group], self.device)
+        logits, keys, values = self._run_prefill(context, ids, lengths)
+        N = max(s.context_len for s in group) + T  # every row's real slots lie below: packed, each row's first
         for i in range(len(keys)):
             self.k[i, rows, :, :N] = keys[i][:, :, :N].to(self.k.dtype)
             self.v[i, rows, :, :N] = values[i][:, :, :N].to(self.v.dtype)
-        P = prefix.shape[1]
-        if self.cache is not None and P > 0:
-            for state in group:
-                row = state.row
+        if self.cache is not None:
+            for state in (s for s in group if s.context_len > 0):
+                row, P = state.row, state.context_len
                 self.cache.put(state.cache_key, self.k[:, row, :, :P].clone(), self.v[:, row, :, :P].clone())
         return logits
 
-    def _run_prefill(self, prefix: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor):
+    def _run_prefill(self, context: dict, ids: torch.Tensor, lengths: torch.Tensor):
         """The backend's prefill, eager or replayed from the bucket's graph (padded rows and positions are ignored:
         rows do not interact, and a right-padded prompt's real positions never attend to its padding)."""
         if not self.capture_prefill:
-            return self.backend.prefill(prefix, ids, lengths)
-        J, P, _ = prefix.shape
-        T = ids.shape[1]
-        key = (_power_of_two(J), P, max(_power_of_two(T), MIN_PROMPT_BUCKET))
+            return self.backend.prefill(context, ids, lengths)
+        J, T = ids.shape
+        lengths_of = tuple(v.shape[1] for v in context.values())
+        key = (_power_of_two(J), lengths_of, max(_power_of_two(T), MIN_PROMPT_BUCKET))
         if key not in self._prefill_graphs:
             self._prefill_graphs[key] = self._capture_prefill(*key)
         g = self._prefill_graphs[key]
-        g.prefix[:J].copy_(prefix)
-        g.ids.fill_(self.tok.pad_id)
+        for name, value in context.items():
+            g.context[name][:J].copy_(value)
+        g.ids.fill_(self.pad_id)
         g.ids[:J, :T].copy_(ids)
         g.lengths.fill_(1)
         g.lengths[:J].copy_(lengths)
         g.graph.replay()
         return g.logits[:J], [k[:J] for k in g.keys], [v[:J] for v in g.values]
 
-    def _capture_prefill(self, J: int, P: int, T: int) -> "_PrefillGraph":
+    def _capture_prefill(self, J: int, lengths_of: tuple[int, ...], T: int) -> "_PrefillGraph":
         d, dev = self.backend.dims, self.device
-        prefix = torch.zeros(J, P, d.prefix_dim, dtype=self.backend.dtype, device=dev)
-        ids = torch.full((J, T), self.tok.pad_id, dtype=torch.long, device=dev)
+        context = {m.name: torch.zeros(J, P, m.dim, dtype=self.backend.dtype, device=dev)
+                   for m, P in zip(d.context, lengths_of)}
+        ids = torch.full((J, T), self.pad_id, dtype=torch.long, device=dev)
         lengths = torch.ones(J, dtype=torch.long, device=dev)
-        self.backend.prefill(prefix, ids, lengths)  # warm-up: lazy init and cuBLAS handles outside the capture
+        self.backend.prefill(context, ids, lengths)  # warm-up: lazy init and cuBLAS handles outside the capture
         torch.cuda.synchronize(dev)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=self.stream):
-            logits, keys, values = self.backend.prefill(prefix, ids, lengths)
+            logits, keys, values = self.backend.prefill(context, ids, lengths)
         self.graph_captures += 1
-        return _PrefillGraph(graph, prefix, ids, lengths, logits, keys, values)
+        return _PrefillGraph(graph, context, ids, lengths, logits, keys, values)
 
     def _feed_prompts(self, group: list[RequestState], rows: torch.Tensor) -> torch.Tensor:
         """Prompts after a cached prefix, one token per full-bucket decode call. Running rows are fed their own
@@ -392,7 +421,7 @@ class InflightEngine:
         for t in range(longest):
             ids[rows, 0] = torch.tensor([s.request.prompt[min(t, len(s.request.prompt) - 1)] for s in group],
                                         device=self.device)
-            position[rows, 0] = torch.tensor([s.request.prefix.shape[0] + min(t, len(s.request.prompt) - 1)
+            position[rows, 0] = torch.tensor([s.context_len + min(t, len(s.request.prompt) - 1)
                                               for s in group], device=self.device)
             logits = self.backend.decode(ids, position, self.k, self.v)
         return logits[rows]
@@ -405,13 +434,13 @@ class InflightEngine:
         zero = torch.zeros(len(states), dtype=torch.long, device=self.device)
         first = self._sample(logits, sampling, zero)
         limit = torch.tensor([s.request.max_tokens for s in states], device=self.device)
-        start = torch.tensor([s.request.prefix.shape[0] + len(s.request.prompt) for s in states], device=self.device)
+        start = torch.tensor([s.context_len + len(s.request.prompt) for s in states], device=self.device)
         self.sampling.write(rows, sampling)
         self.token[rows, 0] = first
         self.position[rows, 0] = start
         self.count[rows] = 1
         self.max_tokens[rows] = limit
-        self.finished[rows] = (first == self.tok.eos_id) | (limit <= 1)
+        self.finished[rows] = (first == self.end_id) | (limit <= 1)
         now = time.perf_counter()
         for state, token in zip(states, first.tolist()):
             state.first_token_s = now
@@ -421,12 +450,12 @@ class InflightEngine:
         """One token for every row, device-only: execute + KV write, sample, record, advance."""
         logits = self.backend.decode(self.token, self.position, self.k, self.v)
         nxt = self._sample(logits, self.sampling, self.count)
-        nxt = torch.where(self.finished, torch.full_like(nxt, self.tok.eos_id), nxt)  # finished rows emit EOS
+        nxt = torch.where(self.finished, torch.full_like(nxt, self.end_id), nxt)  # finished rows emit the end token
         self.window.scatter_(1, self.window_step.expand(self.rows, 1), nxt[:, None])
         live = (~self.finished).long()
         self.count.add_(live)
         self.position.add_(live[:, None])
-        self.finished.logical_or_((nxt == self.tok.eos_id) | (self.count >= self.max_tokens))
+        self.finished.logical_or_((nxt == self.end_id) | (self.count >= self.max_tokens))
         self.token.copy_(nxt[:, None])
         self.window_step.add_(1)
 
@@ -450,8 +479,8 @@ class InflightEngine:
         state.tokens += tokens
         if state.on_update is not None:
             state.on_update(state, tokens)
-        if state.tokens[-1] == self.tok.eos_id or len(state.tokens) >= state.request.max_tokens:
-            self._finish(state, "stop" if state.tokens[-1] == self.tok.eos_id else "length")
+        if state.tokens[-1] == self.end_id or len(state.tokens) >= state.request.max_tokens:
+            self._finish(state, "stop" if state.tokens[-1] == self.end_id else "length")
 
     def _finish(self, state: RequestState, reason: str) -> None:
         if state.done:

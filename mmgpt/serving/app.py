@@ -101,16 +101,19 @@ def build_app(service: ModelService) -> FastAPI:
             service.rejected_total += 1
             raise APIError(429, f"the server is busy ({e}); retry later", type="rate_limit_error") from None
         rid = new_id("chatcmpl" if chat else "cmpl")
-        prompt_tokens = requests[0].prefix.shape[0] + len(requests[0].prompt)
+        prompt_tokens = requests[0].context.shape[0] + len(requests[0].prompt)  # the served context is features
         if params.stream:
+            service.open_responses += 1  # until the stream's last byte: a drain waits for it (stream() ends it)
             return StreamingResponse(stream(queue, states, rid, params.model, chat), media_type="text/event-stream")
         waiter = asyncio.ensure_future(collect(queue, states))
+        service.open_responses += 1
         try:
             while not waiter.done():
                 await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
                 if not waiter.done() and await request.is_disconnected():
                     break
         finally:
+            service.open_responses -= 1
             if not waiter.done():  # the client left (or the handler was cancelled): free its rows
                 for s in states:
                     s.cancel()
@@ -152,6 +155,7 @@ def build_app(service: ModelService) -> FastAPI:
                 left -= reason is not None
             yield "data: [DONE]\n\n"
         finally:  # the client disconnected mid-stream (or the stream ended): free whatever still runs
+            service.open_responses -= 1
             for s in states:
                 s.cancel()
 

@@ -26,7 +26,12 @@ class ModelServer:
         from mmgpt.serving.app import build_app
         return build_app(self.service)
 
-    def __del__(self):  # Ray Serve calls it on graceful shutdown, after the replica stopped taking requests
+    async def drain(self) -> None:
+        """Refuse new requests (503) and return once this replica's running and waiting ones have finished."""
+        import asyncio
+        await asyncio.to_thread(self.service.shutdown, self.drain_s)
+
+    def __del__(self):  # Ray Serve calls it on graceful shutdown; after drain() there is nothing left to wait for
         self.service.shutdown(self.drain_s)
 
 
@@ -80,6 +85,11 @@ def serve(cfg: DictConfig) -> None:
               f"http://{cfg.host}:{cfg.port}/v1 with {cfg.num_replicas} replica(s)", flush=True)
         stop.wait()
         print("draining in-flight requests, then stopping", flush=True)
+        # Serve's shutdown kills the HTTP proxies at once, cutting open streams: drain the replicas first. Routing
+        # picks replicas by load, and a drained one answers at once, so the calls spread over the busy ones.
+        handle = ray_serve.get_app_handle(APP_NAME)
+        for call in [handle.drain.remote() for _ in range(cfg.num_replicas)]:
+            call.result(timeout_s=cfg.drain_s + 30)
         ray_serve.shutdown()
     finally:
         for s, handler in previous.items():

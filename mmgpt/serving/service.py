@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from mmgpt.contract.artifacts import Artifacts, find_latest_artifacts
-from mmgpt.data.digits import DigitsTask, images_to_prefixes
+from mmgpt.data.digits import DigitsTask, read_images
 from mmgpt.errors import UserError
+from mmgpt.model import TEXT
 from mmgpt.runtime.backends import open_backend
 from mmgpt.runtime.inflight import InflightEngine, PrefixCache, Request, RequestState
 from mmgpt.runtime.sampling import SEED_MAX, SamplingConfig
@@ -123,6 +124,11 @@ class ModelService:
         self.settings = settings
         artifacts = Artifacts.open(settings.artifacts)
         m = artifacts.manifest
+        context = m.dims.context
+        if m.dims.decoded.name != TEXT or len(context) != 1 or context[0].kind != "continuous":
+            raise UserError(f"{artifacts.path}: serve.py serves models that decode text after one continuous context "
+                            f"(images or features); this one's context is {[c.name for c in context]} and it "
+                            f"decodes {m.dims.decoded.name!r}: use infer.py (or the Generator) for it")
         self.tokenizer = artifacts.tokenizer
         self.model_name = settings.model_name or artifacts.path.name
         try:
@@ -137,11 +143,12 @@ class ModelService:
         self.engine = InflightEngine(backend, self.tokenizer, rows=settings.rows, capacity=capacity,
                                      prefix_cache=cache, stream_interval=settings.stream_interval,
                                      max_queue=settings.max_queue)
-        self.prefix_dim = m.dims.prefix_dim
+        self.feature_dim = context[0].dim
         self.loop = EngineLoop(self.engine)
         self.started = time.time()
         self.requests_total = 0
         self.rejected_total = 0  # queue full or draining
+        self.open_responses = 0  # HTTP responses not yet fully sent (the app counts them)
         log.info("serving %s (%s) with %s on %s: %d rows x %d positions", self.model_name, artifacts.path,
                  backend.name, backend.device, settings.rows, capacity)
 
@@ -168,7 +175,7 @@ class ModelService:
         if params.features is not None:
             return torch.tensor(params.features, dtype=torch.float32)
         if not params.images:
-            return torch.zeros(0, self.prefix_dim)
+            return torch.zeros(0, self.feature_dim)
         if self.task is None:
             raise APIError(400, "this model was not trained on images: send its context features in the 'features' "
                                 "field", param="messages")
@@ -177,8 +184,8 @@ class ModelService:
             raise APIError(400, f"{len(params.images)} image(s), but this model reads {per} per request (as it was "
                                 "trained)", param="messages")
         try:
-            prefixes = images_to_prefixes([io.BytesIO(b) for b in params.images], self.task,
-                                          names=[f"image {i + 1}" for i in range(per)])
+            prefixes = read_images([io.BytesIO(b) for b in params.images], self.task,
+                                   names=[f"image {i + 1}" for i in range(per)])
         except UserError as e:
             raise APIError(400, str(e), param="messages") from None
         return torch.from_numpy(prefixes[0])
@@ -195,5 +202,10 @@ class ModelService:
                 "prefix_cache_bytes": cache.nbytes if cache else 0}
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Refuse new requests, finish the running ones, and wait until their responses are sent (up to timeout_s:
+        the HTTP proxy in front may be stopped right after)."""
+        deadline = time.monotonic() + timeout_s
         self.loop.shutdown(timeout_s)
+        while self.open_responses > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
 

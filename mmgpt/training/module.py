@@ -1,4 +1,6 @@
-"""The LightningModule: loss on text tokens only; validation reports loss and exact match of greedy captions."""
+"""The LightningModule: the model's weighted loss over its modalities with a head; validation reports the loss and
+how many greedy generations of the decoded modality are right (the data's score: exact match of a caption, a drawn
+digit that a classifier recognises)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,14 +15,14 @@ import torch
 from mmgpt.contract.checkpoint import META_KEY, CheckpointMeta, Schedule
 from mmgpt.contract.typed import build, conf_defaults
 from mmgpt.errors import UserError
-from mmgpt.model import GPTConfig, MultimodalGPT
+from mmgpt.model import MODALITY_TABLES, TEXT, GPTConfig, MultimodalGPT
 from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
 from mmgpt.tokenizer import tokenizer_from_dict
 from mmgpt.training.schedule import lr_factor_fn
 
 log = logging.getLogger(__name__)
-FREEZE = ("none", "lm")  # lm: only the prefix encoder learns (LLaVA's first stage); the LM stays bit-identical
+FREEZE = ("none", "lm")  # lm: only the modalities' own tables learn (LLaVA's first stage); the LM stays bit-identical
 
 
 def _switch(value, auto: bool, name: str) -> bool:
@@ -39,7 +41,7 @@ class ModuleConfig:
     min_lr_ratio: float
     max_new_tokens: int
     freeze: str  # none | lm
-    lr_prefix: float | None
+    lr_modalities: float | None
     lr_lm: float | None
     compile: bool | str
     cuda_graph: bool | str
@@ -85,20 +87,21 @@ def compile_options(compile, cuda_graph, device: torch.device, world_size: int) 
 
 
 class MultimodalGPTModule(L.LightningModule):
-    """Loss on text tokens only; validation reports loss and exact match of greedy captions."""
+    """The model's loss; validation reports it and the data's score of greedy generations."""
 
     def __init__(self, model_config: dict, tokenizer: dict, config: ModuleConfig, optimizer=None,
-                 prefix_len: int | None = None, data_config: dict | None = None):
+                 context_lens: dict[str, int] | None = None, data_config: dict | None = None):
         super().__init__()
         self.config = config
         # plain values only, and not the tokenizer (a GPT-2 one is megabytes): the checkpoint's "mmgpt" entry
         # carries it, and loads with torch.load(weights_only=True)
-        self.save_hyperparameters({"model_config": model_config, "prefix_len": prefix_len,
+        self.save_hyperparameters({"model_config": model_config, "context_lens": context_lens,
                                    "data_config": data_config, "module": dataclasses.asdict(config)})
         self.model = MultimodalGPT(GPTConfig.from_dict(model_config))
         self.model.activation_checkpointing = config.activation_checkpointing
         self.tokenizer = tokenizer_from_dict(tokenizer)
-        self.prefix_len, self.data_config = prefix_len, data_config
+        self.context_lens, self.data_config = dict(context_lens or {}), data_config
+        self.metric = "exact_match" if self.model.config.decoded == TEXT else "recognised"
         self.optimizer_factory = optimizer
         self._val_hits = self._val_total = 0
         self._val_generator: Generator | None = None
@@ -108,11 +111,11 @@ class MultimodalGPTModule(L.LightningModule):
         self._resumed_schedule = None  # (step, total steps) of the checkpoint this run resumes
         if config.freeze == "lm":
             for name, p in self.model.named_parameters():
-                p.requires_grad_(name.startswith("prefix_encoder."))
+                p.requires_grad_(name.startswith(MODALITY_TABLES))
 
-    def _loss(self, prefix, input_ids, targets):
+    def _loss(self, context, input_ids, targets):
         # Only the loss leaves the compiled region: the full logits need not be kept as an output.
-        return self.model(prefix, input_ids, targets)[1]
+        return self.model(context, input_ids, targets)[1]
 
     def on_fit_start(self):
         self.compile_step(self.device, self.trainer.world_size)
@@ -128,7 +131,7 @@ class MultimodalGPTModule(L.LightningModule):
         """The loss of one training batch, as training_step computes it (the benchmarks time this)."""
         if self._cuda_graph:  # this step's replay may overwrite the previous step's graph outputs
             torch.compiler.cudagraph_mark_step_begin()
-        return self._train_loss(batch["prefix"], batch["input_ids"], batch["targets"])
+        return self._train_loss(batch["context"], batch["input_ids"], batch["targets"])
 
     def training_step(self, batch, batch_idx):
         loss = self.step_loss(batch)
@@ -146,20 +149,22 @@ class MultimodalGPTModule(L.LightningModule):
                                             max_positions=self.model.config.block_size, cuda_graph=False)
 
     def validation_step(self, batch, batch_idx):
-        B = len(batch["captions"])
-        _, loss = self.model(batch["prefix"], batch["input_ids"], batch["targets"])
+        B = len(batch["references"])
+        _, loss = self.model(batch["context"], batch["input_ids"], batch["targets"])
         self.log("val/loss", loss, prog_bar=True, batch_size=B, sync_dist=True)
         # Decoding in the parameters' own dtype (fp32 weights and KV cache, as export sees them), not autocast's bf16
         # weight copies of this step; a generator with CUDA graphs would also keep pointing at those freed copies.
         with torch.autocast(self.device.type, enabled=False):
-            result = self._val_generator.generate(batch["prefix"], max_new_tokens=self.config.max_new_tokens)
-        self._val_hits += sum(p == r for p, r in zip(result.texts, batch["captions"]))
+            result = self._val_generator.generate(batch["context"], max_new_tokens=self.config.max_new_tokens)
+        score = self.trainer.datamodule.score(self.model.config.decoded, result.sequences, result.texts,
+                                              batch["references"])
+        self._val_hits += sum(score)
         self._val_total += B
 
     def on_validation_epoch_end(self):
         counts = torch.tensor([self._val_hits, self._val_total], dtype=torch.float64, device=self.device)
         counts = self.all_gather(counts).reshape(-1, 2).sum(0)  # exact over every rank's samples
-        self.log("val/exact_match", (counts[0] / counts[1].clamp(min=1)).item(), prog_bar=True, rank_zero_only=True)
+        self.log(f"val/{self.metric}", (counts[0] / counts[1].clamp(min=1)).item(), prog_bar=True, rank_zero_only=True)
         if not self.trainer.sanity_checking:
             self.validated_at_step = self.trainer.global_step
 
@@ -167,12 +172,12 @@ class MultimodalGPTModule(L.LightningModule):
         self._val_generator = None  # its graphs point at this device's parameters; Lightning may move them after fit
 
     def parameter_groups(self) -> list[dict]:
-        """AdamW groups: prefix encoder and language model may learn at different rates; no decay on biases and
-        norms; frozen parameters are left out (so weight decay cannot touch them either)."""
+        """AdamW groups: the modalities' own tables and the language model may learn at different rates; no decay on
+        biases and norms; frozen parameters are left out (so weight decay cannot touch them either)."""
         groups = []
-        for part, lr in (("prefix_encoder.", self.config.lr_prefix), ("", self.config.lr_lm)):
+        for own, lr in ((True, self.config.lr_modalities), (False, self.config.lr_lm)):
             named = [(n, p) for n, p in self.model.named_parameters()
-                     if p.requires_grad and (n.startswith("prefix_encoder.") == (part != ""))]
+                     if p.requires_grad and n.startswith(MODALITY_TABLES) == own]
             for decay in (True, False):
                 params = [p for n, p in named if (p.dim() >= 2) == decay]
                 if params:
@@ -236,7 +241,7 @@ class MultimodalGPTModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         # Everything needed to rebuild the model without this repo's config files.
         meta = CheckpointMeta(model_config=self.model.config.to_dict(), tokenizer=self.tokenizer.to_dict(),
-                              prefix_len=self.prefix_len, data=self.data_config,
+                              context_lens=self.context_lens, data=self.data_config,
                               schedule=Schedule(total_steps=int(self.trainer.max_steps)))
         checkpoint[META_KEY] = meta.to_dict()
 

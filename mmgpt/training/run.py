@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmgpt.checkpoint import load_checkpoint
 from mmgpt.errors import UserError
+from mmgpt.model import GPTConfig, modality_from_dict
 from mmgpt.throughput import ThroughputMonitor
 from mmgpt.tokenizer import check_tokenizer_fits
 from mmgpt.training.callbacks import AtomicCheckpointIO, SaveOnTerminate
@@ -46,33 +47,43 @@ def check_train_config(cfg: DictConfig) -> ModuleConfig:
     return module
 
 
+def model_modalities(cfg: DictConfig, datamodule) -> dict:
+    """model.modalities / context / decoded as GPTConfig fields, each modality completed by the data (dims,
+    vocabularies, end tokens); a modality the data does not provide is a UserError here, before any weight."""
+    raw = OmegaConf.to_container(cfg.model, resolve=True)
+    entries = raw.get("modalities") or []
+    if not isinstance(entries, list) or not all(isinstance(m, dict) for m in entries):
+        raise UserError("model.modalities must be a list of {name, kind, ...} entries (see conf/train.yaml)")
+    modalities = [datamodule.fill(modality_from_dict(m)) for m in entries]
+    return {"modalities": modalities, "context": raw.get("context", []), "decoded": raw.get("decoded")}
+
+
 def load_pretrained(cfg: DictConfig, datamodule):
     """model.init_from, checked before any training: a Hugging Face GPT-2 or Llama-family directory (its config,
-    weights and tokenizer; the prefix encoder sized for the data, fresh) or an mmgpt checkpoint (every weight, e.g.
-    a first stage's; a fresh optimizer and schedule). None when training from scratch."""
+    weights and tokenizer; every other modality's tables sized for the data, fresh) or an mmgpt checkpoint (every
+    weight, e.g. a first stage's; a fresh optimizer and schedule). None when training from scratch."""
     source = cfg.model.get("init_from")
     if not source:
         return None
     from mmgpt.hf import HFLanguageModel, load_hf
+    modalities = model_modalities(cfg, datamodule)
     if Path(source).is_file():
         loaded = load_checkpoint(source)
-        if loaded.model.config.prefix_dim != datamodule.prefix_dim:
-            raise UserError(f"model.init_from={source} reads prefixes of {loaded.model.config.prefix_dim} features, "
-                            f"but the data's have {datamodule.prefix_dim}")
-        return HFLanguageModel(loaded.model.config, loaded.model.state_dict(), loaded.tokenizer)
-    free = {k: cfg.model[k] for k in ("prefix_encoder", "dropout") if k in cfg.model}
-    return load_hf(source, prefix_dim=datamodule.prefix_dim, **free)
+        have = loaded.model.config
+        want = GPTConfig(**{**have.to_dict(), **modalities})
+        if (have.modalities, have.context, have.decoded) != (want.modalities, want.context, want.decoded):
+            raise UserError(f"model.init_from={source} has modalities {[m.name for m in have.modalities]} (context "
+                            f"{have.context}, decoded {have.decoded}) of other sizes or roles than this run's "
+                            "model.modalities with this data; use the same modalities, or a Hugging Face directory")
+        return HFLanguageModel(have, loaded.model.state_dict(), loaded.tokenizer)
+    free = {k: cfg.model[k] for k in ("dropout",) if k in cfg.model}
+    return load_hf(source, **modalities, **free)
 
 
 def build_module(cfg: DictConfig, datamodule, pretrained=None) -> MultimodalGPTModule:
     """The model config, tokenizer and initial weights: from conf/model/ or from a pretrained Hugging Face model."""
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model_cfg.pop("init_from", None)
-    if model_cfg.get("prefix_dim", datamodule.prefix_dim) != datamodule.prefix_dim:
-        raise UserError(f"model.prefix_dim={model_cfg['prefix_dim']}, but the data's prefix elements have "
-                        f"{datamodule.prefix_dim} features; drop model.prefix_dim (the data sets it)")
     common = dict(config=ModuleConfig.from_dict(OmegaConf.to_container(cfg.module, resolve=True)),
-                  optimizer=instantiate(cfg.optimizer), prefix_len=datamodule.prefix_len,
+                  optimizer=instantiate(cfg.optimizer), context_lens=datamodule.context_lens,
                   data_config=OmegaConf.to_container(cfg.data, resolve=True))
     if pretrained is not None:
         from mmgpt.hf import load_language_model
@@ -80,9 +91,12 @@ def build_module(cfg: DictConfig, datamodule, pretrained=None) -> MultimodalGPTM
                                      tokenizer=pretrained.tokenizer.to_dict(), **common)
         load_language_model(module.model, pretrained.state_dict)
         return module
-    model_cfg.update(vocab_size=max(model_cfg.get("vocab_size", 0), datamodule.tokenizer.vocab_size),
-                     prefix_dim=datamodule.prefix_dim)
-    return MultimodalGPTModule(model_config=model_cfg, tokenizer=datamodule.tokenizer.to_dict(), **common)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.pop("init_from", None)
+    model_cfg.update(model_modalities(cfg, datamodule),
+                     vocab_size=max(model_cfg.get("vocab_size", 0), datamodule.tokenizer.vocab_size))
+    return MultimodalGPTModule(model_config=GPTConfig.from_dict(model_cfg).to_dict(),
+                               tokenizer=datamodule.tokenizer.to_dict(), **common)
 
 
 def instantiate(node, **kwargs):
@@ -103,14 +117,14 @@ def setup(cfg: DictConfig) -> tuple[MultimodalGPTModule, L.LightningDataModule]:
     pretrained = load_pretrained(cfg, datamodule)
     if pretrained is not None:
         datamodule.tokenizer = pretrained.tokenizer
-    datamodule.setup("fit")
     module = build_module(cfg, datamodule, pretrained)
     config = module.model.config
     check_tokenizer_fits(datamodule.tokenizer, config)
-    if datamodule.prefix_len + datamodule.max_caption_tokens > config.block_size:
-        raise UserError(f"prefix ({datamodule.prefix_len}) + longest caption ({datamodule.max_caption_tokens} "
-                        f"tokens) exceeds the model's {config.block_size} positions; raise model.block_size or "
-                        "shorten the captions")
+    datamodule.model_config = config
+    datamodule.setup("fit")
+    if datamodule.max_positions > config.block_size:
+        raise UserError(f"the longest context + decoded sequence ({datamodule.max_positions} positions) exceeds the "
+                        f"model's {config.block_size} positions; raise model.block_size or shorten the data")
     return module, datamodule
 
 
@@ -146,7 +160,8 @@ def train(cfg: DictConfig) -> dict:
         if isinstance(logger, L.pytorch.loggers.WandbLogger):
             result["wandb_dir"] = str(Path(logger.experiment.dir).parent)
             logger.experiment.finish()
-        print(f"\nval/exact_match = {metrics.get('val/exact_match', float('nan')):.4f}   "
+        metric = f"val/{module.metric}"
+        print(f"\n{metric} = {metrics.get(metric, float('nan')):.4f}   "
               f"val/loss = {metrics.get('val/loss', float('nan')):.4f}   global_step = {trainer.global_step}")
         if summary:
             print(f"throughput:  {summary.line()}")

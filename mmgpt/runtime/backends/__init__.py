@@ -1,9 +1,11 @@
 """Backends: what runs the two flows of the exported model. Every backend is built from an artifacts directory
 (`open_backend`), so artifacts copied to another machine serve on all of them.
 
-    prefill(prefix (B, P, F), input_ids (B, T), input_lengths (B,)) -> logits (B, V), keys / values per layer
-        (B, H, P+T, D)
+    prefill(context {modality: features (B, P, F) | (ids (B, T_m), lengths (B,))}, input_ids (B, T),
+        input_lengths (B,)) -> logits (B, V), keys / values per layer (B, H, N, D), N = the context's and the
+        prompt's lengths, each row's real positions first
     decode(input_ids (B, 1), position_ids (B, 1), k_cache, v_cache) -> logits (B, V)
+V and the ids are the decoded modality's.
 
 The caches are (L, B, H, S, D) buffers owned by the generator; decode writes the new token's key and value into
 them at position_ids (inside the backend, so a backend can fuse the write into its step).
@@ -27,15 +29,15 @@ class Backend:
     name = "backend"
     prefill_capturable = False  # prefill is pure device work of fixed shapes: the engine may capture it per bucket
 
-    def __init__(self, dims: ModelDims, device, dtype: torch.dtype, prefix_len: int | None = None,
+    def __init__(self, dims: ModelDims, device, dtype: torch.dtype, context_lens: dict[str, int] | None = None,
                  max_batch: int | None = None):
         self.dims = dims
         self.device = torch.device(device)
         self.dtype = dtype  # of the KV cache
-        self.prefix_len = prefix_len  # the only prefix length this backend takes, or None for any
+        self.context_lens = context_lens or {}  # continuous modality -> the only length this backend takes
         self.max_batch = max_batch  # the largest batch this backend takes (an engine profile's), or None
 
-    def prefill(self, prefix, input_ids, input_lengths):
+    def prefill(self, context, input_ids, input_lengths):
         raise NotImplementedError
 
     def decode(self, input_ids, position_ids, k_cache, v_cache) -> torch.Tensor:
@@ -92,12 +94,12 @@ def open_backend(name: str, artifacts: Artifacts, device: str = "auto", compile:
         from mmgpt.runtime.backends.onnx_runtime import OnnxRuntimeBackend
         return OnnxRuntimeBackend(artifacts)
     model = artifacts.load_model(dev)
-    prefix_len = artifacts.manifest.prefix_len
+    context_lens = artifacts.manifest.context_lens
     if name == "torch-triton":
         if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise UserError("backend=torch-triton needs a CUDA GPU (or TRITON_INTERPRET=1 to emulate it, slowly); "
                              "on a CPU use backend=torch or backend=onnxruntime")
         from mmgpt.runtime.backends.fused_triton import TritonBackend
-        return TritonBackend(model, prefix_len=prefix_len)
+        return TritonBackend(model, context_lens=context_lens)
     from mmgpt.runtime.backends.torch_model import TorchBackend
-    return TorchBackend(model, compile=compile, prefix_len=prefix_len)
+    return TorchBackend(model, compile=compile, context_lens=context_lens)

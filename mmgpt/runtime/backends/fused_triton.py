@@ -2,7 +2,8 @@
 
 Prefill runs the PyTorch model (one call per generation). Each decode step is 1 + 5 x n_layer + 1 kernel launches
 (embedding; per layer LN1+QKV, attention with the KV write, c_proj+residual, LN2+c_fc+GELU, c_proj+residual; then
-LN_f + head), all reading device-side positions, so the generator captures the step in one CUDA graph. Any batch
+LN_f + head; the embedding and the head are the decoded modality's, so a new modality decodes as text does), all
+reading device-side positions, so the generator captures the step in one CUDA graph. Any batch
 runs: rows are tiled, and tiles are sized to fit the device's shared memory.
 """
 from __future__ import annotations
@@ -85,12 +86,13 @@ class _StepBuffers:
 class TritonBackend(TorchBackend):
     name = "torch-triton"
 
-    def __init__(self, model: MultimodalGPT, prefix_len: int | None = None, gemv: GemvConfig = GemvConfig(),
+    def __init__(self, model: MultimodalGPT, context_lens: dict[str, int] | None = None,
+                 gemv: GemvConfig = GemvConfig(),
                  head_gemv: GemvConfig = HEAD_GEMV, attention: AttentionConfig = AttentionConfig(),
                  pdl: bool = False):
         """pdl: launch every kernel with programmatic dependent launch. Off by default: it did not gain across model
         sizes where it was measured (benchmarks/NOTES.md)."""
-        super().__init__(model, compile=False, prefix_len=prefix_len)
+        super().__init__(model, compile=False, context_lens=context_lens)
         cfg = model.config
         if cfg.family != "gpt2":
             raise UserError(f"the fused kernels compute GPT-2's block; this is a {cfg.family}-family model: use "
@@ -147,7 +149,7 @@ class TritonBackend(TorchBackend):
             self._buffers[B] = _StepBuffers(
                 x=f32(B, c.n_embd), qkv=torch.empty(B, 3 * c.n_embd, device=dev, dtype=dt),
                 y=torch.empty(B, c.n_embd, device=dev, dtype=dt),
-                hidden=torch.empty(B, 4 * c.n_embd, device=dev, dtype=dt), logits=f32(B, c.vocab_size),
+                hidden=torch.empty(B, 4 * c.n_embd, device=dev, dtype=dt), logits=f32(B, self.dims.vocab_size),
                 part_max=f32(parts), part_sum=f32(parts), part_out=f32(parts, c.head_dim),
                 arrivals=torch.zeros(B * c.n_head, device=dev, dtype=torch.int32))
         return self._buffers[B]
@@ -203,7 +205,7 @@ class TritonBackend(TorchBackend):
         c, t, a = self.model.config, self.model.transformer, self.attention
         buf = self._buffers_for(B)
         tokens, positions = input_ids.reshape(B), position_ids.reshape(B)
-        embed_kernel[(B,)](tokens, positions, t.wte.weight, t.wpe.weight, buf.x, C=c.n_embd,
+        embed_kernel[(B,)](tokens, positions, self.model.table(c.decoded).weight, t.wpe.weight, buf.x, C=c.n_embd,
                            BLOCK_C=min(1024, triton.next_power_of_2(c.n_embd)), **self._launch)
         S, g = k_cache.shape[3], self.gemv
         splits = self.attention_splits(B, S)
@@ -216,5 +218,6 @@ class TritonBackend(TorchBackend):
             self._gemv(buf.y, L.w_o, buf.x, g, bias=L.b_o, residual=True)
             self._gemv(buf.x, L.w_fc, buf.hidden, g, ln=(L.ln2_w, L.ln2_b), bias=L.b_fc, gelu=True)
             self._gemv(buf.hidden, L.w_proj, buf.x, g, bias=L.b_proj, residual=True)
-        self._gemv(buf.x, self.model.lm_head.weight, buf.logits, self.head_gemv, ln=(t.ln_f.weight, t.ln_f.bias))
+        head = self.model.head(c.decoded).weight
+        self._gemv(buf.x, head, buf.logits, self.head_gemv, ln=(t.ln_f.weight, t.ln_f.bias))
         return buf.logits

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import torch
 
 from mmgpt.contract.artifacts import Artifacts
-from mmgpt.contract.graphs import interleave, past_names
+from mmgpt.contract.graphs import context_feed, interleave, past_names
 from mmgpt.runtime.backends import Backend, write_kv
 from mmgpt.errors import UserError
 
@@ -23,7 +23,7 @@ class OnnxRuntimeBackend(Backend):
         if m.dtype == "bfloat16":
             raise UserError("ONNX Runtime's CPU provider has no bfloat16 kernels; export with dtype=fp32 or fp16 "
                              "for backend=onnxruntime")
-        super().__init__(m.dims, "cpu", m.torch_dtype, prefix_len=m.prefix_len)
+        super().__init__(m.dims, "cpu", m.torch_dtype, context_lens=m.context_lens)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
@@ -32,9 +32,11 @@ class OnnxRuntimeBackend(Backend):
         self.decode_session = ort.InferenceSession(str(artifacts.graph_path("decode")), opts, providers=providers)
         self._past_names = past_names(self.dims.n_layer)
 
-    def prefill(self, prefix, input_ids, input_lengths):
-        outs = self.prefill_session.run(None, {
-            "prefix": _np(prefix.to(self.dtype)), "input_ids": _np(input_ids), "input_lengths": _np(input_lengths)})
+    def prefill(self, context, input_ids, input_lengths):
+        feed = {name: _np(t.to(self.dtype) if t.is_floating_point() else t)
+                for name, t in context_feed(self.dims, context).items()}
+        feed.update(input_ids=_np(input_ids), input_lengths=_np(input_lengths))
+        outs = self.prefill_session.run(None, feed)
         logits, kv = torch.from_numpy(outs[0]), [torch.from_numpy(o) for o in outs[1:]]
         return logits, kv[0::2], kv[1::2]
 

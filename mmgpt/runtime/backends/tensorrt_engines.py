@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from mmgpt.contract.artifacts import Artifacts
-from mmgpt.contract.graphs import BATCH, CACHE, PREFIX, TEXT, GraphDecl, declare_graphs, interleave, past_names
+from mmgpt.contract.graphs import BATCH, CACHE, MODEL_DTYPE, PROMPT, GraphDecl, context_feed, context_inputs, \
+    declare_graphs, interleave, past_names
 from mmgpt.contract.engines import EngineBuild, EngineFile
 from mmgpt.engines.trt import EngineError, TrtLog, import_runtime, is_rtx
 from mmgpt.runtime.backends import Backend, write_kv
@@ -142,7 +143,7 @@ class TensorRTBackend(Backend):
         if device.type != "cuda" and trt is None:
             raise EngineError("executing a TensorRT engine needs a CUDA GPU; this machine has none. Use "
                               "backend=onnxruntime (CPU) instead")
-        super().__init__(m.dims, device, m.torch_dtype, prefix_len=m.prefix_len)
+        super().__init__(m.dims, device, m.torch_dtype, context_lens=m.context_lens)
         self.strategy, self.runtime = strategy, build.runtime
         self.context_past = build.context_past_slots
         paths = {name: check_engine_record(artifacts, build, e) for name, e in build.engines.items()}  # before any load
@@ -191,19 +192,22 @@ class TensorRTBackend(Backend):
         return {t.name: torch.empty(t.shape(sizes), dtype=self.dtype, device=self.device) for t in graph.outputs}
 
     # ---------------------------------------------------------------- the two flows
-    def prefill(self, prefix, input_ids, input_lengths):
+    def prefill(self, context, input_ids, input_lengths):
         flow = self.prefill_flow
         stream = current_stream_handle(self.device)
-        B, P, T = input_ids.shape[0], prefix.shape[1], input_ids.shape[1]
-        inputs = {"prefix": prefix.to(self.device, self.dtype).contiguous(), "input_ids": input_ids.contiguous(),
-                  "input_lengths": input_lengths.contiguous()}
+        B, T = input_ids.shape
+        inputs = {name: t.to(self.device, self.dtype if t.is_floating_point() else t.dtype).contiguous()
+                  for name, t in context_feed(self.dims, context).items()}
+        inputs.update(input_ids=input_ids.contiguous(), input_lengths=input_lengths.contiguous())
+        lengths = {sym: inputs[decls[0].name].shape[1]
+                   for sym, decls in zip(self.dims.context_symbols, map(context_inputs, self.dims.context))}
         if self.strategy == "shared":  # the context profile: positions from 0, an empty (or one masked) past
             inputs["position_ids"] = torch.zeros((B, 1), dtype=torch.long, device=self.device)
             S = self.context_past
             past = [torch.zeros((B, self.dims.n_kv_head, S, self.dims.head_dim), dtype=self.dtype, device=self.device)
                     for _ in range(2 * self.dims.n_layer)]
             inputs.update(zip(past_names(self.dims.n_layer), past))
-        outputs = self._outputs(flow.graph, {BATCH: B, PREFIX: P, TEXT: T, CACHE: 0})
+        outputs = self._outputs(flow.graph, {BATCH: B, **lengths, PROMPT: T, CACHE: 0})
         if self._prefill_context is None:
             self._prefill_context = flow.session.new_context(flow.profile, self._memory, stream)
         self._bind(flow, self._prefill_context, inputs, outputs)
@@ -219,12 +223,16 @@ class TensorRTBackend(Backend):
             B, S = key[:2]
             inputs = {"input_ids": input_ids, "position_ids": position_ids}
             keep = ()
-            if self.strategy == "shared":  # the generation profile: no prefix, one token
-                keep = (torch.empty((B, 0, self.dims.prefix_dim), dtype=self.dtype, device=self.device),
-                        torch.ones(B, dtype=torch.long, device=self.device))
-                inputs.update(prefix=keep[0], input_lengths=keep[1])
+            no_context = {sym: 0 for sym in self.dims.context_symbols}
+            if self.strategy == "shared":  # the generation profile: an empty context, one token
+                sizes = {BATCH: B, **no_context}
+                empty = {t.name: torch.zeros(t.shape(sizes), device=self.device,
+                                             dtype=self.dtype if t.dtype == MODEL_DTYPE else torch.long)
+                         for m in self.dims.context for t in context_inputs(m)}
+                keep = (*empty.values(), torch.ones(B, dtype=torch.long, device=self.device))
+                inputs.update(empty, input_lengths=keep[-1])
             inputs.update(zip(past_names(self.dims.n_layer), interleave(k_cache.unbind(0), v_cache.unbind(0))))
-            outputs = self._outputs(flow.graph, {BATCH: B, PREFIX: 0, TEXT: 1, CACHE: S})
+            outputs = self._outputs(flow.graph, {BATCH: B, **no_context, PROMPT: 1, CACHE: S})
             context = flow.session.new_context(flow.profile, self._memory, stream)
             self._bind(flow, context, inputs, outputs)
             self._decode_bindings[key] = _Binding(context, outputs, keep)

@@ -13,18 +13,18 @@ class TorchBackend(Backend):
     name = "torch"
     prefill_capturable = True
 
-    def __init__(self, model: MultimodalGPT, compile: bool = False, prefix_len: int | None = None):
+    def __init__(self, model: MultimodalGPT, compile: bool = False, context_lens: dict[str, int] | None = None):
         p = next(model.parameters())
-        super().__init__(ModelDims.of(model.config), p.device, p.dtype, prefix_len=prefix_len)
+        super().__init__(ModelDims.of(model.config), p.device, p.dtype, context_lens=context_lens)
         self.model = model.eval()
         self._decode = torch.compile(self._decode_step, fullgraph=True, dynamic=False) if compile else self._decode_step
         if compile:
             self.name = "torch-compile"
 
     @torch.no_grad()
-    def prefill(self, prefix, input_ids, input_lengths):
+    def prefill(self, context, input_ids, input_lengths):
         start = torch.zeros_like(input_lengths)
-        return self.model.forward_cached(prefix.to(self.dtype), input_ids, input_lengths, start, None, None)
+        return self.model.forward_cached(context, input_ids, input_lengths, start, None, None)
 
     @torch.no_grad()
     def prefill_after(self, past_keys, past_values, input_ids, input_lengths):
