@@ -335,7 +335,7 @@ def _backends(model: MultimodalGPT, device, args) -> dict:
     backends = {GRAPH_IMPL: TorchBackend(model)}
     if args.compile:
         backends["mmgpt-graph+compile"] = TorchBackend(model, compile=True)
-    if args.triton and model.config.family == "gpt2":  # the fused kernels cover GPT-2's block
+    if args.triton:
         from mmgpt.runtime.backends.fused_triton import TritonBackend
         backends["mmgpt-graph+triton"] = TritonBackend(model, pdl=args.pdl)
     return {name: be for name, be in backends.items() if name not in args.skip}
