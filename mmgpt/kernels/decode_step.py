@@ -318,15 +318,20 @@ def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, inv_freq_ptr, y
         mask_s = offs_s < hi
         kv_off = base + offs_s[:, None] * D + offs_d[None, :]
         k = tl.load(k_cache_ptr + kv_off, mask=mask_s[:, None], other=0.0).to(tl.float32)
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # (GROUP, BLOCK_S)
-        scores = tl.where(mask_s[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))  # finite: the tile holds at least one slot
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(scores - m_new[:, None])
         v = tl.load(v_cache_ptr + kv_off, mask=mask_s[:, None], other=0.0).to(tl.float32)
-        l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-        m = m_new
+        # the group's heads one at a time over the loaded tile: 2-D products (a (GROUP, BLOCK_S, D) one took 183
+        # registers against 102 at GPT-2's group of 1 and 253 at a group of 4, compiled for sm_90)
+        for g in tl.static_range(H // H_KV):
+            head = offs_g == g
+            scores = tl.sum(k * tl.sum(tl.where(head[:, None], q, 0.0), axis=0)[None, :], axis=1) * scale
+            scores = tl.where(mask_s, scores, float("-inf"))
+            m_g = tl.max(tl.where(head, m, float("-inf")), axis=0)
+            m_new = tl.maximum(m_g, tl.max(scores, axis=0))  # finite: the tile holds at least one slot
+            alpha = tl.exp(m_g - m_new)
+            p = tl.exp(scores - m_new)
+            l_sum = tl.where(head, l_sum * alpha + tl.sum(p, axis=0), l_sum)
+            acc = tl.where(head[:, None], acc * alpha + tl.sum(p[:, None] * v, axis=0)[None, :], acc)
+            m = tl.where(head, m_new, m)
     out = y_ptr + b * H * D + q_offs
     if NUM_SPLITS == 1:
         tl.store(out, (acc / l_sum[:, None]).to(y_ptr.dtype.element_ty), mask=mask_g[:, None])
