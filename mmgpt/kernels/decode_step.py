@@ -233,11 +233,12 @@ def ln_gemv_row_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, w_up_ptr, bias_ptr, out
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         xk = _input_tile(x_ptr, offs_k, mask_k, ln_w_ptr, ln_b_ptr, offs_k, mask_k, mean, rstd, HAS_LN, RMS)
-        w_offs = offs_n[:, None] * K + offs_k[None, :]
-        w = tl.load(w_ptr + w_offs, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
+                    other=0.0).to(tl.float32)
         acc += w * xk[None, :]
         if GLU:
-            w_up = tl.load(w_up_ptr + w_offs, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            w_up = tl.load(w_up_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
+                           other=0.0).to(tl.float32)
             acc_up += w_up * xk[None, :]
     out = _epilogue(tl.sum(acc, axis=1), tl.sum(acc_up, axis=1), bias_ptr, offs_n, mask_n, pid_k, HAS_BIAS, GELU,
                     GLU)  # (BLOCK_N,)

@@ -200,7 +200,8 @@ class TritonBackend(TorchBackend):
             block_b, block_n, warps = 1, cfg.row_block_n, cfg.row_num_warps
             block_k = min(cfg.block_k, triton.next_power_of_2(K))
         else:
-            block_b, block_n, block_k, warps = self._tiles(B, K, x.element_size(), w.element_size(), cfg)
+            weights = 2 if up is not None else 1  # SwiGLU pipelines a gate and an up tile
+            block_b, block_n, block_k, warps = self._tiles(B, K, x.element_size(), weights * w.element_size(), cfg)
         row_blocks, n_blocks, split = triton.cdiv(B, block_b), triton.cdiv(N, block_n), 1
         if residual:  # small N (c_proj: N = C) leaves SMs idle: split K, the partials summed in order onto fp32 x
             while row_blocks * n_blocks * split < self.min_programs and 2 * split * block_k <= K:
