@@ -9,15 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, compose_config, require, small_train_overrides, write_gpt2
+from helpers import ROOT, compose_config, require, small_train_overrides, write_gpt2, write_llama
 from mmgpt.checkpoint import CheckpointError, load_checkpoint
 from mmgpt.training import train
 from mmgpt.training.module import MultimodalGPTModule
 from mmgpt.training.schedule import lr_factor_fn
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
-# a GPT-2-124M-sized model on a CPU is the slow one
-EXPERIMENT_PARAMS = [pytest.param(e, marks=pytest.mark.slow) if "124m" in e else e for e in EXPERIMENTS]
+# GPT-2-124M- and SmolLM2-135M-sized models on a CPU are the slow ones
+EXPERIMENT_PARAMS = [pytest.param(e, marks=pytest.mark.slow) if e.endswith(("124m", "135m")) else e
+                     for e in EXPERIMENTS]
+PRETRAINED = {"gpt2_features": "gpt2_dir", "llama_features": "llama_dir"}  # experiment -> its init_from fixture
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +39,22 @@ def gpt2_dir(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    require("transformers", "transformers is not installed (pip install -e .[dev])")
+    d = tmp_path_factory.mktemp("llama")
+    write_llama(d)
+    return d
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENT_PARAMS)
 def test_every_experiment_composes_and_runs_fast_dev_run(experiment, tmp_path, features_file, request):
     overrides = [f"+experiment={experiment}", *small_train_overrides(tmp_path), "trainer.fast_dev_run=true",
                  "data.val_samples=8", "module.max_new_tokens=4"]
     if "features" in experiment:
         overrides = [o for o in overrides if not o.startswith("data.val_samples")] + [f"data.path={features_file}"]
-    if experiment.startswith("gpt2_"):
-        overrides.append(f"model.init_from={request.getfixturevalue('gpt2_dir')}")
+    if experiment in PRETRAINED:
+        overrides.append(f"model.init_from={request.getfixturevalue(PRETRAINED[experiment])}")
     cfg = compose_config("train", overrides)
     result = train(cfg)
     assert result["global_step"] == 1
