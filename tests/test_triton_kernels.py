@@ -164,9 +164,9 @@ def test_llama_decode_step_depends_on_rope_and_swiglu(wrong):
         for layer in backend.layers:
             layer.w_fc, layer.w_up = layer.w_up, layer.w_fc
     (got, k_tri, _), (want, k_ref, _) = decode_both(model, backend, [37, 21], capacity=48)
-    assert logits_error(got, want) > 100 * 10 * KERNEL_RTOL
+    assert logits_error(got, want) > 0.5  # of the logits' scale: 25x the tolerance above even on a GPU (2e-2)
     if wrong == "rope_theta":  # the first layer's stored key is rotated by the frequencies alone
-        assert (k_tri[0] - k_ref[0]).abs().max().item() > 100 * KERNEL_RTOL
+        assert (k_tri[0] - k_ref[0]).abs().max().item() > 0.5
 
 
 def test_llama_greedy_generation_matches_torch():
