@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from mmgpt.kernels.decode_step import attention_kernel, embed_kernel, ln_gemv_kernel, ln_gemv_row_kernel
-from mmgpt.model import MultimodalGPT, rope_inv_freq
+from mmgpt.model import LlamaBlock, MultimodalGPT, rope_inv_freq
 from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.errors import UserError
 
@@ -75,7 +75,7 @@ class _Layer:
 
     @classmethod
     def of(cls, block) -> "_Layer":
-        if hasattr(block, "attn"):  # gpt2
+        if not isinstance(block, LlamaBlock):
             a, m = block.attn, block.mlp
             return cls((block.ln_1.weight, block.ln_1.bias), a.c_attn.weight, a.c_attn.bias, a.c_proj.weight,
                        a.c_proj.bias, (block.ln_2.weight, block.ln_2.bias), m.c_fc.weight, None, m.c_fc.bias,
