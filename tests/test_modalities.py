@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from helpers import KERNEL_DEVICE
 from mmgpt.data.samples import right_pad
 from mmgpt.model import GPTConfig, Modality, MultimodalGPT
 from mmgpt.runtime.backends.torch_model import TorchBackend
@@ -180,13 +181,14 @@ def test_chained_greedy_tokens_equal_across_torch_onnxruntime_and_triton(drawn):
     artifacts = Artifacts.open(drawn)
     context = draw_context(artifacts)
     runs = {}
-    for name in ("torch", "onnxruntime", "torch-triton"):  # Triton's interpreter on the CPU
-        gen = Generator(open_backend(name, artifacts, device="cpu"), artifacts.tokenizer, max_positions=96,
+    for name in ("torch", "onnxruntime", "torch-triton"):  # Triton compiled on a GPU, its interpreter without one
+        device = KERNEL_DEVICE if name == "torch-triton" else "cpu"
+        gen = Generator(open_backend(name, artifacts, device=device), artifacts.tokenizer, max_positions=96,
                         cuda_graph=False, eos_check_interval=100)
         runs[name] = gen.generate(context, max_new_tokens=12)
     tokens = runs["torch"].tokens
     assert tokens.shape == (3, 12) and int(tokens.max()) < 65
-    assert torch.equal(runs["onnxruntime"].tokens, tokens) and torch.equal(runs["torch-triton"].tokens, tokens)
+    assert torch.equal(runs["onnxruntime"].tokens, tokens) and torch.equal(runs["torch-triton"].tokens.cpu(), tokens)
 
 
 def test_parity_and_manifest_cover_the_new_flows(drawn):
