@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from helpers import HF_PREFIX_DIM as PREFIX_DIM
-from helpers import (LLAMA_KINDS, SENTENCES, greedy_ours_and_hf, hf_model, load_mmgpt, require, text_logits,
-                     write_llama)
+from helpers import (KERNEL_DEVICE, KERNEL_RTOL, LLAMA_KINDS, SENTENCES, greedy_ours_and_hf, hf_model, load_mmgpt,
+                     require, text_logits, write_llama)
 from mmgpt.hf import HFFormatError, load_hf, save_hf
 from mmgpt.model import GPTConfig, MultimodalGPT, image_to_text
 
@@ -156,9 +156,31 @@ def test_gpt2_config_refuses_llama_fields():
         GPTConfig(family="mamba")
 
 
-def test_fused_kernels_refuse_a_llama_model():
+def test_fused_kernels_decode_a_transformers_checkpoint(llama_dir):
+    """One decode step after an image prefix and a prompt (prefilled by the torch model) of a checkpoint written by
+    transformers: the fused kernels' logits and stored key / value are the torch backend's."""
     require("triton", "triton is not installed (pip install -e .[dev])")
     from mmgpt.runtime.backends.fused_triton import TritonBackend
-    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, family="llama", intermediate_size=32)
-    with pytest.raises(ValueError, match="llama-family model: use backend=torch"):
-        TritonBackend(MultimodalGPT(cfg))
+    from mmgpt.runtime.backends.torch_model import TorchBackend
+    model, tok = load_mmgpt(llama_dir)
+    model = model.to(KERNEL_DEVICE)
+    reference = TorchBackend(model)
+    prompt = torch.tensor([tok.encode(SENTENCES[0])[:12]], device=KERNEL_DEVICE)
+    prefix = torch.randn(1, 5, PREFIX_DIM, device=KERNEL_DEVICE)
+    with torch.no_grad():
+        logits, keys, values = reference.prefill(prefix, prompt, torch.tensor([12], device=KERNEL_DEVICE))
+    N = keys[0].shape[2]  # 17: past Llama 3's scaled wavelengths
+    caches = []
+    for past in (keys, values):
+        cache = torch.zeros(len(past), 1, model.config.n_kv_head, N + 8, model.config.head_dim, device=KERNEL_DEVICE)
+        cache[:, :, :, :N] = torch.stack(past)
+        caches.append(cache)
+    ids, pos = logits.argmax(-1, keepdim=True), torch.tensor([[N]], device=KERNEL_DEVICE)
+    with torch.no_grad():
+        want = reference.decode(ids, pos, *caches)
+        theirs = [c.clone() for c in caches]
+        got = TritonBackend(model).decode(ids, pos, *theirs)
+    assert want.abs().max() > 1  # far from zero: the tolerance below is meaningful
+    assert (got - want).abs().max() <= 10 * KERNEL_RTOL * want.abs().max()
+    for mine, ref in zip(theirs, caches):
+        assert torch.allclose(mine, ref, atol=KERNEL_RTOL, rtol=KERNEL_RTOL)

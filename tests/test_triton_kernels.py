@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from helpers import KERNEL_DEVICE, KERNEL_RTOL, compose_config, require
-from mmgpt.model import GPTConfig, MultimodalGPT, image_to_text
+from mmgpt.model import GPTConfig, MultimodalGPT, RopeScaling, image_to_text, rope_inv_freq
 from mmgpt.runtime.backends.torch_model import TorchBackend
+from mmgpt.runtime.generator import Generator
+from mmgpt.tokenizer import ByteTokenizer
 
 require("triton", "triton is not installed (pip install -e .[dev])")
 from mmgpt.runtime.backends.fused_triton import AttentionConfig, GemvConfig, TritonBackend  # noqa: E402
@@ -20,11 +22,12 @@ def tiny_model(n_embd=32, n_head=2, n_layer=2, block_size=64):
                                    vocab_size=300, **image_to_text(5))).eval().to(KERNEL_DEVICE)
 
 
-def assert_step_matches_torch(model, backend, positions, capacity):
-    """One decode step from random caches at `positions` (B,): logits and both caches as the torch backend's."""
+def decode_both(model, backend, positions, capacity):
+    """One decode step from the same random caches at `positions` (B,) by `backend` and by the torch backend:
+    (logits, key cache, value cache) of each."""
     c = model.config
     B = len(positions)
-    k = torch.randn(c.n_layer, B, c.n_head, capacity, c.head_dim, device=KERNEL_DEVICE)
+    k = torch.randn(c.n_layer, B, c.n_kv_head, capacity, c.head_dim, device=KERNEL_DEVICE)
     v = torch.randn_like(k)
     k_ref, v_ref, k_tri, v_tri = k.clone(), v.clone(), k.clone(), v.clone()
     ids = torch.randint(0, c.vocab_size, (B, 1), device=KERNEL_DEVICE)
@@ -32,8 +35,18 @@ def assert_step_matches_torch(model, backend, positions, capacity):
     with torch.no_grad():
         want = TorchBackend(model).decode(ids, pos, k_ref, v_ref)
         got = backend.decode(ids, pos, k_tri, v_tri)
-    scale = max(1.0, want.abs().max().item())
-    assert (got - want).abs().max().item() <= 10 * KERNEL_RTOL * scale
+    return (got, k_tri, v_tri), (want, k_ref, v_ref)
+
+
+def logits_error(got, want) -> float:
+    """The largest logit difference relative to the logits' scale (at least 1)."""
+    return (got - want).abs().max().item() / max(1.0, want.abs().max().item())
+
+
+def assert_step_matches_torch(model, backend, positions, capacity):
+    """One decode step from random caches at `positions` (B,): logits and both caches as the torch backend's."""
+    (got, k_tri, v_tri), (want, k_ref, v_ref) = decode_both(model, backend, positions, capacity)
+    assert logits_error(got, want) <= 10 * KERNEL_RTOL
     assert torch.allclose(k_tri, k_ref, atol=KERNEL_RTOL, rtol=KERNEL_RTOL)
     assert torch.allclose(v_tri, v_ref, atol=KERNEL_RTOL, rtol=KERNEL_RTOL)
 
@@ -101,6 +114,72 @@ def test_programmatic_dependent_launch_changes_nothing():
         on = TritonBackend(model, pdl=True).decode(ids, pos, k.clone(), k.clone())
     # split-K atomics add in any order, so the two differ in rounding; a race would differ grossly
     assert (on - off).abs().max().item() <= 1e-2 * off.abs().max().item()
+
+
+# The Llama family in miniature: Llama 3 (RoPE scaling past position 32, 2 query heads per key/value head), Qwen2
+# (q/k/v biases, one key/value head for 4 query heads), SmolLM2-style (tied head; 3 query heads per key/value head,
+# so the attention pads its group to 4)
+LLAMAS = {"llama": dict(n_head=4, n_kv_head=2, rope_theta=500000.0, tie_weights=False,
+                        rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                                 original_max_position_embeddings=32)),
+          "qwen2": dict(n_head=4, n_kv_head=1, rope_theta=1000000.0, qkv_bias=True, tie_weights=False),
+          "smollm2": dict(n_head=6, n_kv_head=2, rope_theta=100000.0, tie_weights=True)}
+# small tiles: batch 1 on the FMA kernel, batch 3 on the tensor-core one, split-K residuals, split attention
+LLAMA_GEMV = GemvConfig(block_n=16, block_k=32, min_programs=64, row_block_n=8)
+LLAMA_ATTENTION = AttentionConfig(block_s=8, min_programs=32, max_splits=4)
+
+
+def tiny_llama(kind):
+    """A 2-layer Llama-family model (head size 16) with weights drawn wide, norms and biases away from their
+    init, so that every tensor the kernels read changes the logits."""
+    torch.manual_seed(0)
+    fields = LLAMAS[kind]
+    model = MultimodalGPT(GPTConfig(family="llama", n_layer=2, n_embd=16 * fields["n_head"], intermediate_size=48,
+                                    vocab_size=300, block_size=64, **fields, **image_to_text(5)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            torch.nn.init.normal_(p, mean=1.0 if name.endswith("norm.weight") else 0.0, std=0.2)
+    return model.eval().to(KERNEL_DEVICE)
+
+
+@pytest.mark.parametrize("kind", list(LLAMAS))
+@pytest.mark.parametrize("positions", [[37], [37, 0, 21]], ids=["batch1", "batch3"])
+def test_llama_decode_step_matches_torch(kind, positions):
+    model = tiny_llama(kind)
+    backend = TritonBackend(model, gemv=LLAMA_GEMV, attention=LLAMA_ATTENTION)
+    assert backend.attention_splits(len(positions), 48) > 1
+    assert_step_matches_torch(model, backend, positions, capacity=48)
+
+
+@pytest.mark.parametrize("wrong", ["rope_theta", "gate_up_swapped"])
+def test_llama_decode_step_depends_on_rope_and_swiglu(wrong):
+    """Negative controls: a backend with the wrong RoPE frequencies, or with gate and up swapped, computes other
+    logits (and, for RoPE, other stored keys) far beyond the tolerance the tests above allow."""
+    model = tiny_llama("llama")
+    backend = TritonBackend(model, gemv=LLAMA_GEMV, attention=LLAMA_ATTENTION)
+    if wrong == "rope_theta":
+        backend.inv_freq = rope_inv_freq(GPTConfig(**{**model.config.to_dict(), "rope_theta": 10000.0}),
+                                         KERNEL_DEVICE)
+    else:
+        for layer in backend.layers:
+            layer.w_fc, layer.w_up = layer.w_up, layer.w_fc
+    (got, k_tri, _), (want, k_ref, _) = decode_both(model, backend, [37, 21], capacity=48)
+    assert logits_error(got, want) > 0.5  # of the logits' scale: 25x the tolerance above even on a GPU (2e-2)
+    if wrong == "rope_theta":  # the first layer's stored key is rotated by the frequencies alone
+        assert (k_tri[0] - k_ref[0]).abs().max().item() > 0.5
+
+
+def test_llama_greedy_generation_matches_torch():
+    """A ragged batch after a 4-element image prefix: the fused kernels decode the torch backend's greedy tokens
+    (Llama 3 scaling, GQA; the other kinds' steps are checked above)."""
+    model = tiny_llama("llama")
+    prefix = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(1)).to(KERNEL_DEVICE)
+    prompts = [[256], [256, 116, 104], [256, 102, 111, 117, 114]]
+    runs = [Generator(backend, ByteTokenizer(), max_positions=64, eos_check_interval=100)
+            .generate(prefix, prompts, max_new_tokens=6).tokens
+            for backend in (TorchBackend(model), TritonBackend(model, gemv=LLAMA_GEMV, attention=LLAMA_ATTENTION))]
+    assert torch.equal(runs[1], runs[0]), runs
+    assert len(set(runs[0].flatten().tolist())) > 3  # not a degenerate repetition
 
 
 def test_rejects_what_the_kernels_cannot_do():

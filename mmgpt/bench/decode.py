@@ -5,7 +5,7 @@ python -m mmgpt.bench [decode] [--models 124m 355m 1p5b] [--dtypes fp16 bf16] [-
 
 Models: GPT-2 shapes (124m, 355m, 1p5b), and Llama-family shapes read from conf/model/ (smollm2_135m,
 qwen2p5_0p5b, llama3p2_1b) with their own vocabularies. Rows: mmgpt torch backend in a CUDA graph, with and without
-torch.compile, and with the fused Triton kernels (GPT-2), at every batch x image-prefix length; Hugging Face's own
+torch.compile, and with the fused Triton kernels, at every batch x image-prefix length; Hugging Face's own
 class for the family (GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM) on the same weights, eager and with a
 static cache + torch.compile, text only.
 Each row reports tok/s, time to first token, GB/s and % of the memory-bandwidth floor (copy bandwidth measured in
@@ -335,7 +335,7 @@ def _backends(model: MultimodalGPT, device, args) -> dict:
     backends = {GRAPH_IMPL: TorchBackend(model)}
     if args.compile:
         backends["mmgpt-graph+compile"] = TorchBackend(model, compile=True)
-    if args.triton and model.config.family == "gpt2":  # the fused kernels cover GPT-2's block
+    if args.triton:
         from mmgpt.runtime.backends.fused_triton import TritonBackend
         backends["mmgpt-graph+triton"] = TritonBackend(model, pdl=args.pdl)
     return {name: be for name, be in backends.items() if name not in args.skip}

@@ -1,14 +1,19 @@
-"""Triton kernels for one decode token: five launches per layer instead of ~20.
+"""Triton kernels for one decode token: five launches per layer instead of ~20, for both decoder families.
 
 At small batch a decode step is memory- and launch-bound: every weight is read once and each op is a tiny kernel.
 These kernels fuse what the step does between weight reads:
 
-  ln_gemv       [LayerNorm] -> x @ W^T + b -> [GELU] -> store, or add into the fp32 residual stream
-                (QKV with LN1; c_fc with LN2 + GELU; both c_proj with the residual add; the head with LN_f)
+  ln_gemv       [LayerNorm | RMSNorm] -> x @ W^T + b -> [GELU | SwiGLU] -> store, or add into the fp32 residual
+                stream. GPT-2: QKV with LN1; c_fc with LN2 + GELU; both c_proj with the residual add; the head with
+                LN_f. Llama: q/k/v (one weight, optional biases) with RMSNorm; gate and up in one launch (two weight
+                pointers, silu(gate) * up in the epilogue) with RMSNorm; o_proj and down_proj with the residual add;
+                the head with the final RMSNorm.
   attention     writes the new key / value into the cache at each row's position, then attends over the *used*
                 part of the cache only (online softmax up to the position), so cost follows the sequence, not the
                 capacity bucket; the used part is split across programs (flash-decoding) when rows x heads alone
-                would leave the GPU idle.
+                would leave the GPU idle. One program serves a key/value head and its group of query heads
+                (grouped-query attention), so each cache head is read once per group; with ROPE it rotates q and
+                the new key to the row's position first (the cache holds rotated keys).
 
 The residual stream stays in fp32 between kernels. With USE_PDL (programmatic dependent launch, Hopper and later)
 a kernel may start while its predecessor finishes. Each kernel lets its own successor launch only after its
@@ -52,20 +57,49 @@ def _prefetch_rows_to_l2(base_ptr, offs_row, mask_row, row_stride, lo, hi, BLOCK
 
 
 @triton.jit
-def _input_tile(x_ptr, offs, mask, ln_w_ptr, ln_b_ptr, offs_k, mask_k, mean, rstd, HAS_LN: tl.constexpr):
-    """A tile of the input rows in fp32, layer-normalised when HAS_LN (mean and rstd broadcast against it)."""
+def _input_tile(x_ptr, offs, mask, ln_w_ptr, ln_b_ptr, offs_k, mask_k, mean, rstd, HAS_LN: tl.constexpr,
+                RMS: tl.constexpr):
+    """A tile of the input rows in fp32, normalised when HAS_LN (mean and rstd broadcast against it): LayerNorm, or
+    with RMS Hugging Face's RMSNorm, whose normalised value is rounded to the weight's dtype before the scale."""
     xk = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_LN:
         g = tl.load(ln_w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        be = tl.load(ln_b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        xk = (xk - mean) * rstd * g + be
+        if RMS:
+            xk = (xk * rstd).to(ln_w_ptr.dtype.element_ty).to(tl.float32) * g
+        else:
+            be = tl.load(ln_b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            xk = (xk - mean) * rstd * g + be
     return xk
 
 
 @triton.jit
+def _rstd(s1, s2, K: tl.constexpr, EPS: tl.constexpr, RMS: tl.constexpr):
+    """(mean, 1 / std) from the sums of x and x^2 over K features; RMSNorm's mean square is not centred."""
+    mean = s1 / K
+    var = s2 / K
+    if not RMS:
+        var -= mean * mean
+    return mean, 1.0 / tl.sqrt(var + EPS)
+
+
+@triton.jit
+def _epilogue(acc, acc_up, bias_ptr, offs_n, mask_n, pid_k, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+              GLU: tl.constexpr):
+    """+ bias (by split 0 only), then GELU, or SwiGLU's silu(gate) * up."""
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if GELU:
+        acc = _gelu_tanh(acc)
+    if GLU:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    return acc
+
+
+@triton.jit
 def embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, C: tl.constexpr, BLOCK_C: tl.constexpr,
-                 USE_PDL: tl.constexpr):
-    """x[b] = wte[token[b]] + wpe[position[b]] (fp32)."""
+                 HAS_POS: tl.constexpr, USE_PDL: tl.constexpr):
+    """x[b] = wte[token[b]] (+ wpe[position[b]] with HAS_POS: learned positions) (fp32)."""
     b = tl.program_id(0)
     _wait_for_predecessor(USE_PDL)
     tok = tl.load(tok_ptr + b)
@@ -74,17 +108,20 @@ def embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, x_ptr, C: tl.constexpr, BLO
         offs = c0 + tl.arange(0, BLOCK_C)
         m = offs < C
         e = tl.load(wte_ptr + tok * C + offs, mask=m, other=0.0).to(tl.float32)
-        p = tl.load(wpe_ptr + pos * C + offs, mask=m, other=0.0).to(tl.float32)
-        tl.store(x_ptr + b * C + offs, e + p, mask=m)
+        if HAS_POS:
+            e += tl.load(wpe_ptr + pos * C + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(x_ptr + b * C + offs, e, mask=m)
 
 
 @triton.jit
-def ln_gemv_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, arrivals_ptr, B, N,
-                   K: tl.constexpr, HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
-                   RESIDUAL: tl.constexpr, EPS: tl.constexpr, SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr,
-                   BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def ln_gemv_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, w_up_ptr, bias_ptr, out_ptr, part_ptr, arrivals_ptr, B, N,
+                   K: tl.constexpr, HAS_LN: tl.constexpr, RMS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   GELU: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr, EPS: tl.constexpr,
+                   SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
     """out[b, n] (op)= act(sum_k LN(x[b])[k] * W[n, k] + bias[n]) for a block of BLOCK_B rows, so each weight tile
-    is read once per row block. x (B, K) any float; W (N, K) row-major (nn.Linear layout).
+    is read once per row block. x (B, K) any float; W (N, K) row-major (nn.Linear layout). With GLU, act is
+    silu(x W^T) * (x W_up^T): SwiGLU's gate and up read in place through two pointers, no concatenated copy.
 
     Grid (row blocks, N / BLOCK_N, SPLIT_K). Row blocks vary fastest, so the programs that share a weight tile run
     together and all but the first read it from L2. SPLIT_K > 1 (residual only): program (., n, s) sums its
@@ -101,6 +138,8 @@ def ln_gemv_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, part_ptr
     mask_n = offs_n < N
     if USE_PDL:  # weights are never written during a step
         _prefetch_rows_to_l2(w_ptr, offs_n, mask_n, K, k_lo, k_hi, BLOCK_K)
+        if GLU:
+            _prefetch_rows_to_l2(w_up_ptr, offs_n, mask_n, K, k_lo, k_hi, BLOCK_K)
     _wait_for_predecessor(USE_PDL)
     mean = 0.0
     rstd = 1.0
@@ -113,22 +152,23 @@ def ln_gemv_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, part_ptr
                          mask=mask_b[:, None] & (offs_s[None, :] < K), other=0.0).to(tl.float32)
             s1 += tl.sum(xs, axis=1)
             s2 += tl.sum(xs * xs, axis=1)
-        mean = (s1 / K)[:, None]
-        rstd = (1.0 / tl.sqrt(s2 / K - (s1 / K) * (s1 / K) + EPS))[:, None]
+        mean, rstd = _rstd(s1, s2, K, EPS, RMS)
+        mean = mean[:, None]
+        rstd = rstd[:, None]
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros_like(acc)  # SwiGLU's up projection (GLU only)
     for k0 in range(k_lo, k_hi, BLOCK_K):  # a loop: K reaches 6400
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K  # splits hold whole tiles: only the last tile of K is partial (constexpr: fewer regs)
         xk = _input_tile(x_ptr, offs_b[:, None] * K + offs_k[None, :], mask_b[:, None] & mask_k[None, :],
-                         ln_w_ptr, ln_b_ptr, offs_k, mask_k, mean, rstd, HAS_LN)
-        w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
-                    other=0.0)
+                         ln_w_ptr, ln_b_ptr, offs_k, mask_k, mean, rstd, HAS_LN, RMS)
+        w_offs = offs_n[:, None] * K + offs_k[None, :]
+        w = tl.load(w_ptr + w_offs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc += tl.dot(xk.to(w.dtype), tl.trans(w))  # (B, K) x (K, N) on the tensor cores, fp32 accumulate
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if GELU:
-        acc = _gelu_tanh(acc)
+        if GLU:
+            w_up = tl.load(w_up_ptr + w_offs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            acc_up += tl.dot(xk.to(w_up.dtype), tl.trans(w_up))
+    acc = _epilogue(acc, acc_up, bias_ptr, offs_n[None, :], mask_n[None, :], pid_k, HAS_BIAS, GELU, GLU)
     offsets = offs_b[:, None] * N + offs_n[None, :]
     mask = mask_b[:, None] & mask_n[None, :]
     if SPLIT_K > 1:
@@ -158,10 +198,10 @@ def _reduce_splits(acc, out_ptr, part_ptr, arrivals_ptr, tile, offsets, mask, si
 
 
 @triton.jit
-def ln_gemv_row_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, arrivals_ptr, N,
-                       K: tl.constexpr, HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
-                       RESIDUAL: tl.constexpr, EPS: tl.constexpr, SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def ln_gemv_row_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, w_up_ptr, bias_ptr, out_ptr, part_ptr, arrivals_ptr, N,
+                       K: tl.constexpr, HAS_LN: tl.constexpr, RMS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       GELU: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr, EPS: tl.constexpr,
+                       SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """ln_gemv_kernel for one row (batch 1): plain FMAs into a (BLOCK_N, BLOCK_K) accumulator, reduced once at
     the end. No tensor-core padding to 16 rows, so BLOCK_N can be small and the grid large."""
     pid = tl.program_id(0)
@@ -173,6 +213,8 @@ def ln_gemv_row_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, part
     mask_n = offs_n < N
     if USE_PDL:  # weights are never written during a step
         _prefetch_rows_to_l2(w_ptr, offs_n, mask_n, K, k_lo, k_hi, BLOCK_K)
+        if GLU:
+            _prefetch_rows_to_l2(w_up_ptr, offs_n, mask_n, K, k_lo, k_hi, BLOCK_K)
     _wait_for_predecessor(USE_PDL)
     mean = 0.0
     rstd = 1.0
@@ -184,22 +226,22 @@ def ln_gemv_row_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, part
             xs = tl.load(x_ptr + offs_s, mask=offs_s < K, other=0.0).to(tl.float32)
             s1 += xs
             s2 += xs * xs
-        mean = tl.sum(s1, axis=0) / K
-        rstd = 1.0 / tl.sqrt(tl.sum(s2, axis=0) / K - mean * mean + EPS)
+        mean, rstd = _rstd(tl.sum(s1, axis=0), tl.sum(s2, axis=0), K, EPS, RMS)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_up = tl.zeros_like(acc)  # SwiGLU's up projection (GLU only)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        xk = _input_tile(x_ptr, offs_k, mask_k, ln_w_ptr, ln_b_ptr, offs_k, mask_k, mean, rstd, HAS_LN)
+        xk = _input_tile(x_ptr, offs_k, mask_k, ln_w_ptr, ln_b_ptr, offs_k, mask_k, mean, rstd, HAS_LN, RMS)
         w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
                     other=0.0).to(tl.float32)
         acc += w * xk[None, :]
-    out = tl.sum(acc, axis=1)  # (BLOCK_N,)
-    if HAS_BIAS:
-        if pid_k == 0:
-            out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    if GELU:
-        out = _gelu_tanh(out)
+        if GLU:
+            w_up = tl.load(w_up_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
+                           other=0.0).to(tl.float32)
+            acc_up += w_up * xk[None, :]
+    out = _epilogue(tl.sum(acc, axis=1), tl.sum(acc_up, axis=1), bias_ptr, offs_n, mask_n, pid_k, HAS_BIAS, GELU,
+                    GLU)  # (BLOCK_N,)
     if SPLIT_K > 1:
         _reduce_splits(out, out_ptr, part_ptr, arrivals_ptr, pid, offs_n, mask_n, N, pid_k, SPLIT_K)
     else:
@@ -209,26 +251,38 @@ def ln_gemv_row_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, part
 
 
 @triton.jit
-def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, y_ptr, part_max_ptr, part_sum_ptr, part_out_ptr,
-                     arrivals_ptr, S, scale, H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
-                     NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
-    """softmax(q K^T) V for one (row, head) over cache slots [0, position) plus the new token, reading only those
-    slots; the new key / value is stored at the row's position (by split 0, exactly once; no program reads that
-    slot). qkv (B, 3C); caches (B, H, S, D); y (B, C).
+def _rope(x, x_pair, cos, sin_signed):
+    """Rotate-half RoPE: x * cos + (-x2, x1) * sin, with x_pair = (x2, x1) loaded by the caller."""
+    return x * cos + x_pair * sin_signed
 
-    Grid (B * H, NUM_SPLITS), NUM_SPLITS a power of two. Split j walks the j-th of NUM_SPLITS equal runs of
+
+@triton.jit
+def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, inv_freq_ptr, y_ptr, part_max_ptr, part_sum_ptr,
+                     part_out_ptr, arrivals_ptr, S, scale, H: tl.constexpr, H_KV: tl.constexpr, D: tl.constexpr,
+                     GROUP: tl.constexpr, BLOCK_S: tl.constexpr, NUM_SPLITS: tl.constexpr, ROPE: tl.constexpr,
+                     USE_PDL: tl.constexpr):
+    """softmax(q K^T) V for one (row, key/value head) and its H / H_KV query heads over cache slots [0, position)
+    plus the new token, reading only those slots; the new key / value is stored at the row's position (by split 0,
+    exactly once; no program reads that slot). qkv (B, (H + 2 H_KV) D): q heads, then k, then v; caches
+    (B, H_KV, S, D); y (B, H D). GROUP: H / H_KV rounded up to a power of two (padding heads are masked). With ROPE
+    q and the new key are rotated to the row's position by inv_freq (D/2,) fp32, cos and sin rounded to the model's
+    dtype as the PyTorch model rounds them.
+
+    Grid (B * H_KV, NUM_SPLITS), NUM_SPLITS a power of two. Split j walks the j-th of NUM_SPLITS equal runs of
     BLOCK_S-slot tiles below the position (the runs follow the position on the device, so the grid stays fixed for
-    a CUDA graph) and keeps a partial (running max, sum of exponentials, weighted sum of values) in fp32. The last
-    split of a (row, head) to arrive combines the partials and resets the arrival counter for the next launch: no
-    separate combine kernel, whose launch would cost about what the split saves at batch 1."""
-    pid = tl.program_id(0)  # row * H + head
+    a CUDA graph) and keeps a partial (running max, sum of exponentials, weighted sum of values) per query head in
+    fp32. The last split of a (row, key/value head) to arrive combines the partials and resets the arrival counter
+    for the next launch: no separate combine kernel, whose launch would cost about what the split saves at batch 1."""
+    pid = tl.program_id(0)  # row * H_KV + key/value head
     split = tl.program_id(1)
-    b = pid // H
-    h = pid % H
-    C: tl.constexpr = H * D
+    b = pid // H_KV
+    kv = pid % H_KV
     offs_d = tl.arange(0, D)
+    offs_g = tl.arange(0, GROUP)
+    mask_g = offs_g < H // H_KV
+    heads = kv * (H // H_KV) + offs_g  # (GROUP,) the query heads this key/value head serves
     pos = tl.load(pos_ptr + b)  # written before the step began
-    base = (b * H + h).to(tl.int64) * S * D  # a layer's cache may pass 2**31 elements at large batch
+    base = (b * H_KV + kv).to(tl.int64) * S * D  # a layer's cache may pass 2**31 elements at large batch
     run = tl.cdiv(tl.cdiv(pos, BLOCK_S), NUM_SPLITS) * BLOCK_S
     lo = split * run
     hi = tl.minimum(lo + run, pos)
@@ -237,49 +291,65 @@ def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, y_ptr, part_max
         _prefetch_rows_to_l2(k_cache_ptr + base, one, one < 1, 0, lo * D, hi * D, BLOCK_S * D)
         _prefetch_rows_to_l2(v_cache_ptr + base, one, one < 1, 0, lo * D, hi * D, BLOCK_S * D)
     _wait_for_predecessor(USE_PDL)
-    row = qkv_ptr + b * 3 * C + h * D
-    q = tl.load(row + offs_d).to(tl.float32)
-    k_new = tl.load(row + C + offs_d)
-    v_new = tl.load(row + 2 * C + offs_d)
+    row = qkv_ptr + b * (H + 2 * H_KV) * D
+    q_offs = heads[:, None] * D + offs_d[None, :]  # (GROUP, D)
+    k_row = row + (H + kv) * D
+    v_row = row + (H + H_KV + kv) * D
+    q = tl.load(row + q_offs, mask=mask_g[:, None], other=0.0).to(tl.float32)
+    k_new = tl.load(k_row + offs_d)
+    v_new = tl.load(v_row + offs_d)
+    if ROPE:
+        pair = (offs_d + D // 2) % D  # rotate-half's partner of each feature
+        angle = pos.to(tl.float32) * tl.load(inv_freq_ptr + offs_d % (D // 2))
+        cos = tl.cos(angle).to(k_new.dtype).to(tl.float32)
+        sin = tl.where(offs_d < D // 2, -1.0, 1.0) * tl.sin(angle).to(k_new.dtype).to(tl.float32)
+        q_pair = tl.load(row + heads[:, None] * D + pair[None, :], mask=mask_g[:, None], other=0.0)
+        q = _rope(q, q_pair.to(tl.float32), cos[None, :], sin[None, :])
+        k_new = _rope(k_new.to(tl.float32), tl.load(k_row + pair).to(tl.float32), cos, sin).to(k_new.dtype)
     first = split == 0
     store_new = offs_d + split * D < D  # split 0 only (a lane-wise form: the interpreter rejects `& first`)
     tl.store(k_cache_ptr + base + pos * D + offs_d, k_new.to(k_cache_ptr.dtype.element_ty), mask=store_new)
     tl.store(v_cache_ptr + base + pos * D + offs_d, v_new.to(v_cache_ptr.dtype.element_ty), mask=store_new)
-    # online softmax; split 0 is seeded with the new token's own score, the others start empty
-    m = tl.where(first, tl.sum(q * k_new.to(tl.float32), axis=0) * scale, float("-inf"))
-    l_sum = tl.where(first, 1.0, 0.0)
-    acc = tl.where(first, v_new.to(tl.float32), 0.0)
+    # online softmax per query head; split 0 is seeded with the new token's own score, the others start empty
+    m = tl.where(first, tl.sum(q * k_new.to(tl.float32)[None, :], axis=1) * scale, float("-inf"))  # (GROUP,)
+    l_sum = tl.where(first, 1.0, 0.0) + tl.zeros((GROUP,), dtype=tl.float32)
+    acc = tl.where(first, v_new.to(tl.float32)[None, :], 0.0) + tl.zeros((GROUP, D), dtype=tl.float32)
     for s0 in range(lo, hi, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         mask_s = offs_s < hi
         kv_off = base + offs_s[:, None] * D + offs_d[None, :]
         k = tl.load(k_cache_ptr + kv_off, mask=mask_s[:, None], other=0.0).to(tl.float32)
-        scores = tl.sum(k * q[None, :], axis=1) * scale
-        scores = tl.where(mask_s, scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=0))  # finite: the tile holds at least one slot
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(scores - m_new)
         v = tl.load(v_cache_ptr + kv_off, mask=mask_s[:, None], other=0.0).to(tl.float32)
-        l_sum = l_sum * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        m = m_new
-    out = y_ptr + b * C + h * D + offs_d
+        # the group's heads one at a time over the loaded tile, in 2-D: a (GROUP, BLOCK_S, D) product took 183
+        # registers at GPT-2's group of 1 (this loop: 102) and 253 at a group of 4 (this loop: 185) on sm_90
+        for g in tl.static_range(H // H_KV):
+            head = offs_g == g
+            scores = tl.sum(k * tl.sum(tl.where(head[:, None], q, 0.0), axis=0)[None, :], axis=1) * scale
+            scores = tl.where(mask_s, scores, float("-inf"))
+            m_g = tl.max(tl.where(head, m, float("-inf")), axis=0)
+            m_new = tl.maximum(m_g, tl.max(scores, axis=0))  # finite: the tile holds at least one slot
+            alpha = tl.exp(m_g - m_new)
+            p = tl.exp(scores - m_new)
+            l_sum = tl.where(head, l_sum * alpha + tl.sum(p, axis=0), l_sum)
+            acc = tl.where(head[:, None], acc * alpha + tl.sum(p[:, None] * v, axis=0)[None, :], acc)
+            m = tl.where(head, m_new, m)
+    out = y_ptr + b * H * D + q_offs
     if NUM_SPLITS == 1:
-        tl.store(out, (acc / l_sum).to(y_ptr.dtype.element_ty))
+        tl.store(out, (acc / l_sum[:, None]).to(y_ptr.dtype.element_ty), mask=mask_g[:, None])
     else:
-        slot = pid * NUM_SPLITS + split
+        slot = (pid * NUM_SPLITS + split) * GROUP + offs_g  # (GROUP,)
         tl.store(part_max_ptr + slot, m)
         tl.store(part_sum_ptr + slot, l_sum)
-        tl.store(part_out_ptr + slot * D + offs_d, acc)
+        tl.store(part_out_ptr + slot[:, None] * D + offs_d[None, :], acc)
         tl.debug_barrier()  # every thread's share of the partial is written before the arrival is counted
         arrived = tl.atomic_add(arrivals_ptr + pid, 1, sem="acq_rel", scope="gpu")
         if arrived == NUM_SPLITS - 1:
-            parts = pid * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
+            parts = (pid * NUM_SPLITS + tl.arange(0, NUM_SPLITS))[:, None] * GROUP + offs_g[None, :]
             # .cg: read the other programs' partials from L2, never from a stale L1 line
-            maxes = tl.load(part_max_ptr + parts, cache_modifier=".cg")
+            maxes = tl.load(part_max_ptr + parts, cache_modifier=".cg")  # (NUM_SPLITS, GROUP)
             sums = tl.load(part_sum_ptr + parts, cache_modifier=".cg")
-            outs = tl.load(part_out_ptr + parts[:, None] * D + offs_d[None, :], cache_modifier=".cg")
-            weight = tl.exp(maxes - tl.max(maxes, axis=0))  # empty splits (max -inf) weigh 0; split 0 is finite
-            y = tl.sum(weight[:, None] * outs, axis=0) / tl.sum(weight * sums, axis=0)
-            tl.store(out, y.to(y_ptr.dtype.element_ty))
+            outs = tl.load(part_out_ptr + parts[:, :, None] * D + offs_d[None, None, :], cache_modifier=".cg")
+            weight = tl.exp(maxes - tl.max(maxes, axis=0)[None, :])  # empty splits (max -inf) weigh 0
+            y = tl.sum(weight[:, :, None] * outs, axis=0) / tl.sum(weight * sums, axis=0)[:, None]
+            tl.store(out, y.to(y_ptr.dtype.element_ty), mask=mask_g[:, None])
             tl.store(arrivals_ptr + pid, 0)
