@@ -102,13 +102,14 @@ def test_inflight_joins_on_captured_graphs_give_solo_tokens(model, name):
                         SamplingConfig(temperature=0.8, seed=i) if i % 3 == 0 else SamplingConfig())
                 for i in range(10)]
     engine = InflightEngine(backend, tok, rows=4, capacity=128, cuda_graph=True)
-    assert engine.graph is not None and engine.capture_prefill
+    assert engine.graphs and engine.capture_prefill
     states = [engine.submit(r) for r in requests[:5]]
     engine.step()
     engine.step()
     states += [engine.submit(r) for r in requests[5:]]  # join rows freed between replayed steps
     engine.run()
-    step_graph = engine.graph
+    step_graphs = dict(engine.graphs)
+    assert set(step_graphs) == {True, False}  # greedy and sampled rows ran: both steps captured
     for r, s in zip(requests, states):
         solo = InflightEngine(backend, tok, rows=1, capacity=128, cuda_graph=False)
         alone = solo.submit(r)
@@ -116,4 +117,7 @@ def test_inflight_joins_on_captured_graphs_give_solo_tokens(model, name):
         assert s.tokens == alone.tokens, r
     again = [engine.submit(r) for r in requests]
     engine.run()
-    assert [s.tokens for s in again] == [s.tokens for s in states] and engine.graph is step_graph  # replayed
+    assert [s.tokens for s in again] == [s.tokens for s in states] and engine.graphs == step_graphs  # replayed
+    three = [engine.submit(r) for r in requests[:3]]  # one join of three in a bucket of four: the padded row
+    engine.run()  # repeats the first joiner's inputs and writes
+    assert [s.tokens for s in three] == [s.tokens for s in states[:3]]
