@@ -73,10 +73,11 @@ class Generator:
 
 
     def _engine(self, B: int, S: int) -> InflightEngine:
-        """One engine per (batch, capacity) bucket."""
+        """One engine per (batch, capacity) bucket; its rows start together, so every step runs them all."""
         if (B, S) not in self._engines:
             self._engines[B, S] = InflightEngine(self.backend, self.tok, rows=B, capacity=S,
-                                                 cuda_graph=self.use_graph, stream_interval=self.eos_check_interval)
+                                                 cuda_graph=self.use_graph, stream_interval=self.eos_check_interval,
+                                                 row_buckets=False)
         return self._engines[B, S]
 
     # ---------------------------------------------------------------- generate

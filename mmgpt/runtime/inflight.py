@@ -145,6 +145,7 @@ class _PrefillGraph:
     their row state set, replayed from static inputs."""
     graph: "torch.cuda.CUDAGraph"
     context: dict[str, torch.Tensor]  # modality -> (J, P, F): captured prefills take continuous contexts only
+    past: tuple[torch.Tensor, ...]  # a cached context's keys and values (L, J, H, P, D), or ()
     ids: torch.Tensor  # (J, T)
     joiners: _Joiners
     first: torch.Tensor  # (J,) first tokens
@@ -201,11 +202,13 @@ class InflightEngine:
 
     def __init__(self, backend, tokenizer, rows: int, capacity: int, cuda_graph: bool | None = None,
                  prefix_cache: PrefixCache | None = None, stream_interval: int = 1, max_queue: int = 1024,
-                 capture_prefill: bool | None = None):
+                 capture_prefill: bool | None = None, row_buckets: bool = True):
         """capture_prefill: replay prefills from CUDA graphs, one per (joiners, context lengths, prompt length)
         bucket, joiners and prompt lengths rounded up to powers of two (default: where the decode step is captured
         and the backend's prefill can be).
 
+        row_buckets: a step runs the first power-of-two rows that hold every running request, each bucket its own
+        captured graph (off: every step runs all rows, for batches that start and run together).
         While every running row is greedy the step takes the argmax and skips the per-row sampling (a sort of the
         vocabulary per row), which is what greedy rows get from it anyway; the first sampled request brings in the
         sampling step (captured then, once)."""
@@ -218,6 +221,7 @@ class InflightEngine:
         if stream_interval < 1:
             raise UserError(f"stream_interval={stream_interval} must be >= 1 (decode steps between host reads)")
         self.rows, self.capacity, self.stream_interval, self.max_queue = rows, capacity, stream_interval, max_queue
+        self.row_buckets = row_buckets
         self.use_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
         if self.use_graph and self.device.type != "cuda":
             raise UserError("cuda_graph=True needs a CUDA backend device")
@@ -247,7 +251,7 @@ class InflightEngine:
         # prompts fed after a cached prefix: buffers of their own, kept, since engines bind tensors by address
         self.feed_token = torch.zeros(R, 1, dtype=torch.long, device=dev)
         self.feed_position = torch.zeros(R, 1, dtype=torch.long, device=dev)
-        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # greedy -> the captured step
+        self.graphs: dict[tuple[bool, int], torch.cuda.CUDAGraph] = {}  # (greedy, rows stepped) -> the step
         self.graph_captures = 0
         self._capture_blocked: str | None = None  # why the step cannot be captured (it then runs eagerly)
         self.slots: list[RequestState | None] = [None] * R
@@ -316,10 +320,11 @@ class InflightEngine:
             n = self.stream_interval if max_steps is None else min(max_steps, self.stream_interval)
             if self.active_rows and n > 0:
                 greedy = _greedy([s for s in self.slots if s is not None])
-                graph = self._graph(greedy)
+                rows = self._row_bucket()
+                graph = self._graph(greedy, rows)
                 self.window_step.zero_()
                 for _ in range(n):
-                    graph.replay() if graph is not None else self._decode_step(greedy)
+                    graph.replay() if graph is not None else self._decode_step(greedy, rows)
                 self.decode_steps += n
                 self._collect(n)
 
@@ -369,17 +374,21 @@ class InflightEngine:
             if state.cache_key is not None:
                 cached = self.cache.get(state.cache_key)
             (hits if cached is not None else misses).append((state, cached))
-        if hits:  # before the prefills: feeding prompts writes stale positions of the rows not yet started
+        if hits and hasattr(self.backend, "prefill_after"):
+            entries = {s.row: kv for s, kv in hits}
+            for group in _by_context_len([s for s, _ in hits]):
+                for state in group:
+                    state.cache_hit = True
+                self._emit_first(group, self._prefill(group, [entries[s.row] for s in group]))
+        elif hits:  # before the prefills: feeding prompts writes stale positions of the rows not yet started
             for state, (k, v) in hits:
                 state.cache_hit = True
                 P = k.shape[2]
                 self.k[:, state.row, :, :P].copy_(k)
                 self.v[:, state.row, :, :P].copy_(v)
-            after = hasattr(self.backend, "prefill_after")
-            for group in _by_context_len([s for s, _ in hits]) if after else [[s for s, _ in hits]]:
-                joiners = _Joiners.of(group, self.device)
-                logits = (self._prefill_after if after else self._feed_prompts)(group, joiners.rows)
-                self._emit_first(group, self._start(joiners, logits, _greedy(group)))
+            group = [s for s, _ in hits]
+            joiners = _Joiners.of(group, self.device)
+            self._emit_first(group, self._start(joiners, self._feed_prompts(group, joiners.rows), _greedy(group)))
         for group in _by_lengths([s for s, _ in misses]):
             self._emit_first(group, self._prefill(group))
 
@@ -391,34 +400,34 @@ class InflightEngine:
             ids[j, : len(p)] = torch.tensor(p)
         return ids, torch.tensor(list(map(len, prompts)))
 
-    def _prefill_after(self, group: list[RequestState], rows: torch.Tensor) -> torch.Tensor:
-        """Prompts after cached contexts of one length, in one call; writes the prompts' slots after the context."""
-        ids, lengths = (t.to(self.device) for t in self._prompts(group))
-        P, T = group[0].context_len, ids.shape[1]
-        past_k = self.k[:, rows, :, :P]  # (L, J, H, P, D), a gathered copy
-        past_v = self.v[:, rows, :, :P]
-        logits, keys, values = self.backend.prefill_after(list(past_k), list(past_v), ids, lengths)
-        for i in range(len(keys)):
-            self.k[i, rows, :, P: P + T] = keys[i].to(self.k.dtype)
-            self.v[i, rows, :, P: P + T] = values[i].to(self.v.dtype)
-        return logits
-
-    def _prefill(self, group: list[RequestState]) -> torch.Tensor:
-        """Join a group of requests sharing their continuous context lengths: one batched prefill, their keys and
-        values written into their rows, their first tokens sampled and their rows set (one graph replay where
-        prefills are captured). Returns the first tokens (J,) on the device."""
+    def _prefill(self, group: list[RequestState], past: list[tuple] | None = None) -> torch.Tensor:
+        """Join a group of requests: one batched prefill of their contexts (which share their continuous lengths)
+        or, with `past` (per joiner its cached context's keys and values, (L, H, P, D) each, one P), of their
+        prompts after them; the keys and values written into their rows, their first tokens sampled and their
+        rows set. One graph replay where prefills are captured (cached contexts one joiner at a time, so that a
+        graph holds one context's keys). Returns the first tokens (J,) on the device."""
+        if past is not None and self.capture_prefill and len(group) > 1:
+            return torch.cat([self._prefill([s], [kv]) for s, kv in zip(group, past)])
         ids, _ = self._prompts(group)
-        context = batch_context(self.backend.dims, [s.context for s in group], self.device)
         J, T = ids.shape
+        greedy = _greedy(group)
+        if past is None:
+            context = batch_context(self.backend.dims, [s.context for s in group], self.device)
+            shapes = tuple(v.shape[1] for v in context.values())
+        else:
+            context = {}
+            past = tuple(torch.stack(t, 1) for t in zip(*past))  # keys, values (L, J, H, P, D)
+            shapes = ("after", past[0].shape[3])
         if self.capture_prefill:
-            lengths_of = tuple(v.shape[1] for v in context.values())
-            key = (_power_of_two(J), lengths_of, max(_power_of_two(T), MIN_PROMPT_BUCKET), _greedy(group))
+            key = (_power_of_two(J), shapes, max(_power_of_two(T), MIN_PROMPT_BUCKET), greedy)
             if key not in self._prefill_graphs:
                 self._prefill_graphs[key] = self._capture_prefill(*key)
             g = self._prefill_graphs[key]
             Jb, Tb = g.ids.shape
             for name, value in context.items():  # padded rows repeat the first joiner
                 g.context[name].copy_(torch.cat([value, value[:1].expand(Jb - J, *value.shape[1:])]))
+            for buffer, value in zip(g.past, past or ()):  # one joiner: no padding
+                buffer.copy_(value)
             padded = torch.full((Jb, Tb), self.pad_id, dtype=torch.long)
             padded[:J, :T] = ids
             padded[J:] = padded[0]
@@ -427,42 +436,56 @@ class InflightEngine:
             g.graph.replay()
             first = g.first[:J]
         else:
-            first = self._join(context, ids.to(self.device), _Joiners.of(group, self.device),
-                               max(s.context_len for s in group) + T, _greedy(group))
-        if self.cache is not None:
+            first = self._join(context, past, ids.to(self.device), _Joiners.of(group, self.device), greedy)
+        if self.cache is not None and past is None:
             for state in (s for s in group if s.context_len > 0):
                 row, P = state.row, state.context_len
                 self.cache.put(state.cache_key, self.k[:, row, :, :P].clone(), self.v[:, row, :, :P].clone())
         return first
 
-    def _join(self, context: dict, ids: torch.Tensor, joiners: _Joiners, N: int, greedy: bool) -> torch.Tensor:
-        """Device-only, so it can be captured: prefill, write the first N slots of each joiner's row (its real
-        slots lie below: packed, each row's first; padded rows and positions are ignored: rows do not interact, and
-        a right-padded prompt's real positions never attend to its padding), sample, set the rows."""
-        logits, keys, values = self.backend.prefill(context, ids, joiners.lengths)
-        N = min(N, self.capacity)
+    def _join(self, context: dict, past: tuple | None, ids: torch.Tensor, joiners: _Joiners,
+              greedy: bool) -> torch.Tensor:
+        """Device-only, so it can be captured: prefill (after `past`, written into the rows first), write each
+        joiner's row from there (its real slots lie first; the slots after them hold padding's keys, which no
+        position reads before a decode step overwrites them), sample, set the rows."""
+        if past is None:
+            logits, keys, values = self.backend.prefill(context, ids, joiners.lengths)
+            start = 0
+        else:
+            logits, keys, values = self.backend.prefill_after(list(past[0]), list(past[1]), ids, joiners.lengths)
+            start = past[0].shape[3]
+            for cache, entry in zip((self.k, self.v), past):
+                cache[:, :, :, :start].index_copy_(1, joiners.rows, entry.to(cache.dtype))
+        n = min(keys[0].shape[2], self.capacity - start)
         for i in range(len(keys)):
-            self.k[i, :, :, :N].index_copy_(0, joiners.rows, keys[i][:, :, :N].to(self.k.dtype))
-            self.v[i, :, :, :N].index_copy_(0, joiners.rows, values[i][:, :, :N].to(self.v.dtype))
+            self.k[i, :, :, start: start + n].index_copy_(0, joiners.rows, keys[i][:, :, :n].to(self.k.dtype))
+            self.v[i, :, :, start: start + n].index_copy_(0, joiners.rows, values[i][:, :, :n].to(self.v.dtype))
         return self._start(joiners, logits, greedy)
 
-    def _capture_prefill(self, J: int, lengths_of: tuple[int, ...], T: int, greedy: bool) -> "_PrefillGraph":
-        d, dev = self.backend.dims, self.device
-        context = {m.name: torch.zeros(J, P, m.dim, dtype=self.backend.dtype, device=dev)
-                   for m, P in zip(d.context, lengths_of)}
+    def _capture_prefill(self, J: int, shapes: tuple, T: int, greedy: bool) -> "_PrefillGraph":
+        """shapes: each continuous context modality's length, or ("after", P): prompts after P cached positions."""
+        d, dev, dt = self.backend.dims, self.device, self.backend.dtype
+        if shapes[0] == "after":
+            context = {}
+            past = tuple(torch.zeros(d.n_layer, J, d.n_kv_head, shapes[1], d.head_dim, dtype=dt, device=dev)
+                         for _ in range(2))
+        else:
+            context = {m.name: torch.zeros(J, P, m.dim, dtype=dt, device=dev) for m, P in zip(d.context, shapes)}
+            past = None
         ids = torch.full((J, T), self.pad_id, dtype=torch.long, device=dev)
         joiners = _Joiners.empty(J, dev)
         joiners.lengths.fill_(1)
-        # warm-up of the pure parts (lazy init, cuBLAS handles) outside the capture; _join itself would write the
+        # warm-up of the pure parts (lazy init and cuBLAS handles) outside the capture; _join itself would write the
         # rows of running requests
-        logits, _, _ = self.backend.prefill(context, ids, joiners.lengths)
+        logits, _, _ = (self.backend.prefill(context, ids, joiners.lengths) if past is None else
+                        self.backend.prefill_after(list(past[0]), list(past[1]), ids, joiners.lengths))
         self._sample(logits, joiners.sampling, torch.zeros_like(joiners.rows), greedy)
         torch.cuda.synchronize(dev)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=self.stream):
-            first = self._join(context, ids, joiners, sum(lengths_of) + T, greedy)
+            first = self._join(context, past, ids, joiners, greedy)
         self.graph_captures += 1
-        return _PrefillGraph(graph, context, ids, joiners, first)
+        return _PrefillGraph(graph, context, past or (), ids, joiners, first)
 
     def _feed_prompts(self, group: list[RequestState], rows: torch.Tensor) -> torch.Tensor:
         """Prompts after a cached prefix, one token per full-bucket decode call. Running rows are fed their own
@@ -500,17 +523,25 @@ class InflightEngine:
             state.first_token_s = now
             self._emit(state, [token])
 
-    def _decode_step(self, greedy: bool) -> None:
-        """One token for every row, device-only: execute + KV write, sample, record, advance."""
-        logits = self.backend.decode(self.token, self.position, self.k, self.v)
-        nxt = self._sample(logits, self.sampling, self.count, greedy)
-        nxt = torch.where(self.finished, torch.full_like(nxt, self.end_id), nxt)  # finished rows emit the end token
-        self.window.scatter_(1, self.window_step.expand(self.rows, 1), nxt[:, None])
-        live = (~self.finished).long()
-        self.count.add_(live)
-        self.position.add_(live[:, None])
-        self.finished.logical_or_((nxt == self.end_id) | (self.count >= self.max_tokens))
-        self.token.copy_(nxt[:, None])
+    def _row_bucket(self) -> int:
+        """The rows a step runs: the first power of two (or all) that holds every running row. Joiners take the
+        lowest free rows, so a lightly loaded engine steps a few rows, not all."""
+        if not self.row_buckets:
+            return self.rows
+        return min(self.rows, _power_of_two(1 + max(r for r, s in enumerate(self.slots) if s is not None)))
+
+    def _decode_step(self, greedy: bool, n: int) -> None:
+        """One token for each of the first n rows, device-only: execute + KV write, sample, record, advance."""
+        token, position, count, finished = self.token[:n], self.position[:n], self.count[:n], self.finished[:n]
+        logits = self.backend.decode(token, position, self.k[:, :n], self.v[:, :n])
+        nxt = self._sample(logits, self.sampling.head(n), count, greedy)
+        nxt = torch.where(finished, torch.full_like(nxt, self.end_id), nxt)  # finished rows emit the end token
+        self.window[:n].scatter_(1, self.window_step.expand(n, 1), nxt[:, None])
+        live = (~finished).long()
+        count.add_(live)
+        position.add_(live[:, None])
+        finished.logical_or_((nxt == self.end_id) | (count >= self.max_tokens[:n]))
+        token.copy_(nxt[:, None])
         self.window_step.add_(1)
 
     @staticmethod
@@ -551,28 +582,36 @@ class InflightEngine:
         """Warm the step up on idle rows (every row finished at position 0, so its writes stay in range and change
         nothing a joiner reads), then capture the greedy step; where the backend cannot be captured, warn and run
         eagerly."""
-        logits = self.backend.decode(self.token, self.position, self.k, self.v)  # lazy init, compilation, cuBLAS
-        self._sample(logits, self.sampling, self.count, greedy=False)  # handles, TensorRT's shape-dependent setup
-        self._decode_step(greedy=True)
+        for n in self._buckets:  # lazy init, compilation, cuBLAS handles, TensorRT's shape-dependent setup
+            logits = self.backend.decode(self.token[:n], self.position[:n], self.k[:, :n], self.v[:, :n])
+            self._sample(logits, self.sampling.head(n), self.count[:n], greedy=False)
+            self._decode_step(True, n)
         torch.cuda.synchronize(self.device)
         blocker = getattr(self.backend, "capture_blocker", None)
         reason = blocker(self.token, self.position, self.k, self.v) if blocker else None
         if reason is not None:
             self._no_graph(reason)
-        self._graph(greedy=True)
+        for n in self._buckets:
+            self._graph(True, n)
         self.count.zero_()
         self.position.zero_()
         self.finished.fill_(True)
 
-    def _graph(self, greedy: bool) -> "torch.cuda.CUDAGraph | None":
-        """The captured step, captured at its first use (capturing runs nothing, so rows may be running)."""
+    @property
+    def _buckets(self) -> list[int]:
+        return sorted({min(self.rows, 1 << i) for i in range(self.rows.bit_length())} | {self.rows}) \
+            if self.row_buckets else [self.rows]
+
+    def _graph(self, greedy: bool, n: int) -> "torch.cuda.CUDAGraph | None":
+        """The captured step of the first n rows, captured at its first use (capturing runs nothing, so rows may be
+        running; every bucket was warmed up at start)."""
         if not self.use_graph or self._capture_blocked is not None:
             return None
-        if greedy not in self.graphs:
+        if (greedy, n) not in self.graphs:
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph, stream=self.stream):
-                    self._decode_step(greedy)
+                    self._decode_step(greedy, n)
             except Exception as e:  # noqa: BLE001 -- reported; the step runs un-captured instead
                 reason = f"{type(e).__name__}: {e}"
                 if e.__context__ is not None:
@@ -580,9 +619,9 @@ class InflightEngine:
                 torch.cuda.synchronize(self.device)
                 self._no_graph(reason)
                 return None
-            self.graphs[greedy] = graph
+            self.graphs[greedy, n] = graph
             self.graph_captures += 1
-        return self.graphs[greedy]
+        return self.graphs[greedy, n]
 
     def _no_graph(self, reason: str) -> None:
         self._capture_blocked = reason
