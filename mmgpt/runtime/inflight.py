@@ -413,7 +413,8 @@ class InflightEngine:
         greedy = _greedy(group)
         if past is None:
             context = batch_context(self.backend.dims, [s.context for s in group], self.device)
-            shapes = tuple(v.shape[1] for v in context.values())
+            # a discrete modality's (ids, lengths) has no one length; such contexts are never captured
+            shapes = tuple(v.shape[1] if torch.is_tensor(v) else None for v in context.values())
         else:
             context = {}
             past = tuple(torch.stack(t, 1) for t in zip(*past))  # keys, values (L, J, H, P, D)
