@@ -586,6 +586,7 @@ class InflightEngine:
         for n in self._buckets:  # lazy init, compilation, cuBLAS handles, TensorRT's shape-dependent setup
             logits = self.backend.decode(self.token[:n], self.position[:n], self.k[:, :n], self.v[:, :n])
             self._sample(logits, self.sampling.head(n), self.count[:n], greedy=False)
+            self.window_step.zero_()  # each step writes the window's column window_step
             self._decode_step(True, n)
         torch.cuda.synchronize(self.device)
         blocker = getattr(self.backend, "capture_blocker", None)
