@@ -9,10 +9,8 @@
 // activations (a few KB, from L2) are read after the wait. GEMV tiles run on the tensor cores (mma.m16n8k16, the
 // batch rows as the 8 columns), every weight tile read once for all rows. Reductions run in a fixed order: the
 // logits of one step do not depend on timing, so a CUDA graph's replays agree.
-#include <torch/extension.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 #include <cstdint>
 
 namespace {
@@ -481,58 +479,58 @@ __global__ void __launch_bounds__(THREADS, 1) persistent_step(const Params p) {
 
 }  // namespace
 
-// Blocks of the kernel that fit one SM with `smem_bytes` of dynamic shared memory (raising the kernel's limit).
-int64_t blocks_per_sm(int64_t smem_bytes) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(persistent_step, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem_bytes)));
+extern "C" {
+
+// Blocks of the kernel that fit one SM with `smem_bytes` of dynamic shared memory (raising the kernel's limit);
+// negative: a CUDA error code.
+int mmgpt_blocks_per_sm(int smem_bytes, int device) {
+  cudaError_t e = cudaSetDevice(device);  // this library's runtime keeps its own current device
+  if (e == cudaSuccess) e = cudaFuncSetAttribute(persistent_step, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
   int blocks = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, persistent_step, THREADS,
-                                                               static_cast<size_t>(smem_bytes)));
-  return blocks;
+  if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, persistent_step, THREADS, smem_bytes);
+  return e == cudaSuccess ? blocks : -static_cast<int>(e);
 }
 
-// ints: n_programs, n_counters, B, C, H, D, S, splits, chunk_positions, slots, slot_bytes, xs_stride, xs_off,
-// red_off, bar_off, smem_bytes (persistent.py's backend computes them once per plan).
-void step(torch::Tensor items, torch::Tensor offsets, torch::Tensor descs, torch::Tensor counters,
-          torch::Tensor tokens, torch::Tensor positions, torch::Tensor wte, torch::Tensor wpe, torch::Tensor x,
-          torch::Tensor qkv, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor part,
-          std::vector<int64_t> ints, double eps, double scale) {
+const char* mmgpt_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+
+// ptrs: items, offsets, descs, counters, tokens, positions, wte, wpe, x, qkv, k_cache, v_cache, part (device
+// addresses); ints: n_programs, n_counters, B, C, H, D, S, splits, chunk_positions, slots, slot_bytes, xs_stride,
+// xs_off, red_off, bar_off, smem_bytes, device. Returns the launch's CUDA error code.
+int mmgpt_persistent_step(const long long* ptrs, const int* ints, float eps, float scale, void* stream) {
+  cudaError_t e = cudaSetDevice(ints[16]);
+  if (e != cudaSuccess) return static_cast<int>(e);
   Params p;
-  p.items = items.data_ptr<int>();
-  p.offsets = offsets.data_ptr<int>();
-  p.descs = reinterpret_cast<const long long*>(descs.data_ptr<int64_t>());
-  p.counters = counters.data_ptr<int>();
-  p.tokens = reinterpret_cast<const long long*>(tokens.data_ptr<int64_t>());
-  p.positions = reinterpret_cast<const long long*>(positions.data_ptr<int64_t>());
-  p.wte = reinterpret_cast<const __half*>(wte.data_ptr<at::Half>());
-  p.wpe = reinterpret_cast<const __half*>(wpe.data_ptr<at::Half>());
-  p.x = x.data_ptr<float>();
-  p.qkv = reinterpret_cast<const __half*>(qkv.data_ptr<at::Half>());
-  p.k_cache = reinterpret_cast<__half*>(k_cache.data_ptr<at::Half>());
-  p.v_cache = reinterpret_cast<__half*>(v_cache.data_ptr<at::Half>());
-  p.part = part.data_ptr<float>();
-  int n_programs = static_cast<int>(ints[0]);
-  p.n_counters = static_cast<int>(ints[1]);
-  p.B = static_cast<int>(ints[2]);
-  p.C = static_cast<int>(ints[3]);
-  p.H = static_cast<int>(ints[4]);
-  p.D = static_cast<int>(ints[5]);
-  p.S = static_cast<int>(ints[6]);
-  p.splits = static_cast<int>(ints[7]);
-  p.chunk_positions = static_cast<int>(ints[8]);
-  p.slots = static_cast<int>(ints[9]);
-  p.slot_bytes = static_cast<int>(ints[10]);
-  p.xs_stride = static_cast<int>(ints[11]);
-  p.xs_off = static_cast<int>(ints[12]);
-  p.red_off = static_cast<int>(ints[13]);
-  p.bar_off = static_cast<int>(ints[14]);
-  p.eps = static_cast<float>(eps);
-  p.scale = static_cast<float>(scale);
-  persistent_step<<<n_programs, THREADS, static_cast<size_t>(ints[15]), c10::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  p.items = reinterpret_cast<const int*>(ptrs[0]);
+  p.offsets = reinterpret_cast<const int*>(ptrs[1]);
+  p.descs = reinterpret_cast<const long long*>(ptrs[2]);
+  p.counters = reinterpret_cast<int*>(ptrs[3]);
+  p.tokens = reinterpret_cast<const long long*>(ptrs[4]);
+  p.positions = reinterpret_cast<const long long*>(ptrs[5]);
+  p.wte = reinterpret_cast<const __half*>(ptrs[6]);
+  p.wpe = reinterpret_cast<const __half*>(ptrs[7]);
+  p.x = reinterpret_cast<float*>(ptrs[8]);
+  p.qkv = reinterpret_cast<const __half*>(ptrs[9]);
+  p.k_cache = reinterpret_cast<__half*>(ptrs[10]);
+  p.v_cache = reinterpret_cast<__half*>(ptrs[11]);
+  p.part = reinterpret_cast<float*>(ptrs[12]);
+  p.n_counters = ints[1];
+  p.B = ints[2];
+  p.C = ints[3];
+  p.H = ints[4];
+  p.D = ints[5];
+  p.S = ints[6];
+  p.splits = ints[7];
+  p.chunk_positions = ints[8];
+  p.slots = ints[9];
+  p.slot_bytes = ints[10];
+  p.xs_stride = ints[11];
+  p.xs_off = ints[12];
+  p.red_off = ints[13];
+  p.bar_off = ints[14];
+  p.eps = eps;
+  p.scale = scale;
+  persistent_step<<<ints[0], THREADS, ints[15], static_cast<cudaStream_t>(stream)>>>(p);
+  return static_cast<int>(cudaGetLastError());
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("blocks_per_sm", &blocks_per_sm, "blocks of the persistent step that fit one SM");
-  m.def("step", &step, "one decode step as one persistent kernel");
-}
+}  // extern "C"

@@ -8,12 +8,18 @@ the generator captures the step in its CUDA graph unchanged. The table and the s
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import hashlib
+import os
+import shutil
+import subprocess
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.cpp_extension import CUDA_HOME, get_default_build_root
 
 import mmgpt.kernels
 from mmgpt.errors import UserError
@@ -28,16 +34,35 @@ SOURCE = Path(mmgpt.kernels.__file__).with_name("persistent_step.cu")
 
 
 @functools.cache
-def extension():
-    """The compiled kernel; a build failure is the user's to see, with the backend that needs no build."""
-    from torch.utils.cpp_extension import load
-    try:
-        return load("mmgpt_persistent_step", [str(SOURCE)],
-                    extra_cuda_cflags=["-O3", "-gencode=arch=compute_90,code=sm_90", "-std=c++17"])
-    except Exception as e:  # noqa: BLE001 -- any build failure means the same thing to the user
-        raise UserError(f"could not build the persistent decode kernel ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:300] if str(e) else ''}); it needs the CUDA toolkit (nvcc) and "
-                        "ninja: use backend=torch-triton") from e
+def extension() -> ctypes.CDLL:
+    """The compiled kernel, built once per source version into torch's extensions directory with nvcc; a failed
+    build is the user's to see, with the backend that needs none."""
+    source = SOURCE.read_bytes()
+    lib = Path(get_default_build_root()) / f"mmgpt_persistent_{hashlib.sha256(source).hexdigest()[:16]}.so"
+    if not lib.exists():
+        nvcc = shutil.which("nvcc") or (CUDA_HOME and str(Path(CUDA_HOME) / "bin" / "nvcc"))
+        if not nvcc or not Path(nvcc).exists():
+            raise UserError("the persistent decode kernel is built at first use with nvcc, which is not on PATH "
+                            "(or under CUDA_HOME): install the CUDA toolkit, or use backend=torch-triton")
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+        build = subprocess.run([nvcc, "-O3", "-std=c++17", "-gencode=arch=compute_90,code=sm_90", "-Xcompiler",
+                                "-fPIC", "-shared", "-o", str(tmp), str(SOURCE)], capture_output=True, text=True)
+        if build.returncode != 0:
+            raise UserError(f"could not build the persistent decode kernel with {nvcc}:\n{build.stderr[-2000:]}\n"
+                            "use backend=torch-triton")
+        os.replace(tmp, lib)  # atomic: a concurrent first use never loads a half-written library
+    dll = ctypes.CDLL(str(lib))
+    dll.mmgpt_persistent_step.argtypes = [ctypes.POINTER(ctypes.c_longlong), ctypes.POINTER(ctypes.c_int),
+                                          ctypes.c_float, ctypes.c_float, ctypes.c_void_p]
+    dll.mmgpt_error_string.restype = ctypes.c_char_p
+    return dll
+
+
+def _check(dll: ctypes.CDLL, code: int, what: str) -> None:
+    if code != 0:
+        raise RuntimeError(f"persistent decode kernel, {what}: CUDA error {code} "
+                           f"({dll.mmgpt_error_string(code).decode()})")
 
 
 @dataclass
@@ -53,7 +78,7 @@ class _Plan:
     hidden: torch.Tensor
     part: torch.Tensor
     logits: torch.Tensor
-    ints: list[int]
+    ints: ctypes.Array  # the kernel's int parameters (mmgpt_persistent_step)
 
 
 class PersistentBackend(TritonBackend):
@@ -92,7 +117,9 @@ class PersistentBackend(TritonBackend):
         red_bytes = _round(4 * max(WARPS * 16 * 8, WARPS * (c.head_dim + PART_PAD)))
         slot_bytes = (self.smem_limit - xs_bytes - red_bytes - 8 * self.slots) // self.slots // 128 * 128
         smem = self.slots * slot_bytes + xs_bytes + red_bytes + 8 * self.slots
-        if slot_bytes < 32 * 128 or self.ext.blocks_per_sm(smem) < 1:
+        blocks = self.ext.mmgpt_blocks_per_sm(smem, self.device.index or 0)
+        _check(self.ext, max(0, -blocks), "occupancy")
+        if slot_bytes < 32 * 128 or blocks < 1:
             warnings.warn(f"the persistent decode kernel does not fit one program per SM ({smem} bytes of shared "
                           f"memory for {B} rows); this step runs torch-triton's kernels", RuntimeWarning)
             self._plans[(B, S)] = None
@@ -117,9 +144,10 @@ class PersistentBackend(TritonBackend):
                          d.tile_rows, d.flags, 0])
         ints = [self.n_programs, s.n_counters, B, c.n_embd, c.n_head, c.head_dim, S, s.splits, s.chunk_positions,
                 self.slots, slot_bytes, xs_stride, self.slots * slot_bytes, self.slots * slot_bytes + xs_bytes,
-                self.slots * slot_bytes + xs_bytes + red_bytes, smem]
+                self.slots * slot_bytes + xs_bytes + red_bytes, smem, self.device.index or 0]
         plan = _Plan(s, s.items.to(dev), s.offsets.to(dev), torch.tensor(rows, dtype=torch.int64, device=dev),
-                     buf(s.n_counters + 1, dtype=torch.int32), x, qkv, hidden, part, logits, ints)
+                     buf(s.n_counters + 1, dtype=torch.int32), x, qkv, hidden, part, logits,
+                     (ctypes.c_int * len(ints))(*ints))
         self._plans[(B, S)] = plan
         return plan
 
@@ -131,10 +159,13 @@ class PersistentBackend(TritonBackend):
         if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
             raise ValueError("the persistent decode kernel reads (L, B, H, S, D) caches in place: pass contiguous ones")
         c = self.model.config
-        wte, wpe = self.model.table(c.decoded).weight, self.model.transformer.wpe.weight
-        self.ext.step(plan.items, plan.offsets, plan.descs, plan.counters, input_ids.reshape(B).long(),
-                      position_ids.reshape(B).long(), wte, wpe, plan.x, plan.qkv, k_cache, v_cache, plan.part,
-                      plan.ints, self.eps, c.head_dim ** -0.5)
+        tensors = (plan.items, plan.offsets, plan.descs, plan.counters, input_ids.reshape(B).long(),
+                   position_ids.reshape(B).long(), self.model.table(c.decoded).weight,
+                   self.model.transformer.wpe.weight, plan.x, plan.qkv, k_cache, v_cache, plan.part)
+        ptrs = (ctypes.c_longlong * len(tensors))(*(t.data_ptr() for t in tensors))
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        _check(self.ext, self.ext.mmgpt_persistent_step(ptrs, plan.ints, self.eps, c.head_dim ** -0.5, stream),
+               "launch")
         return plan.logits
 
 
