@@ -9,6 +9,10 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/nvidia-smi.txt" 2>&1
 { time timeout 120 python3 -c "from mmgpt.runtime.backends.persistent import extension; print(extension())"; } \
     > "$OUT/build.log" 2>&1 || { cat "$OUT/build.log"; exit 1; }
+# a deadlocked persistent kernel never returns: one step first, under a short timeout, before anything else
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -m gpu -x \
+    -k "test_persistent_step_matches_the_fused_kernels and 0-1" 2>&1 | tee "$OUT/first-step.log" | tail -5 \
+    || { echo "first persistent step failed or hung"; exit 1; }
 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -m gpu -k "persistent" -rs 2>&1 \
     | tee "$OUT/gpu-tests.log" | tail -15
 timeout ${STEPS_TIMEOUT:-240} python3 benchmarks/persistent_steps.py --out "$OUT" ${STEPS_ARGS} 2>&1 \
