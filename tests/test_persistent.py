@@ -135,3 +135,17 @@ def test_the_table_computes_the_torch_step(batch, positions, capacity):
         dropped = type(s)(**{**s.__dict__, "items": torch.cat([s.items[:j], s.items[j + 1:]])})
         bad = execute_reference(dropped, model, ids, pos, k.clone(), v.clone())
         assert (bad - want).abs().max() > 1e-3
+
+
+def test_the_backend_refuses_what_the_kernel_cannot_run():
+    """fp32 weights, a CPU, another family: a UserError that names the backend to use instead."""
+    from mmgpt.errors import UserError
+    from mmgpt.runtime.backends.persistent import PersistentBackend
+    with pytest.raises(UserError, match="fp16 weights.*torch-triton"):
+        PersistentBackend(tiny_model())
+    with pytest.raises(UserError, match="compute capability 9.0.*torch-triton"):
+        PersistentBackend(tiny_model().half())
+    llama = MultimodalGPT(GPTConfig(family="llama", n_layer=1, n_head=2, n_embd=64, intermediate_size=128,
+                                    vocab_size=300, block_size=64, **image_to_text(5))).half()
+    with pytest.raises(UserError, match="GPT-2 family.*torch-triton"):
+        PersistentBackend(llama)
