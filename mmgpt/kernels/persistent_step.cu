@@ -105,6 +105,12 @@ __device__ __forceinline__ int load_acquire(const int* p) {
   return v;
 }
 
+// The CTA barrier before it orders every thread's writes before this release; an acquire of the counter by thread
+// 0 of another program, then its CTA barrier, orders them before that program's reads (CUTLASS's grid barrier).
+__device__ __forceinline__ void release_add(int* p) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(p) : "memory");
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -442,7 +448,6 @@ __global__ void __launch_bounds__(THREADS, 1) persistent_step(const Params p) {
       if (threadIdx.x == 0) {
         while (load_acquire(p.counters + it.wait) < it.target) {
         }
-        __threadfence();
       }
       __syncthreads();
     }
@@ -463,10 +468,7 @@ __global__ void __launch_bounds__(THREADS, 1) persistent_step(const Params p) {
                               __half2float(p.wpe[static_cast<long long>(pos) * p.C + k]);
     }
     __syncthreads();  // the item's outputs are written (and its scratch free) before it is counted
-    if (threadIdx.x == 0) {
-      __threadfence();
-      atomicAdd(p.counters + it.signal, 1);
-    }
+    if (threadIdx.x == 0) release_add(p.counters + it.signal);
   }
   if (threadIdx.x == 0) {  // the last program out resets the counters for the next launch (a graph replay)
     __threadfence();
