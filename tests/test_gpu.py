@@ -18,7 +18,7 @@ import torch
 from mmgpt.model import GPTConfig, MultimodalGPT, image_to_text
 from mmgpt.runtime.backends.torch_model import TorchBackend
 from mmgpt.runtime.generator import Generator
-from mmgpt.runtime.inflight import InflightEngine, Request
+from mmgpt.runtime.inflight import InflightEngine, PrefixCache, Request
 from mmgpt.runtime.sampling import SamplingConfig
 from mmgpt.tokenizer import ByteTokenizer
 
@@ -111,13 +111,14 @@ def test_inflight_joins_on_captured_graphs_give_solo_tokens(model, name):
                         SamplingConfig(temperature=0.8, seed=i) if i % 3 == 0 else SamplingConfig())
                 for i in range(10)]
     engine = InflightEngine(backend, tok, rows=4, capacity=128, cuda_graph=True)
-    assert engine.graph is not None and engine.capture_prefill
+    assert engine.graphs and engine.capture_prefill
     states = [engine.submit(r) for r in requests[:5]]
     engine.step()
     engine.step()
     states += [engine.submit(r) for r in requests[5:]]  # join rows freed between replayed steps
     engine.run()
-    step_graph = engine.graph
+    step_graphs = dict(engine.graphs)
+    assert {greedy for greedy, _ in step_graphs} == {True, False}  # greedy and sampled steps both captured
     for r, s in zip(requests, states):
         solo = InflightEngine(backend, tok, rows=1, capacity=128, cuda_graph=False)
         alone = solo.submit(r)
@@ -125,7 +126,34 @@ def test_inflight_joins_on_captured_graphs_give_solo_tokens(model, name):
         assert s.tokens == alone.tokens, r
     again = [engine.submit(r) for r in requests]
     engine.run()
-    assert [s.tokens for s in again] == [s.tokens for s in states] and engine.graph is step_graph  # replayed
+    assert [s.tokens for s in again] == [s.tokens for s in states] and engine.graphs == step_graphs  # replayed
+    three = [engine.submit(r) for r in requests[:3]]  # one join of three in a bucket of four: the padded row
+    engine.run()  # repeats the first joiner's inputs and writes
+    assert [s.tokens for s in three] == [s.tokens for s in states[:3]]
+
+
+@pytest.mark.parametrize("name", ["torch", "torch-triton"])
+def test_prefix_cache_hits_on_captured_graphs_give_the_tokens_of_a_miss(model, name):
+    tok = ByteTokenizer()
+    backend = backend_of(name, model)
+    g = torch.Generator().manual_seed(6)
+    images = [torch.randn(8, 8, generator=g) for _ in range(2)]
+    requests = [Request(images[i % 2], [256, *range(100, 100 + i % 3)], 10,
+                        SamplingConfig(temperature=0.8, seed=i) if i % 2 else SamplingConfig()) for i in range(6)]
+    cached = InflightEngine(backend, tok, rows=4, capacity=128, prefix_cache=PrefixCache(1 << 30, "test"))
+    states = []
+    for r in requests:  # one at a time: every request after the first of its image hits
+        states.append(cached.submit(r))
+        cached.run()
+    assert cached.cache.hits == 4 and [s.cache_hit for s in states] == [False, False, True, True, True, True]
+    plain = InflightEngine(backend, tok, rows=4, capacity=128)
+    for r, s in zip(requests, states):
+        alone = plain.submit(r)
+        plain.run()
+        assert s.tokens == alone.tokens, r
+    again = [cached.submit(r) for r in requests]  # hits joining together: replayed one joiner at a time
+    cached.run()
+    assert [s.tokens for s in again] == [s.tokens for s in states] and cached.cache.hits == 10
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,7 @@ class Generator:
         if self.use_graph and self.device.type != "cuda":
             raise UserError("cuda_graph=True needs a CUDA backend device")
         self.eos_check_interval = eos_check_interval
-        self._engines: dict[tuple[int, int, bool], InflightEngine] = {}
+        self._engines: dict[tuple[int, int], InflightEngine] = {}
 
     @property
     def graph_captures(self) -> int:
@@ -72,13 +72,13 @@ class Generator:
         return check_token_ids(prompts, self.backend.dims.vocab_size)
 
 
-    def _engine(self, B: int, S: int, greedy: bool) -> InflightEngine:
-        """One engine per (batch, capacity, greedy) bucket: a greedy batch's step skips the sampling arithmetic."""
-        if (B, S, greedy) not in self._engines:
-            self._engines[B, S, greedy] = InflightEngine(self.backend, self.tok, rows=B, capacity=S,
-                                                         cuda_graph=self.use_graph, greedy_only=greedy,
-                                                         stream_interval=self.eos_check_interval)
-        return self._engines[B, S, greedy]
+    def _engine(self, B: int, S: int) -> InflightEngine:
+        """One engine per (batch, capacity) bucket; its rows start together, so every step runs them all."""
+        if (B, S) not in self._engines:
+            self._engines[B, S] = InflightEngine(self.backend, self.tok, rows=B, capacity=S,
+                                                 cuda_graph=self.use_graph, stream_interval=self.eos_check_interval,
+                                                 row_buckets=False)
+        return self._engines[B, S]
 
     # ---------------------------------------------------------------- generate
     @torch.inference_mode()
@@ -93,7 +93,7 @@ class Generator:
         prompts = self.prepare(prompts, B)
         S = capacity_for(self.backend, B, int(context_len.max()), max(map(len, prompts)), max_new_tokens,
                          self.buckets)
-        engine = self._engine(B, S, sampling.greedy)
+        engine = self._engine(B, S)
         states = [engine.submit(Request({name: value[b] for name, value in context.items()}, prompts[b],
                                         max_new_tokens, replace(sampling, seed=(sampling.seed + b) % (SEED_MAX + 1))))
                   for b in range(B)]
@@ -119,7 +119,7 @@ class Generator:
                                 sequences=sequences, texts=texts, time_to_first_token_s=t1 - t0,
                                 decode_time_s=t2 - t1,
                                 decode_steps=steps, backend=self.backend.name, capacity=S,
-                                cuda_graph=engine.graph is not None)
+                                cuda_graph=bool(engine.graphs))
 
     def _sync(self):
         if self.device.type == "cuda":

@@ -91,20 +91,64 @@ def _by_context_len(states: list["RequestState"]) -> list[list["RequestState"]]:
     return list(groups.values())
 
 
+def _greedy(states: list["RequestState"]) -> bool:
+    return all(s.request.sampling.greedy for s in states)
+
+
 def _power_of_two(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
 @dataclass
+class _Joiners:
+    """What a group of joiners hands the device, per row (J,): its engine row, prompt length, token budget, first
+    position after its prompt and sampling. Captured prefills keep one of these at fixed addresses."""
+    rows: torch.Tensor
+    lengths: torch.Tensor
+    limit: torch.Tensor
+    start: torch.Tensor
+    sampling: RowSampling
+
+    INTS = ("rows", "lengths", "limit", "start")
+
+    @classmethod
+    def empty(cls, J: int, device) -> "_Joiners":
+        ints = torch.zeros(len(cls.INTS), J, dtype=torch.long, device=device)
+        return cls(*ints, RowSampling.empty(J, device))
+
+    @staticmethod
+    def host(states: list["RequestState"], J: int) -> tuple[torch.Tensor, list[SamplingConfig]]:
+        """The group's integers (4, J) and sampling settings on the host, padded to J rows with copies of the
+        first joiner (a padded row then computes and writes exactly what the first one does)."""
+        states = states + [states[0]] * (J - len(states))
+        ints = torch.tensor([[s.row for s in states], [len(s.request.prompt) for s in states],
+                             [s.request.max_tokens for s in states],
+                             [s.context_len + len(s.request.prompt) for s in states]], dtype=torch.long)
+        return ints, [s.request.sampling for s in states]
+
+    @classmethod
+    def of(cls, states: list["RequestState"], device) -> "_Joiners":
+        joiners = cls.empty(len(states), device)
+        joiners.fill(*cls.host(states, len(states)))
+        return joiners
+
+    def fill(self, ints: torch.Tensor, sampling: list[SamplingConfig]) -> None:
+        for name, row in zip(self.INTS, ints.to(self.rows.device)):
+            getattr(self, name).copy_(row)
+        for name in ("temperature", "top_k", "top_p", "seed"):
+            getattr(self.sampling, name).copy_(getattr(RowSampling.of(sampling, "cpu"), name))
+
+
+@dataclass
 class _PrefillGraph:
-    """A captured prefill: its static inputs, and the outputs each replay rewrites."""
+    """A captured join: prefill, the keys and values written into the joiners' rows, their first tokens sampled and
+    their row state set, replayed from static inputs."""
     graph: "torch.cuda.CUDAGraph"
     context: dict[str, torch.Tensor]  # modality -> (J, P, F): captured prefills take continuous contexts only
+    past: tuple[torch.Tensor, ...]  # a cached context's keys and values (L, J, H, P, D), or ()
     ids: torch.Tensor  # (J, T)
-    lengths: torch.Tensor  # (J,)
-    logits: torch.Tensor
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    joiners: _Joiners
+    first: torch.Tensor  # (J,) first tokens
 
 
 class QueueFull(Exception):
@@ -125,7 +169,7 @@ class PrefixCache:
     def key(self, context: dict) -> str:
         """context: one row's, modality -> (P, F) features or a token list."""
         h = hashlib.sha256(self.namespace.encode())
-        for name, value in context.items():
+        for name, value in sorted(context.items()):
             data = value.detach().to("cpu", torch.float32) if torch.is_tensor(value) else torch.tensor(value)
             h.update(f"|{name}|{tuple(data.shape)}|".encode())
             h.update(data.contiguous().numpy().tobytes())
@@ -158,11 +202,16 @@ class InflightEngine:
 
     def __init__(self, backend, tokenizer, rows: int, capacity: int, cuda_graph: bool | None = None,
                  prefix_cache: PrefixCache | None = None, stream_interval: int = 1, max_queue: int = 1024,
-                 capture_prefill: bool | None = None, greedy_only: bool = False):
+                 capture_prefill: bool | None = None, row_buckets: bool = True):
         """capture_prefill: replay prefills from CUDA graphs, one per (joiners, context lengths, prompt length)
         bucket, joiners and prompt lengths rounded up to powers of two (default: where the decode step is captured
-        and the backend's prefill can be). greedy_only: the step takes the argmax and skips the per-row sampling
-        (its sort of the vocabulary): for batches known to be greedy; sampled requests are then refused."""
+        and the backend's prefill can be).
+
+        row_buckets: a step runs the first power-of-two rows that hold every running request, each bucket its own
+        captured graph (off: every step runs all rows, for batches that start and run together).
+        While every running row is greedy the step takes the argmax and skips the per-row sampling (a sort of the
+        vocabulary per row), which is what greedy rows get from it anyway; the first sampled request brings in the
+        sampling step (captured then, once)."""
         self.backend, self.tok = backend, tokenizer
         self.start_id, self.end_id, self.pad_id = special_ids(backend.dims, tokenizer)
         self.device = torch.device(backend.device)
@@ -172,11 +221,11 @@ class InflightEngine:
         if stream_interval < 1:
             raise UserError(f"stream_interval={stream_interval} must be >= 1 (decode steps between host reads)")
         self.rows, self.capacity, self.stream_interval, self.max_queue = rows, capacity, stream_interval, max_queue
+        self.row_buckets = row_buckets
         self.use_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
         if self.use_graph and self.device.type != "cuda":
             raise UserError("cuda_graph=True needs a CUDA backend device")
         self.cache = prefix_cache
-        self.greedy_only = greedy_only
         ragged = any(m.kind == "discrete" for m in backend.dims.context)  # prefill shapes follow each batch's ids
         capturable = self.use_graph and backend.prefill_capturable and not ragged
         self.capture_prefill = capturable if capture_prefill is None else capture_prefill
@@ -202,8 +251,9 @@ class InflightEngine:
         # prompts fed after a cached prefix: buffers of their own, kept, since engines bind tensors by address
         self.feed_token = torch.zeros(R, 1, dtype=torch.long, device=dev)
         self.feed_position = torch.zeros(R, 1, dtype=torch.long, device=dev)
-        self.graph = None
+        self.graphs: dict[tuple[bool, int], torch.cuda.CUDAGraph] = {}  # (greedy, rows stepped) -> the step
         self.graph_captures = 0
+        self._capture_blocked: str | None = None  # why the step cannot be captured (it then runs eagerly)
         self.slots: list[RequestState | None] = [None] * R
         self.waiting: deque[RequestState] = deque()
         self._lock = threading.Lock()
@@ -219,9 +269,6 @@ class InflightEngine:
         the device), and the context's real length."""
         if not isinstance(request.sampling, SamplingConfig):
             raise UserError("sampling must be a SamplingConfig")
-        if self.greedy_only and not request.sampling.greedy:
-            raise UserError(f"temperature={request.sampling.temperature}: this engine decodes greedily only "
-                            "(greedy_only=True); use an engine without it for sampled requests")
         if not request.prompt:
             raise UserError("empty prompt: every request needs at least one token (the BOS token is the usual start)")
         check_token_ids([request.prompt], self.backend.dims.vocab_size)
@@ -238,10 +285,16 @@ class InflightEngine:
     def submit(self, request: Request, on_update=None) -> RequestState:
         """Queue a request (checked first); it joins a free row at the next step boundary."""
         context, context_len = self.check(request)
+        key = None
+        if self.cache is not None and context_len > 0:  # hashed here, on the caller's thread and host copy
+            raw = request.context if isinstance(request.context, dict) else {self.backend.dims.context[0].name:
+                                                                              request.context}
+            key = self.cache.key({name: raw[name] if torch.is_tensor(raw[name]) else value
+                                  for name, value in context.items()})
         with self._lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting, the most this engine queues")
-            state = RequestState(next(self._ids), request, on_update, context, context_len)
+            state = RequestState(next(self._ids), request, on_update, context, context_len, cache_key=key)
             self.waiting.append(state)
         return state
 
@@ -266,9 +319,12 @@ class InflightEngine:
             self._admit()
             n = self.stream_interval if max_steps is None else min(max_steps, self.stream_interval)
             if self.active_rows and n > 0:
+                greedy = _greedy([s for s in self.slots if s is not None])
+                rows = self._row_bucket()
+                graph = self._graph(greedy, rows)
                 self.window_step.zero_()
                 for _ in range(n):
-                    self.graph.replay() if self.graph is not None else self._decode_step()
+                    graph.replay() if graph is not None else self._decode_step(greedy, rows)
                 self.decode_steps += n
                 self._collect(n)
 
@@ -315,100 +371,122 @@ class InflightEngine:
         hits, misses = [], []
         for state in joiners:
             cached = None
-            if self.cache is not None and state.context_len > 0:
-                state.cache_key = self.cache.key(state.context)
+            if state.cache_key is not None:
                 cached = self.cache.get(state.cache_key)
             (hits if cached is not None else misses).append((state, cached))
-        rows, logits = [], []
-        if hits:  # before the prefills: feeding prompts writes stale positions of the rows not yet started
+        if hits and hasattr(self.backend, "prefill_after"):
+            entries = {s.row: kv for s, kv in hits}
+            for group in _by_context_len([s for s, _ in hits]):
+                for state in group:
+                    state.cache_hit = True
+                self._emit_first(group, self._prefill(group, [entries[s.row] for s in group]))
+        elif hits:  # before the prefills: feeding prompts writes stale positions of the rows not yet started
             for state, (k, v) in hits:
                 state.cache_hit = True
                 P = k.shape[2]
                 self.k[:, state.row, :, :P].copy_(k)
                 self.v[:, state.row, :, :P].copy_(v)
-            if hasattr(self.backend, "prefill_after"):
-                for group in _by_context_len([s for s, _ in hits]):
-                    rows.append(torch.tensor([s.row for s in group], device=self.device))
-                    logits.append(self._prefill_after(group, rows[-1]))
-            else:
-                group = [s for s, _ in hits]
-                rows.append(torch.tensor([s.row for s in group], device=self.device))
-                logits.append(self._feed_prompts(group, rows[-1]))
+            group = [s for s, _ in hits]
+            joiners = _Joiners.of(group, self.device)
+            self._emit_first(group, self._start(joiners, self._feed_prompts(group, joiners.rows), _greedy(group)))
         for group in _by_lengths([s for s, _ in misses]):
-            rows.append(torch.tensor([s.row for s in group], device=self.device))
-            logits.append(self._prefill(group, rows[-1]))
-        self._start(joiners, torch.cat(rows), torch.cat(logits))
+            self._emit_first(group, self._prefill(group))
 
     def _prompts(self, group: list[RequestState]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded prompt ids (J, T) and their lengths (J,), on the device."""
+        """Right-padded prompt ids (J, T) and their lengths (J,), on the host."""
         prompts = [s.request.prompt for s in group]
         ids = torch.full((len(group), max(map(len, prompts))), self.pad_id, dtype=torch.long)
         for j, p in enumerate(prompts):
             ids[j, : len(p)] = torch.tensor(p)
-        return ids.to(self.device), torch.tensor(list(map(len, prompts)), device=self.device)
+        return ids, torch.tensor(list(map(len, prompts)))
 
-    def _prefill_after(self, group: list[RequestState], rows: torch.Tensor) -> torch.Tensor:
-        """Prompts after cached contexts of one length, in one call; writes the prompts' slots after the context."""
-        ids, lengths = self._prompts(group)
-        P, T = group[0].context_len, ids.shape[1]
-        past_k = self.k[:, rows, :, :P]  # (L, J, H, P, D), a gathered copy
-        past_v = self.v[:, rows, :, :P]
-        logits, keys, values = self.backend.prefill_after(list(past_k), list(past_v), ids, lengths)
-        for i in range(len(keys)):
-            self.k[i, rows, :, P: P + T] = keys[i].to(self.k.dtype)
-            self.v[i, rows, :, P: P + T] = values[i].to(self.v.dtype)
-        return logits
-
-    def _prefill(self, group: list[RequestState], rows: torch.Tensor) -> torch.Tensor:
-        """One batched prefill of requests sharing their continuous context lengths; writes their slots, returns their
-        logits."""
-        ids, lengths = self._prompts(group)
-        T = ids.shape[1]
-        context = batch_context(self.backend.dims, [s.context for s in group], self.device)
-        logits, keys, values = self._run_prefill(context, ids, lengths)
-        N = max(s.context_len for s in group) + T  # every row's real slots lie below: packed, each row's first
-        for i in range(len(keys)):
-            self.k[i, rows, :, :N] = keys[i][:, :, :N].to(self.k.dtype)
-            self.v[i, rows, :, :N] = values[i][:, :, :N].to(self.v.dtype)
-        if self.cache is not None:
+    def _prefill(self, group: list[RequestState], past: list[tuple] | None = None) -> torch.Tensor:
+        """Join a group of requests: one batched prefill of their contexts (which share their continuous lengths)
+        or, with `past` (per joiner its cached context's keys and values, (L, H, P, D) each, one P), of their
+        prompts after them; the keys and values written into their rows, their first tokens sampled and their
+        rows set. One graph replay where prefills are captured (cached contexts one joiner at a time, so that a
+        graph holds one context's keys). Returns the first tokens (J,) on the device."""
+        if past is not None and self.capture_prefill and len(group) > 1:
+            return torch.cat([self._prefill([s], [kv]) for s, kv in zip(group, past)])
+        ids, _ = self._prompts(group)
+        J, T = ids.shape
+        greedy = _greedy(group)
+        if past is None:
+            context = batch_context(self.backend.dims, [s.context for s in group], self.device)
+            # a discrete modality's (ids, lengths) has no one length; such contexts are never captured
+            shapes = tuple(v.shape[1] if torch.is_tensor(v) else None for v in context.values())
+        else:
+            context = {}
+            past = tuple(torch.stack(t, 1) for t in zip(*past))  # keys, values (L, J, H, P, D)
+            shapes = ("after", past[0].shape[3])
+        if self.capture_prefill:
+            key = (_power_of_two(J), shapes, max(_power_of_two(T), MIN_PROMPT_BUCKET), greedy)
+            if key not in self._prefill_graphs:
+                self._prefill_graphs[key] = self._capture_prefill(*key)
+            g = self._prefill_graphs[key]
+            Jb, Tb = g.ids.shape
+            for name, value in context.items():  # padded rows repeat the first joiner
+                g.context[name].copy_(torch.cat([value, value[:1].expand(Jb - J, *value.shape[1:])]))
+            for buffer, value in zip(g.past, past or ()):  # one joiner: no padding
+                buffer.copy_(value)
+            padded = torch.full((Jb, Tb), self.pad_id, dtype=torch.long)
+            padded[:J, :T] = ids
+            padded[J:] = padded[0]
+            g.ids.copy_(padded)
+            g.joiners.fill(*_Joiners.host(group, Jb))
+            g.graph.replay()
+            first = g.first[:J]
+        else:
+            first = self._join(context, past, ids.to(self.device), _Joiners.of(group, self.device), greedy)
+        if self.cache is not None and past is None:
             for state in (s for s in group if s.context_len > 0):
                 row, P = state.row, state.context_len
                 self.cache.put(state.cache_key, self.k[:, row, :, :P].clone(), self.v[:, row, :, :P].clone())
-        return logits
+        return first
 
-    def _run_prefill(self, context: dict, ids: torch.Tensor, lengths: torch.Tensor):
-        """The backend's prefill, eager or replayed from the bucket's graph (padded rows and positions are ignored:
-        rows do not interact, and a right-padded prompt's real positions never attend to its padding)."""
-        if not self.capture_prefill:
-            return self.backend.prefill(context, ids, lengths)
-        J, T = ids.shape
-        lengths_of = tuple(v.shape[1] for v in context.values())
-        key = (_power_of_two(J), lengths_of, max(_power_of_two(T), MIN_PROMPT_BUCKET))
-        if key not in self._prefill_graphs:
-            self._prefill_graphs[key] = self._capture_prefill(*key)
-        g = self._prefill_graphs[key]
-        for name, value in context.items():
-            g.context[name][:J].copy_(value)
-        g.ids.fill_(self.pad_id)
-        g.ids[:J, :T].copy_(ids)
-        g.lengths.fill_(1)
-        g.lengths[:J].copy_(lengths)
-        g.graph.replay()
-        return g.logits[:J], [k[:J] for k in g.keys], [v[:J] for v in g.values]
+    def _join(self, context: dict, past: tuple | None, ids: torch.Tensor, joiners: _Joiners,
+              greedy: bool) -> torch.Tensor:
+        """Device-only, so it can be captured: prefill (after `past`, written into the rows first), write each
+        joiner's row from there (its real slots lie first; the slots after them hold padding's keys, which no
+        position reads before a decode step overwrites them), sample, set the rows."""
+        if past is None:
+            logits, keys, values = self.backend.prefill(context, ids, joiners.lengths)
+            start = 0
+        else:
+            logits, keys, values = self.backend.prefill_after(list(past[0]), list(past[1]), ids, joiners.lengths)
+            start = past[0].shape[3]
+            for cache, entry in zip((self.k, self.v), past):
+                cache[:, :, :, :start].index_copy_(1, joiners.rows, entry.to(cache.dtype))
+        n = min(keys[0].shape[2], self.capacity - start)
+        for i in range(len(keys)):
+            self.k[i, :, :, start: start + n].index_copy_(0, joiners.rows, keys[i][:, :, :n].to(self.k.dtype))
+            self.v[i, :, :, start: start + n].index_copy_(0, joiners.rows, values[i][:, :, :n].to(self.v.dtype))
+        return self._start(joiners, logits, greedy)
 
-    def _capture_prefill(self, J: int, lengths_of: tuple[int, ...], T: int) -> "_PrefillGraph":
-        d, dev = self.backend.dims, self.device
-        context = {m.name: torch.zeros(J, P, m.dim, dtype=self.backend.dtype, device=dev)
-                   for m, P in zip(d.context, lengths_of)}
+    def _capture_prefill(self, J: int, shapes: tuple, T: int, greedy: bool) -> "_PrefillGraph":
+        """shapes: each continuous context modality's length, or ("after", P): prompts after P cached positions."""
+        d, dev, dt = self.backend.dims, self.device, self.backend.dtype
+        if shapes[0] == "after":
+            context = {}
+            past = tuple(torch.zeros(d.n_layer, J, d.n_kv_head, shapes[1], d.head_dim, dtype=dt, device=dev)
+                         for _ in range(2))
+        else:
+            context = {m.name: torch.zeros(J, P, m.dim, dtype=dt, device=dev) for m, P in zip(d.context, shapes)}
+            past = None
         ids = torch.full((J, T), self.pad_id, dtype=torch.long, device=dev)
-        lengths = torch.ones(J, dtype=torch.long, device=dev)
-        self.backend.prefill(context, ids, lengths)  # warm-up: lazy init and cuBLAS handles outside the capture
+        joiners = _Joiners.empty(J, dev)
+        joiners.lengths.fill_(1)
+        # warm-up of the pure parts (lazy init and cuBLAS handles) outside the capture; _join itself would write the
+        # rows of running requests
+        logits, _, _ = (self.backend.prefill(context, ids, joiners.lengths) if past is None else
+                        self.backend.prefill_after(list(past[0]), list(past[1]), ids, joiners.lengths))
+        self._sample(logits, joiners.sampling, torch.zeros_like(joiners.rows), greedy)
         torch.cuda.synchronize(dev)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=self.stream):
-            logits, keys, values = self.backend.prefill(context, ids, lengths)
+            first = self._join(context, past, ids, joiners, greedy)
         self.graph_captures += 1
-        return _PrefillGraph(graph, context, ids, lengths, logits, keys, values)
+        return _PrefillGraph(graph, context, past or (), ids, joiners, first)
 
     def _feed_prompts(self, group: list[RequestState], rows: torch.Tensor) -> torch.Tensor:
         """Prompts after a cached prefix, one token per full-bucket decode call. Running rows are fed their own
@@ -426,41 +504,50 @@ class InflightEngine:
             logits = self.backend.decode(ids, position, self.k, self.v)
         return logits[rows]
 
-    def _start(self, joiners: list[RequestState], rows: torch.Tensor, logits: torch.Tensor) -> None:
-        """Sample each joiner's first token and set its row's state; the host reads the first tokens (TTFT)."""
-        order = {s.row: s for s in joiners}
-        states = [order[r] for r in rows.tolist()]
-        sampling = RowSampling.of([s.request.sampling for s in states], self.device)
-        zero = torch.zeros(len(states), dtype=torch.long, device=self.device)
-        first = self._sample(logits, sampling, zero)
-        limit = torch.tensor([s.request.max_tokens for s in states], device=self.device)
-        start = torch.tensor([s.context_len + len(s.request.prompt) for s in states], device=self.device)
-        self.sampling.write(rows, sampling)
-        self.token[rows, 0] = first
-        self.position[rows, 0] = start
-        self.count[rows] = 1
-        self.max_tokens[rows] = limit
-        self.finished[rows] = (first == self.end_id) | (limit <= 1)
+    def _start(self, joiners: _Joiners, logits: torch.Tensor, greedy: bool) -> torch.Tensor:
+        """Sample the joiners' first tokens and set their rows' state, on the device -> first tokens (J,)."""
+        first = self._sample(logits, joiners.sampling, torch.zeros_like(joiners.rows), greedy)
+        rows = joiners.rows
+        self.sampling.write(rows, joiners.sampling)
+        self.token[:, 0].index_copy_(0, rows, first)
+        self.position[:, 0].index_copy_(0, rows, joiners.start)
+        self.count.index_fill_(0, rows, 1)
+        self.max_tokens.index_copy_(0, rows, joiners.limit)
+        self.finished.index_copy_(0, rows, (first == self.end_id) | (joiners.limit <= 1))
+        return first
+
+    def _emit_first(self, states: list[RequestState], first: torch.Tensor) -> None:
+        """The host reads the first tokens (the time to first token) and hands each to its request."""
+        tokens = first.tolist()
         now = time.perf_counter()
-        for state, token in zip(states, first.tolist()):
+        for state, token in zip(states, tokens):
             state.first_token_s = now
             self._emit(state, [token])
 
-    def _decode_step(self) -> None:
-        """One token for every row, device-only: execute + KV write, sample, record, advance."""
-        logits = self.backend.decode(self.token, self.position, self.k, self.v)
-        nxt = self._sample(logits, self.sampling, self.count)
-        nxt = torch.where(self.finished, torch.full_like(nxt, self.end_id), nxt)  # finished rows emit the end token
-        self.window.scatter_(1, self.window_step.expand(self.rows, 1), nxt[:, None])
-        live = (~self.finished).long()
-        self.count.add_(live)
-        self.position.add_(live[:, None])
-        self.finished.logical_or_((nxt == self.end_id) | (self.count >= self.max_tokens))
-        self.token.copy_(nxt[:, None])
+    def _row_bucket(self) -> int:
+        """The rows a step runs: the first power of two (or all) that holds every running row. Joiners take the
+        lowest free rows, so a lightly loaded engine steps a few rows, not all."""
+        if not self.row_buckets:
+            return self.rows
+        return min(self.rows, _power_of_two(1 + max(r for r, s in enumerate(self.slots) if s is not None)))
+
+    def _decode_step(self, greedy: bool, n: int) -> None:
+        """One token for each of the first n rows, device-only: execute + KV write, sample, record, advance."""
+        token, position, count, finished = self.token[:n], self.position[:n], self.count[:n], self.finished[:n]
+        logits = self.backend.decode(token, position, self.k[:, :n], self.v[:, :n])
+        nxt = self._sample(logits, self.sampling.head(n), count, greedy)
+        nxt = torch.where(finished, torch.full_like(nxt, self.end_id), nxt)  # finished rows emit the end token
+        self.window[:n].scatter_(1, self.window_step.expand(n, 1), nxt[:, None])
+        live = (~finished).long()
+        count.add_(live)
+        position.add_(live[:, None])
+        finished.logical_or_((nxt == self.end_id) | (count >= self.max_tokens[:n]))
+        token.copy_(nxt[:, None])
         self.window_step.add_(1)
 
-    def _sample(self, logits: torch.Tensor, sampling: RowSampling, counter: torch.Tensor) -> torch.Tensor:
-        if self.greedy_only:
+    @staticmethod
+    def _sample(logits: torch.Tensor, sampling: RowSampling, counter: torch.Tensor, greedy: bool) -> torch.Tensor:
+        if greedy:  # every row greedy: sample_rows would return this argmax
             return logits.argmax(dim=-1)
         return sample_rows(logits, sampling, row_noise(sampling.seed, counter, logits.shape[-1]))
 
@@ -493,29 +580,52 @@ class InflightEngine:
 
     # ---------------------------------------------------------------- capture
     def _capture(self) -> None:
-        """Capture the decode step once, on idle rows (every row finished at position 0, so warm-up writes stay in
-        range and change nothing a joiner reads); where the backend cannot be captured, warn and run eagerly."""
-        self._decode_step()  # warm-up: lazy init, compilation, cuBLAS handles, TensorRT's shape-dependent setup
+        """Warm the step up on idle rows (every row finished at position 0, so its writes stay in range and change
+        nothing a joiner reads), then capture the greedy step; where the backend cannot be captured, warn and run
+        eagerly."""
+        for n in self._buckets:  # lazy init, compilation, cuBLAS handles, TensorRT's shape-dependent setup
+            logits = self.backend.decode(self.token[:n], self.position[:n], self.k[:, :n], self.v[:, :n])
+            self._sample(logits, self.sampling.head(n), self.count[:n], greedy=False)
+            self.window_step.zero_()  # each step writes the window's column window_step
+            self._decode_step(True, n)
         torch.cuda.synchronize(self.device)
         blocker = getattr(self.backend, "capture_blocker", None)
         reason = blocker(self.token, self.position, self.k, self.v) if blocker else None
-        if reason is None:
+        if reason is not None:
+            self._no_graph(reason)
+        for n in self._buckets:
+            self._graph(True, n)
+        self.count.zero_()
+        self.position.zero_()
+        self.finished.fill_(True)
+
+    @property
+    def _buckets(self) -> list[int]:
+        return sorted({min(self.rows, 1 << i) for i in range(self.rows.bit_length())} | {self.rows}) \
+            if self.row_buckets else [self.rows]
+
+    def _graph(self, greedy: bool, n: int) -> "torch.cuda.CUDAGraph | None":
+        """The captured step of the first n rows, captured at its first use (capturing runs nothing, so rows may be
+        running; every bucket was warmed up at start)."""
+        if not self.use_graph or self._capture_blocked is not None:
+            return None
+        if (greedy, n) not in self.graphs:
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph, stream=self.stream):
-                    self._decode_step()
-                self.graph = graph
-                self.graph_captures += 1
+                    self._decode_step(greedy, n)
             except Exception as e:  # noqa: BLE001 -- reported; the step runs un-captured instead
                 reason = f"{type(e).__name__}: {e}"
                 if e.__context__ is not None:
                     reason += f" (during capture: {e.__context__})"
                 torch.cuda.synchronize(self.device)
-        if reason is not None:
-            warnings.warn(f"decode step for {self.rows} rows, capacity {self.capacity} runs without a CUDA graph "
-                          f"(slower, same tokens): {reason}", RuntimeWarning, stacklevel=3)
-        self.count.zero_()
-        self.position.zero_()
-        self.finished.fill_(True)
+                self._no_graph(reason)
+                return None
+            self.graphs[greedy, n] = graph
+            self.graph_captures += 1
+        return self.graphs[greedy, n]
 
-
+    def _no_graph(self, reason: str) -> None:
+        self._capture_blocked = reason
+        warnings.warn(f"decode step for {self.rows} rows, capacity {self.capacity} runs without a CUDA graph "
+                      f"(slower, same tokens): {reason}", RuntimeWarning, stacklevel=4)

@@ -20,7 +20,9 @@ def check_features(features, dtype: torch.dtype | None = None, what: str = "feat
                         f"{tuple(getattr(features, 'shape', ()))}")
     if not features.is_floating_point():
         raise UserError(f"{what} must be a float tensor, got {features.dtype}")
-    if dtype is not None and not bool(torch.isfinite(features.to(dtype)).all()):
+    # the largest magnitude first (NaN propagates through amax); the exact cast only where it may overflow
+    if dtype is not None and features.numel() and not bool(features.abs().amax() <= torch.finfo(dtype).max) \
+            and not bool(torch.isfinite(features.to(dtype)).all()):
         raise UserError(f"{what}: NaN or infinite values in the model's dtype "
                         f"{str(dtype).removeprefix('torch.')} (the largest float16 is "
                         f"{torch.finfo(torch.float16).max:.0f}); scale or clean the features")

@@ -73,6 +73,10 @@ class RowSampling:
     def empty(cls, rows: int, device) -> "RowSampling":
         return cls.of([SamplingConfig()] * rows, device)
 
+    def head(self, n: int) -> "RowSampling":
+        """The first n rows' settings, as views."""
+        return RowSampling(self.temperature[:n], self.top_k[:n], self.top_p[:n], self.seed[:n])
+
     def write(self, rows: torch.Tensor, other: "RowSampling") -> None:
         """Set the given rows (J,) to `other`'s (J,) settings, in place (a captured step keeps the addresses)."""
         for name in ("temperature", "top_k", "top_p", "seed"):
