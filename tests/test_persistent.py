@@ -109,7 +109,12 @@ def test_no_program_waits_on_its_own_later_items():
         # every output row of every weight is computed exactly once
         for d_index, d in enumerate(s.descs):
             rows = sorted((it[2], it[3]) for it in items if it[OP] == GEMV and it[1] == d_index)
-            assert [r for r, _ in rows] == list(range(0, d.N, d.tile_rows)) and sum(n for _, n in rows) == d.N
+            assert [r for r, _ in rows] == list(range(0, d.N, d.rows)) and sum(n for _, n in rows) == d.N
+            assert d.rows <= d.tile_rows <= 32 and d.tile_rows % 8 == 0
+        # a stage of at most 132 items puts at most one on each program
+        for stage, count in enumerate(s.stage_items):
+            on = [sum(1 for it in items[offsets[p]:offsets[p + 1]] if it[SIGNAL] == stage) for p in range(132)]
+            assert max(on) == -(-count // 132), (stage, count, max(on))
 
 
 @pytest.mark.parametrize("batch,positions,capacity", [(1, [0], 8), (3, [7, 0, 20], 24), (2, [40, 13], 48)])

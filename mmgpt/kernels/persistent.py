@@ -38,8 +38,9 @@ ITEM_FIELDS = 8
 OP, DESC, ARG0, ARG1, ARG2, WAIT, TARGET, SIGNAL = range(ITEM_FIELDS)
 # GEMV flags: what the kernel does before and after the product
 LN, BIAS, GELU, RESIDUAL, IN_COMBINE, IN_F16, OUT_F32 = 1, 2, 4, 8, 16, 32, 64
-MMA_ROWS = 16  # output rows per tensor-core tile (mma.m16n8k16): tiles hold 16 or 32 rows
+MAX_TILE_ROWS = 32  # weight rows per GEMV item: two 16-row tensor-core groups (mma.m16n8k16)
 WARPS = 16  # per program (512 threads)
+MAX_SPLITS = 8  # attention splits per (row, head): the kernel combines their partials in registers
 PART_PAD = 4  # an attention partial is acc[D], then max and sum, padded so the next partial stays 16-byte aligned
 
 
@@ -51,7 +52,8 @@ class GemvDesc:
     N: int
     K: int
     flags: int
-    tile_rows: int
+    rows: int  # weight rows per item (the last item may have fewer)
+    tile_rows: int  # rows laid out per chunk in a ring slot: `rows` rounded up to the tensor cores' 8-row loads
     chunk_cols: int
 
 
@@ -98,12 +100,18 @@ def build_schedule(model_config, batch: int, n_programs: int, capacity: int, slo
     c = model_config
     C, H, D, L, F, V = c.n_embd, c.n_head, c.head_dim, c.n_layer, c.intermediate_size, c.vocab_size
     if splits is None:  # about one attention item per program; at least 2 while that leaves programs idle
-        splits = max(math.ceil(n_programs / (batch * H)), 2 if batch * H < 2 * n_programs else 1)
-    splits = max(1, min(splits, capacity))
+        splits = min(MAX_SPLITS, max(math.ceil(n_programs / (batch * H)), 2 if batch * H < 2 * n_programs else 1))
+    if not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"splits={splits}: the kernel combines 1 to {MAX_SPLITS} attention splits")
+    splits = min(splits, capacity)
 
     def desc(name, layer, N, K, flags):
-        rows = 2 * MMA_ROWS if N // (2 * MMA_ROWS) >= n_programs else MMA_ROWS  # wide N: fewer, larger tiles
-        return GemvDesc(name, layer, N, K, flags, rows, chunk_cols(rows, K, slot_bytes))
+        # one item per program per round of n_programs items (a stage's critical path is one item, not two), as
+        # few rounds as tiles of at most MAX_TILE_ROWS rows allow
+        rounds = math.ceil(N / (MAX_TILE_ROWS * n_programs))
+        rows = math.ceil(N / (rounds * n_programs))
+        tile_rows = math.ceil(rows / 8) * 8
+        return GemvDesc(name, layer, N, K, flags, rows, tile_rows, chunk_cols(tile_rows, K, slot_bytes))
     descs = []
     for layer in range(L):
         descs += [desc("qkv", layer, 3 * C, C, LN | BIAS), desc("attn_out", layer, C, C, IN_COMBINE | BIAS | RESIDUAL),
@@ -113,7 +121,7 @@ def build_schedule(model_config, batch: int, n_programs: int, capacity: int, slo
     stages: list[list[list[int]]] = []  # per stage, its items (without wait / signal)
     stages.append([[EMBED, 0, b, 0, 0] for b in range(batch)])
     for i, d in enumerate(descs):
-        tiles = [[GEMV, i, r, min(d.tile_rows, d.N - r), 0] for r in range(0, d.N, d.tile_rows)]
+        tiles = [[GEMV, i, r, min(d.rows, d.N - r), 0] for r in range(0, d.N, d.rows)]
         stages.append(tiles)
         if d.name == "qkv":
             stages.append([[ATTN, d.layer, b, h, j] for b in range(batch) for h in range(H) for j in range(splits)])
@@ -126,11 +134,15 @@ def build_schedule(model_config, batch: int, n_programs: int, capacity: int, slo
     lists: list[list[list[int]]] = [[] for _ in range(n_programs)]
     for s, stage in enumerate(stages):
         wait = [s - 1, len(stages[s - 1])] if s else [-1, 0]
-        # heaviest items first onto the least-loaded program (ties: the lowest id), deterministic
-        for item in sorted(stage, key=lambda it: -weight_bytes(it)):
-            done, p = heapq.heappop(load)
-            heapq.heappush(load, (done + max(weight_bytes(item), 1), p))  # a weightless item still takes a turn
-            lists[p].append(item + wait + [s])
+        # heaviest items first, each round of n_programs onto as many distinct programs, the least loaded first
+        # (ties: the lowest id): deterministic, and no program gets a second item of a stage before all have one
+        ordered = sorted(stage, key=lambda it: -weight_bytes(it))
+        for start in range(0, len(ordered), n_programs):
+            chunk = ordered[start:start + n_programs]
+            taken = [heapq.heappop(load) for _ in chunk]
+            for item, (done, p) in zip(chunk, taken):
+                heapq.heappush(load, (done + max(weight_bytes(item), 1), p))  # a weightless item counts as 1
+                lists[p].append(item + wait + [s])
     rows = [item for lst in lists for item in lst]
     offsets = [0]
     for lst in lists:

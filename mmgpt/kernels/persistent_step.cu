@@ -17,11 +17,12 @@ namespace {
 
 constexpr int THREADS = 512;
 constexpr int WARPS = THREADS / 32;
-constexpr int MAX_C4 = 16;  // float4 per lane of a LayerNorm row: n_embd <= 2048
+constexpr int MAX_C4 = 13;  // float4 per lane of a LayerNorm row: n_embd <= 1664 (GPT-2 1.5B: 1600)
 constexpr int MAX_DPL = 4;  // head dims per lane: head_dim <= 128
 constexpr int ITEM_FIELDS = 8;
 constexpr int DESC_FIELDS = 12;
 constexpr int PART_PAD = 4;
+constexpr int MAX_SPLITS = 8;  // attention splits of a (row, head): their partials are combined in registers
 enum { EMBED = 0, GEMV = 1, ATTN = 2 };
 enum { LN = 1, BIAS = 2, GELU = 4, RESIDUAL = 8, IN_COMBINE = 16, IN_F16 = 32, OUT_F32 = 64 };
 
@@ -40,7 +41,7 @@ struct Params {
   __half* v_cache;
   float* part;  // (B, H, splits, D + PART_PAD): acc[D], max, sum
   int n_counters, B, C, H, D, S, splits, chunk_positions;
-  int slots, slot_bytes, xs_stride, xs_off, red_off, bar_off;
+  int slots, slot_bytes, xs_stride, xs_off, red_off, bar_off, items_off, tables_off, n_desc;
   float eps, scale;
 };
 
@@ -56,17 +57,17 @@ struct Desc {
 
 __device__ __forceinline__ Desc load_desc(const long long* d) {
   Desc r;
-  r.w = reinterpret_cast<const __half*>(d[0]);
-  r.bias = reinterpret_cast<const __half*>(d[1]);
-  r.ln_w = reinterpret_cast<const __half*>(d[2]);
-  r.ln_b = reinterpret_cast<const __half*>(d[3]);
-  r.in = reinterpret_cast<const void*>(d[4]);
-  r.out = reinterpret_cast<void*>(d[5]);
-  r.N = static_cast<int>(d[6]);
-  r.K = static_cast<int>(d[7]);
-  r.chunk_cols = static_cast<int>(d[8]);
-  r.tile_rows = static_cast<int>(d[9]);
-  r.flags = static_cast<int>(d[10]);
+  r.w = reinterpret_cast<const __half*>(__ldg(d));
+  r.bias = reinterpret_cast<const __half*>(__ldg(d + 1));
+  r.ln_w = reinterpret_cast<const __half*>(__ldg(d + 2));
+  r.ln_b = reinterpret_cast<const __half*>(__ldg(d + 3));
+  r.in = reinterpret_cast<const void*>(__ldg(d + 4));
+  r.out = reinterpret_cast<void*>(__ldg(d + 5));
+  r.N = static_cast<int>(__ldg(d + 6));
+  r.K = static_cast<int>(__ldg(d + 7));
+  r.chunk_cols = static_cast<int>(__ldg(d + 8));
+  r.tile_rows = static_cast<int>(__ldg(d + 9));
+  r.flags = static_cast<int>(__ldg(d + 10));
   return r;
 }
 
@@ -132,22 +133,48 @@ struct Item {
   int op, desc, a, b, c, wait, target, signal;
 };
 
-__device__ __forceinline__ Item load_item(const Params& p, int i) {
-  const int* r = p.items + static_cast<long long>(i) * ITEM_FIELDS;
-  return {__ldg(r), __ldg(r + 1), __ldg(r + 2), __ldg(r + 3), __ldg(r + 4), __ldg(r + 5), __ldg(r + 6), __ldg(r + 7)};
+// What the producer reads, copied into shared memory when the program starts: its own items, each weight's address,
+// K and chunk width, and the rows' positions. A refill then costs no global round trip (read from global memory,
+// three dependent ones per chunk held every warp up at the next CTA barrier: NOTES.md, attempt 6 round 1).
+struct Tables {
+  const int4* items;  // this program's items, two int4 each
+  int first;  // the index of items[0] in the whole table
+  const long long* w;  // per descriptor
+  const int2* k_cols;  // per descriptor: K, chunk_cols
+  const int* pos;  // per row
+};
+
+__device__ __forceinline__ Item load_item(const Tables& t, int i) {
+  int4 a = t.items[2 * (i - t.first)], b = t.items[2 * (i - t.first) + 1];
+  return {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+}
+
+__device__ Tables load_tables(const Params& p, unsigned char* smem, int begin, int end) {
+  Tables t{reinterpret_cast<const int4*>(smem + p.items_off), begin,
+           reinterpret_cast<const long long*>(smem + p.tables_off),
+           reinterpret_cast<const int2*>(smem + p.tables_off + 8 * p.n_desc),
+           reinterpret_cast<const int*>(smem + p.tables_off + 16 * p.n_desc)};
+  const int4* src = reinterpret_cast<const int4*>(p.items + static_cast<long long>(begin) * ITEM_FIELDS);
+  for (int i = threadIdx.x; i < 2 * (end - begin); i += THREADS) const_cast<int4*>(t.items)[i] = __ldg(src + i);
+  for (int i = threadIdx.x; i < p.n_desc; i += THREADS) {
+    const long long* d = p.descs + static_cast<long long>(i) * DESC_FIELDS;
+    const_cast<long long*>(t.w)[i] = d[0];
+    const_cast<int2*>(t.k_cols)[i] = make_int2(static_cast<int>(d[7]), static_cast<int>(d[8]));
+  }
+  for (int i = threadIdx.x; i < p.B; i += THREADS) const_cast<int*>(t.pos)[i] = static_cast<int>(p.positions[i]);
+  return t;
 }
 
 // Ring chunks of an item: a GEMV's weight tile in column chunks; an attention split's cache range in slot chunks
 // (at least one, possibly empty, so that every attention item passes through the ring the same way).
-__device__ int n_chunks(const Params& p, const Item& it) {
+__device__ int n_chunks(const Params& p, const Tables& t, const Item& it) {
   if (it.op == GEMV) {
-    const long long* d = p.descs + static_cast<long long>(it.desc) * DESC_FIELDS;
-    int K = static_cast<int>(d[7]), cc = static_cast<int>(d[8]);
-    return (K + cc - 1) / cc;
+    int2 kc = t.k_cols[it.desc];
+    return (kc.x + kc.y - 1) / kc.y;
   }
   if (it.op == ATTN) {
     int lo, hi;
-    split_range(static_cast<int>(p.positions[it.a]), it.c, p.splits, lo, hi);
+    split_range(t.pos[it.a], it.c, p.splits, lo, hi);
     return max(1, (hi - lo + p.chunk_positions - 1) / p.chunk_positions);
   }
   return 0;
@@ -155,19 +182,21 @@ __device__ int n_chunks(const Params& p, const Item& it) {
 
 // Issues chunk `chunk` of item `it` into `dst` (warp 0): one bulk copy per weight row, whose shared-memory rows are
 // padded by 16 bytes (persistent.py: slot_layout), or the key and the value range of an attention chunk.
-__device__ void issue_chunk(const Params& p, const Item& it, int chunk, unsigned char* dst, uint64_t* bar) {
+__device__ void issue_chunk(const Params& p, const Tables& t, const Item& it, int chunk, unsigned char* dst,
+                            uint64_t* bar) {
   int lane = threadIdx.x & 31;
   if (it.op == GEMV) {
-    Desc d = load_desc(p.descs + static_cast<long long>(it.desc) * DESC_FIELDS);
-    int k0 = chunk * d.chunk_cols, width = min(d.chunk_cols, d.K - k0), rows = it.b;
+    int2 kc = t.k_cols[it.desc];
+    const __half* w = reinterpret_cast<const __half*>(t.w[it.desc]);
+    int k0 = chunk * kc.y, width = min(kc.y, kc.x - k0), rows = it.b;
     if (lane == 0) mbar_expect_tx(bar, static_cast<uint32_t>(rows * width * 2));
     __syncwarp();
     for (int r = lane; r < rows; r += 32)
-      bulk_copy(dst + static_cast<size_t>(r) * (d.chunk_cols + 8) * 2,
-                d.w + static_cast<long long>(it.a + r) * d.K + k0, width * 2, bar);
+      bulk_copy(dst + static_cast<size_t>(r) * (kc.y + 8) * 2, w + static_cast<long long>(it.a + r) * kc.x + k0,
+                width * 2, bar);
   } else {
     int lo, hi;
-    split_range(static_cast<int>(p.positions[it.a]), it.c, p.splits, lo, hi);
+    split_range(t.pos[it.a], it.c, p.splits, lo, hi);
     int p0 = lo + chunk * p.chunk_positions, count = max(0, min(hi, p0 + p.chunk_positions) - p0);
     uint32_t bytes = static_cast<uint32_t>(count * p.D * 2);
     if (lane == 0) mbar_expect_tx(bar, 2 * bytes);
@@ -185,16 +214,16 @@ struct Cursor {
   int item, chunk, count, end, issued;
 };
 
-__device__ void issue_next(const Params& p, Cursor& cur, unsigned char* ring, uint64_t* bars) {
+__device__ void issue_next(const Params& p, const Tables& t, Cursor& cur, unsigned char* ring, uint64_t* bars) {
   while (cur.item < cur.end && cur.chunk >= cur.count) {
-    if (++cur.item < cur.end) cur.count = n_chunks(p, load_item(p, cur.item));
+    if (++cur.item < cur.end) cur.count = n_chunks(p, t, load_item(t, cur.item));
     cur.chunk = 0;
   }
   if (cur.item >= cur.end) return;
   int slot = cur.issued % p.slots;
   // the slot's last reads were ordinary loads; order them before the copy engine's writes
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-  issue_chunk(p, load_item(p, cur.item), cur.chunk, ring + static_cast<size_t>(slot) * p.slot_bytes, bars + slot);
+  issue_chunk(p, t, load_item(t, cur.item), cur.chunk, ring + static_cast<size_t>(slot) * p.slot_bytes, bars + slot);
   cur.chunk++;
   cur.issued++;
 }
@@ -264,24 +293,35 @@ __device__ void load_input(const Params& p, const Desc& d, __half* xs) {
       int b = i / per_row, k8 = i - b * per_row;
       *reinterpret_cast<uint4*>(xs + b * p.xs_stride + 8 * k8) = __ldcg(in + i);
     }
-  } else {  // IN_COMBINE: y[b, h D + d] = sum_j e^(m_j - M) acc_j[d] / sum_j e^(m_j - M) l_j
-    int per_row = p.C / 4, stride = p.D + PART_PAD;
+  } else {  // IN_COMBINE: y[b, h D + d] = sum_j e^(m_j - M) acc_j[d] / sum_j e^(m_j - M) l_j, two features a thread
+    int per_row = p.C / 2, stride = p.D + PART_PAD;
     for (int i = threadIdx.x; i < p.B * per_row; i += THREADS) {
-      int b = i / per_row, k = 4 * (i - b * per_row), h = k / p.D, dd = k - h * p.D;
+      int b = i / per_row, k = 2 * (i - b * per_row), h = k / p.D, dd = k - h * p.D;
       const float* base = p.part + (static_cast<long long>(b) * p.H + h) * p.splits * stride;
-      float M = -INFINITY;
-      for (int j = 0; j < p.splits; j++) M = fmaxf(M, __ldcg(base + j * stride + p.D));
-      float den = 0.f;
-      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-      for (int j = 0; j < p.splits; j++) {
-        float w = __expf(__ldcg(base + j * stride + p.D) - M);  // an empty split's max is -inf: weight 0
-        den += w * __ldcg(base + j * stride + p.D + 1);
-        float4 a = __ldcg(reinterpret_cast<const float4*>(base + j * stride + dd));
-        acc.x += w * a.x, acc.y += w * a.y, acc.z += w * a.z, acc.w += w * a.w;
+      // every split's loads issued at once (unrolled to a constant, predicated): one L2 round trip, not 2 x splits
+      float2 ml[MAX_SPLITS], a[MAX_SPLITS];
+#pragma unroll
+      for (int j = 0; j < MAX_SPLITS; j++) {
+        if (j < p.splits) {
+          ml[j] = __ldcg(reinterpret_cast<const float2*>(base + j * stride + p.D));
+          a[j] = __ldcg(reinterpret_cast<const float2*>(base + j * stride + dd));
+        }
       }
-      __align__(8) __half h4[4] = {__float2half(acc.x / den), __float2half(acc.y / den), __float2half(acc.z / den),
-                                   __float2half(acc.w / den)};
-      *reinterpret_cast<uint2*>(xs + b * p.xs_stride + k) = *reinterpret_cast<uint2*>(h4);
+      float M = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < MAX_SPLITS; j++)
+        if (j < p.splits) M = fmaxf(M, ml[j].x);
+      float den = 0.f, y0 = 0.f, y1 = 0.f;
+#pragma unroll
+      for (int j = 0; j < MAX_SPLITS; j++) {
+        if (j < p.splits) {
+          float w = __expf(ml[j].x - M);  // an empty split's max is -inf: weight 0
+          den += w * ml[j].y;
+          y0 += w * a[j].x;
+          y1 += w * a[j].y;
+        }
+      }
+      *reinterpret_cast<__half2*>(xs + b * p.xs_stride + k) = __floats2half2_rn(y0 / den, y1 / den);
     }
   }
 }
@@ -300,30 +340,42 @@ __device__ __forceinline__ unsigned char* ring_front(const Params& p, Ring& ring
 }
 
 // Frees the front slot once every warp is done with it, and refills it with the list's next chunk.
-__device__ __forceinline__ void ring_pop(const Params& p, Ring& ring, Cursor& cur) {
+__device__ __forceinline__ void ring_pop(const Params& p, const Tables& t, Ring& ring, Cursor& cur) {
   __syncthreads();
-  if (threadIdx.x < 32) issue_next(p, cur, ring.slots, ring.bars);
+  if (threadIdx.x < 32) issue_next(p, t, cur, ring.slots, ring.bars);
   ring.consumed++;
 }
 
-__device__ void run_gemv(const Params& p, const Item& it, const Desc& d, __half* xs, float* red, Ring& ring,
-                         Cursor& cur) {
+// Rows [row0, row0 + rows) of one weight for every batch row. The tile's rows are laid out in row groups of 16 for
+// the tensor cores; a last group of 8 (tile_rows an odd multiple of 8) loads 8 rows and zeros the other 8, so that
+// no load reads past the tile's layout.
+__device__ void run_gemv(const Params& p, const Tables& t, const Item& it, const Desc& d, __half* xs, float* red,
+                         Ring& ring, Cursor& cur) {
   int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  int groups = d.tile_rows / 16, g = warp % groups, kp = warp / groups, nkp = WARPS / groups;
+  int groups = (d.tile_rows + 15) / 16, g = warp % groups, kp = warp / groups, nkp = WARPS / groups;
+  bool half_group = d.tile_rows - 16 * g == 8;
   float c[4] = {0.f, 0.f, 0.f, 0.f};
   int chunks = (d.K + d.chunk_cols - 1) / d.chunk_cols, rs = d.chunk_cols + 8;
   uint32_t xs_lane = smem_u32(xs) + 2 * (min(lane & 7, p.B - 1) * p.xs_stride + ((lane >> 3) & 1) * 8);
+  // x4: lanes 0-15 rows 0-15 at k, lanes 16-31 rows 0-15 at k + 8; x2: lanes 0-7 rows 0-7 at k, 8-15 at k + 8
+  int a_row = half_group ? (lane & 7) : (lane & 15), a_col = half_group ? ((lane >> 3) & 1) * 8 : (lane >> 4) * 8;
   for (int ch = 0; ch < chunks; ch++) {
     unsigned char* tile = ring_front(p, ring);
     int k0 = ch * d.chunk_cols, steps = min(d.chunk_cols, d.K - k0) / 16;
-    uint32_t a_lane = smem_u32(tile) + 2 * ((g * 16 + (lane & 15)) * rs + (lane >> 4) * 8);
+    uint32_t a_lane = smem_u32(tile) + 2 * ((g * 16 + a_row) * rs + a_col);
     for (int ks = kp; ks < steps; ks += nkp) {
       uint32_t a[4], b[2];
-      ldmatrix_x4(a, a_lane + 32 * ks);
+      if (half_group) {
+        uint32_t lo[2];
+        ldmatrix_x2(lo, a_lane + 32 * ks);
+        a[0] = lo[0], a[1] = 0u, a[2] = lo[1], a[3] = 0u;
+      } else {
+        ldmatrix_x4(a, a_lane + 32 * ks);
+      }
       ldmatrix_x2(b, xs_lane + 2 * (k0 + 16 * ks));
       mma(c, a, b);
     }
-    ring_pop(p, ring, cur);
+    ring_pop(p, t, ring, cur);
   }
   // per warp its 16 x 8 accumulator tile; then the K parts summed in a fixed order
   int r = lane >> 2, col = 2 * (lane & 3);
@@ -354,9 +406,10 @@ __device__ void run_gemv(const Params& p, const Item& it, const Desc& d, __half*
 
 // One split of one (row, head): online softmax over its cache range (plus the new token in split 0, which also
 // writes the new key and value at the position), a warp per slot in turn, then the warps' states combined.
-__device__ void run_attention(const Params& p, const Item& it, float* red, Ring& ring, Cursor& cur) {
+__device__ void run_attention(const Params& p, const Tables& t, const Item& it, float* red, Ring& ring,
+                              Cursor& cur) {
   int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, dpl = p.D / 32, layer = it.desc, b = it.a, h = it.b;
-  int pos = static_cast<int>(p.positions[b]), lo, hi;
+  int pos = t.pos[b], lo, hi;
   split_range(pos, it.c, p.splits, lo, hi);
   const __half* q_row = p.qkv + static_cast<long long>(b) * 3 * p.C + h * p.D;
   float q[MAX_DPL], acc[MAX_DPL];
@@ -401,7 +454,7 @@ __device__ void run_attention(const Params& p, const Item& it, float* red, Ring&
         if (i < dpl) acc[i] = acc[i] * alpha + beta * __half2float(values[s_i * p.D + lane * dpl + i]);
       m = m_new;
     }
-    ring_pop(p, ring, cur);
+    ring_pop(p, t, ring, cur);
   }
   int stride = p.D + PART_PAD;
   float* mine = red + warp * stride;
@@ -411,7 +464,7 @@ __device__ void run_attention(const Params& p, const Item& it, float* red, Ring&
   if (lane == 0) mine[p.D] = m, mine[p.D + 1] = l;
   __syncthreads();
   float* out = p.part + ((static_cast<long long>(b) * p.H + h) * p.splits + it.c) * stride;
-  for (int t = threadIdx.x; t < p.D; t += THREADS) {
+  for (int d = threadIdx.x; d < p.D; d += THREADS) {
     float M = -INFINITY;
     for (int w = 0; w < WARPS; w++) M = fmaxf(M, red[w * stride + p.D]);
     float L = 0.f, A = 0.f;
@@ -419,11 +472,11 @@ __device__ void run_attention(const Params& p, const Item& it, float* red, Ring&
       for (int w = 0; w < WARPS; w++) {
         float e = __expf(red[w * stride + p.D] - M);
         L += e * red[w * stride + p.D + 1];
-        A += e * red[w * stride + t];
+        A += e * red[w * stride + d];
       }
     }
-    out[t] = A;
-    if (t == 0) out[p.D] = M, out[p.D + 1] = L;
+    out[d] = A;
+    if (d == 0) out[p.D] = M, out[p.D + 1] = L;
   }
 }
 
@@ -437,13 +490,18 @@ __global__ void __launch_bounds__(THREADS, 1) persistent_step(const Params p) {
     for (int s = 0; s < p.slots; s++) mbar_init(ring.bars + s);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
+  Tables t = load_tables(p, smem, begin, end);
   __syncthreads();
-  Cursor cur{begin, 0, begin < end ? n_chunks(p, load_item(p, begin)) : 0, end, 0};
+  Cursor cur{begin, 0, begin < end ? n_chunks(p, t, load_item(t, begin)) : 0, end, 0};
   if (threadIdx.x < 32)
-    for (int s = 0; s < p.slots; s++) issue_next(p, cur, ring.slots, ring.bars);
+    for (int s = 0; s < p.slots; s++) issue_next(p, t, cur, ring.slots, ring.bars);
   int loaded = -1;  // the descriptor whose input xs holds: a stage's items share it
   for (int i = begin; i < end; i++) {
-    Item it = load_item(p, i);
+    Item it = load_item(t, i);
+    // the descriptor does not depend on the step's activations: into L1 during the wait, not after it
+    const long long* desc = p.descs + static_cast<long long>(max(it.desc, 0)) * DESC_FIELDS;
+    if (it.op == GEMV && threadIdx.x < 2)
+      asm volatile("prefetch.global.L1 [%0];" ::"l"(desc + threadIdx.x * (DESC_FIELDS - 1)));
     if (it.wait >= 0) {
       if (threadIdx.x == 0) {
         while (load_acquire(p.counters + it.wait) < it.target) {
@@ -452,17 +510,17 @@ __global__ void __launch_bounds__(THREADS, 1) persistent_step(const Params p) {
       __syncthreads();
     }
     if (it.op == GEMV) {
-      Desc d = load_desc(p.descs + static_cast<long long>(it.desc) * DESC_FIELDS);
+      Desc d = load_desc(desc);
       if (it.desc != loaded) {
         load_input(p, d, xs);
         loaded = it.desc;
         __syncthreads();
       }
-      run_gemv(p, it, d, xs, red, ring, cur);
+      run_gemv(p, t, it, d, xs, red, ring, cur);
     } else if (it.op == ATTN) {
-      run_attention(p, it, red, ring, cur);
+      run_attention(p, t, it, red, ring, cur);
     } else {
-      int tok = static_cast<int>(p.tokens[it.a]), pos = static_cast<int>(p.positions[it.a]);
+      int tok = static_cast<int>(p.tokens[it.a]), pos = t.pos[it.a];
       for (int k = threadIdx.x; k < p.C; k += THREADS)
         p.x[it.a * p.C + k] = __half2float(p.wte[static_cast<long long>(tok) * p.C + k]) +
                               __half2float(p.wpe[static_cast<long long>(pos) * p.C + k]);
@@ -497,7 +555,7 @@ const char* mmgpt_error_string(int code) { return cudaGetErrorString(static_cast
 
 // ptrs: items, offsets, descs, counters, tokens, positions, wte, wpe, x, qkv, k_cache, v_cache, part (device
 // addresses); ints: n_programs, n_counters, B, C, H, D, S, splits, chunk_positions, slots, slot_bytes, xs_stride,
-// xs_off, red_off, bar_off, smem_bytes, device. Returns the launch's CUDA error code.
+// xs_off, red_off, bar_off, smem_bytes, device, items_off, tables_off, n_desc. Returns the launch's CUDA error code.
 int mmgpt_persistent_step(const long long* ptrs, const int* ints, float eps, float scale, void* stream) {
   cudaError_t e = cudaSetDevice(ints[16]);
   if (e != cudaSuccess) return static_cast<int>(e);
@@ -529,6 +587,9 @@ int mmgpt_persistent_step(const long long* ptrs, const int* ints, float eps, flo
   p.xs_off = ints[12];
   p.red_off = ints[13];
   p.bar_off = ints[14];
+  p.items_off = ints[17];
+  p.tables_off = ints[18];
+  p.n_desc = ints[19];
   p.eps = eps;
   p.scale = scale;
   persistent_step<<<ints[0], THREADS, ints[15], static_cast<cudaStream_t>(stream)>>>(p);

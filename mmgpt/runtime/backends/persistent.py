@@ -29,7 +29,7 @@ from mmgpt.runtime.backends.fused_triton import TritonBackend
 
 MAX_ROWS = 8  # the tensor-core tile's 8 columns hold the batch rows
 SLOTS = 6  # ring slots per program: ~150 KB of weights in flight per SM at GPT-2 124M
-MAX_EMBD = 2048  # a LayerNorm row in one warp's registers (the kernel's MAX_C4)
+MAX_EMBD = 1664  # a LayerNorm row in one warp's registers (the kernel's MAX_C4)
 SOURCE = Path(mmgpt.kernels.__file__).with_name("persistent_step.cu")
 
 
@@ -115,8 +115,14 @@ class PersistentBackend(TritonBackend):
         xs_stride = c.intermediate_size + 8  # the widest GEMV input, padded like the ring's rows
         xs_bytes = _round(B * xs_stride * 2)
         red_bytes = _round(4 * max(WARPS * 16 * 8, WARPS * (c.head_dim + PART_PAD)))
-        slot_bytes = (self.smem_limit - xs_bytes - red_bytes - 8 * self.slots) // self.slots // 128 * 128
-        smem = self.slots * slot_bytes + xs_bytes + red_bytes + 8 * self.slots
+        # a program's own items and the producer's tables (kernel: load_tables); the item count per program does
+        # not depend on the slot size, so a first schedule sizes them
+        first = build_schedule(c, B, self.n_programs, S, 1 << 15, self.splits)
+        most_items = int((first.offsets[1:] - first.offsets[:-1]).max())
+        items_bytes, tables_bytes = _round(32 * most_items), _round(16 * len(first.descs) + 4 * B)
+        fixed = xs_bytes + red_bytes + _round(8 * self.slots) + items_bytes + tables_bytes
+        slot_bytes = (self.smem_limit - fixed) // self.slots // 128 * 128
+        smem = self.slots * slot_bytes + fixed
         blocks = self.ext.mmgpt_blocks_per_sm(smem, self.device.index or 0)
         _check(self.ext, max(0, -blocks), "occupancy")
         if slot_bytes < 32 * 128 or blocks < 1:
@@ -142,9 +148,12 @@ class PersistentBackend(TritonBackend):
             ln_w, ln_b = ln if ln is not None else (None, None)
             rows.append([_ptr(w), _ptr(bias), _ptr(ln_w), _ptr(ln_b), _ptr(inp), _ptr(out), d.N, d.K, d.chunk_cols,
                          d.tile_rows, d.flags, 0])
+        ring = self.slots * slot_bytes
+        bars = ring + xs_bytes + red_bytes
+        items_off = bars + _round(8 * self.slots)
         ints = [self.n_programs, s.n_counters, B, c.n_embd, c.n_head, c.head_dim, S, s.splits, s.chunk_positions,
-                self.slots, slot_bytes, xs_stride, self.slots * slot_bytes, self.slots * slot_bytes + xs_bytes,
-                self.slots * slot_bytes + xs_bytes + red_bytes, smem, self.device.index or 0]
+                self.slots, slot_bytes, xs_stride, ring, ring + xs_bytes, bars, smem, self.device.index or 0,
+                items_off, items_off + items_bytes, len(s.descs)]
         plan = _Plan(s, s.items.to(dev), s.offsets.to(dev), torch.tensor(rows, dtype=torch.int64, device=dev),
                      buf(s.n_counters + 1, dtype=torch.int32), x, qkv, hidden, part, logits,
                      (ctypes.c_int * len(ints))(*ints))
