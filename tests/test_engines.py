@@ -53,6 +53,7 @@ def test_shared_engine_is_smaller_than_two_engines(built):
     assert w2 and w1 and w2 >= 1.9 * w1
 
 
+@pytest.mark.slow
 def test_new_modality_graphs_build_in_both_strategies_with_one_weight_copy(drawn, tmp_path):
     """digits_draw's graphs (a ragged text context in, the drawn image's own table and head in the decode flow)
     build with TensorRT-RTX in both strategies; the shared engine's builder-reported weights are one copy."""

@@ -165,6 +165,7 @@ def draw_context(artifacts, B=3):
     return {"text": right_pad([tok.encode(c, bos=False, eos=False) for c in captions], 0)}
 
 
+@pytest.mark.slow
 def test_two_flows_equal_one_forward_on_onnxruntime(drawn):
     from mmgpt.contract.artifacts import Artifacts
     from mmgpt.runtime.backends.onnx_runtime import OnnxRuntimeBackend
@@ -175,6 +176,7 @@ def test_two_flows_equal_one_forward_on_onnxruntime(drawn):
     assert two_flows_vs_forward(model, TorchBackend(model), context, vocab=65) <= 1e-5
 
 
+@pytest.mark.slow
 def test_chained_greedy_tokens_equal_across_torch_onnxruntime_and_triton(drawn):
     from mmgpt.contract.artifacts import Artifacts
     from mmgpt.runtime.backends import open_backend
@@ -191,6 +193,7 @@ def test_chained_greedy_tokens_equal_across_torch_onnxruntime_and_triton(drawn):
     assert torch.equal(runs["onnxruntime"].tokens, tokens) and torch.equal(runs["torch-triton"].tokens.cpu(), tokens)
 
 
+@pytest.mark.slow
 def test_parity_and_manifest_cover_the_new_flows(drawn):
     import json
     manifest = json.loads((drawn / "model.json").read_text())

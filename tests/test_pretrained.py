@@ -75,6 +75,7 @@ def seed_flow(tmp_path_factory):
     return root, result, artifacts, cfg
 
 
+@pytest.mark.slow
 def test_seed_case_new_decoded_modality_on_a_frozen_pretrained_gpt2(seed_flow):
     import json
     from mmgpt.inference import infer
