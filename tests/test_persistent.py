@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmgpt.kernels.persistent import (ATTN, EMBED, GEMV, OP, SIGNAL, TARGET, WAIT, build_schedule, execute_reference,
-                                      item_regions)
+                                      item_regions, plan_step, slot_layout)
 from mmgpt.model import GPTConfig, MultimodalGPT, image_to_text
 from mmgpt.runtime.backends.torch_model import TorchBackend
 
@@ -154,3 +154,30 @@ def test_the_backend_refuses_what_the_kernel_cannot_run():
                                     vocab_size=300, block_size=64, **image_to_text(5))).half()
     with pytest.raises(UserError, match="GPT-2 family.*torch-triton"):
         PersistentBackend(llama)
+
+
+GPT2_SHAPES = {"124m": (12, 12, 768), "355m": (24, 16, 1024), "1p5b": (48, 25, 1600)}
+H200_SHARED = 232448  # bytes of shared memory a program may opt into on an H100 / H200
+
+
+@pytest.mark.parametrize("size", list(GPT2_SHAPES))
+def test_the_shared_memory_layout_holds_what_the_kernel_puts_there(size):
+    """At GPT-2's shapes on an H200, batch 1-8: the regions tile the shared memory in order, within the limit, and
+    each holds its largest content (a chunk of every weight's tile, an attention chunk, the batch's input rows, the
+    busiest program's items, the producer's tables); with less shared memory there is no layout."""
+    n_layer, n_head, n_embd = GPT2_SHAPES[size]
+    config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50257, **image_to_text(5))
+    for batch in (1, 3, 8):
+        s, lay = plan_step(config, batch, 132, 1024, H200_SHARED, 6)
+        bounds = [0, lay.xs_off, lay.red_off, lay.bar_off, lay.items_off, lay.tables_off, lay.total]
+        assert bounds == sorted(bounds) and lay.total <= H200_SHARED and lay.xs_off == lay.slots * lay.slot_bytes
+        assert all(b % 16 == 0 for b in bounds) and lay.slot_bytes % 128 == 0
+        for d in s.descs:
+            assert slot_layout(d.tile_rows, d.chunk_cols) <= lay.slot_bytes and d.chunk_cols % 16 == 0
+            assert d.K % 16 == 0 and d.K <= lay.xs_stride - 8
+        assert s.chunk_positions * 4 * config.head_dim <= lay.slot_bytes
+        assert batch * lay.xs_stride * 2 <= lay.red_off - lay.xs_off
+        assert 16 * 128 * 4 <= lay.bar_off - lay.red_off and 8 * lay.slots <= lay.items_off - lay.bar_off
+        assert 32 * int((s.offsets[1:] - s.offsets[:-1]).max()) <= lay.tables_off - lay.items_off
+        assert 16 * len(s.descs) + 4 * batch <= lay.total - lay.tables_off
+    assert plan_step(config, 8, 132, 1024, 64 * 1024, 6) is None

@@ -152,6 +152,48 @@ def build_schedule(model_config, batch: int, n_programs: int, capacity: int, slo
                     n_programs, splits, max(1, slot_bytes // (4 * D)), C, H, D, L)
 
 
+@dataclass(frozen=True)
+class SharedLayout:
+    """The kernel's shared memory, byte offsets (the ring of `slots` slots starts at 0): the GEMV input rows (xs),
+    the reduction scratch, the slots' mbarriers, the program's own items and the producer's tables."""
+    slots: int
+    slot_bytes: int
+    xs_stride: int  # fp16 elements per input row: the widest K, padded like a ring row
+    xs_off: int
+    red_off: int
+    bar_off: int
+    items_off: int
+    tables_off: int
+    total: int
+
+
+def _round(n: int, to: int = 128) -> int:
+    return -(-n // to) * to
+
+
+def plan_step(model_config, batch: int, n_programs: int, capacity: int, smem_limit: int, slots: int,
+              splits: int | None = None) -> tuple[Schedule, SharedLayout] | None:
+    """The schedule and the shared-memory layout of one step, the slots as large as `smem_limit` bytes allow; None
+    when a slot would be too small to hold a tile."""
+    c = model_config
+    xs_stride = max(c.n_embd, c.intermediate_size) + 8
+    xs = _round(batch * xs_stride * 2)
+    red = _round(4 * max(WARPS * 16 * 8, WARPS * (c.head_dim + PART_PAD)))
+    # the items per program do not depend on the slot size: a first schedule sizes the item and table regions
+    first = build_schedule(c, batch, n_programs, capacity, 1 << 15, splits)
+    items = _round(32 * int((first.offsets[1:] - first.offsets[:-1]).max()))
+    tables = _round(16 * len(first.descs) + 4 * batch)  # addresses, (K, chunk width) pairs, positions
+    fixed = xs + red + _round(8 * slots) + items + tables
+    slot_bytes = (smem_limit - fixed) // slots // 128 * 128
+    if slot_bytes < slot_layout(MAX_TILE_ROWS, 16 * 8):  # fewer than 128 columns of a full tile per chunk
+        return None
+    ring = slots * slot_bytes
+    bars = ring + xs + red
+    layout = SharedLayout(slots, slot_bytes, xs_stride, ring, ring + xs, bars, bars + _round(8 * slots),
+                          bars + _round(8 * slots) + items, ring + fixed)
+    return build_schedule(c, batch, n_programs, capacity, slot_bytes, splits), layout
+
+
 def split_range(position: int, split: int, splits: int) -> tuple[int, int]:
     """Cache slots [lo, hi) that attention split `split` reads below `position` (the kernel's formula): equal runs,
     so the work follows the position on the device while the table stays fixed for a CUDA graph."""

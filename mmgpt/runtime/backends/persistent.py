@@ -23,7 +23,7 @@ from torch.utils.cpp_extension import CUDA_HOME, get_default_build_root
 
 import mmgpt.kernels
 from mmgpt.errors import UserError
-from mmgpt.kernels.persistent import PART_PAD, WARPS, Schedule, build_schedule
+from mmgpt.kernels.persistent import PART_PAD, Schedule, plan_step
 from mmgpt.model import MultimodalGPT
 from mmgpt.runtime.backends.fused_triton import TritonBackend
 
@@ -112,25 +112,18 @@ class PersistentBackend(TritonBackend):
         if (B, S) in self._plans:
             return self._plans[(B, S)]
         c, dev = self.model.config, self.device
-        xs_stride = c.intermediate_size + 8  # the widest GEMV input, padded like the ring's rows
-        xs_bytes = _round(B * xs_stride * 2)
-        red_bytes = _round(4 * max(WARPS * 16 * 8, WARPS * (c.head_dim + PART_PAD)))
-        # a program's own items and the producer's tables (kernel: load_tables); the item count per program does
-        # not depend on the slot size, so a first schedule sizes them
-        first = build_schedule(c, B, self.n_programs, S, 1 << 15, self.splits)
-        most_items = int((first.offsets[1:] - first.offsets[:-1]).max())
-        items_bytes, tables_bytes = _round(32 * most_items), _round(16 * len(first.descs) + 4 * B)
-        fixed = xs_bytes + red_bytes + _round(8 * self.slots) + items_bytes + tables_bytes
-        slot_bytes = (self.smem_limit - fixed) // self.slots // 128 * 128
-        smem = self.slots * slot_bytes + fixed
-        blocks = self.ext.mmgpt_blocks_per_sm(smem, self.device.index or 0)
-        _check(self.ext, max(0, -blocks), "occupancy")
-        if slot_bytes < 32 * 128 or blocks < 1:
-            warnings.warn(f"the persistent decode kernel does not fit one program per SM ({smem} bytes of shared "
-                          f"memory for {B} rows); this step runs torch-triton's kernels", RuntimeWarning)
+        planned = plan_step(c, B, self.n_programs, S, self.smem_limit, self.slots, self.splits)
+        blocks = 0
+        if planned is not None:
+            blocks = self.ext.mmgpt_blocks_per_sm(planned[1].total, self.device.index or 0)
+            _check(self.ext, max(0, -blocks), "occupancy")
+        if blocks < 1:
+            warnings.warn(f"the persistent decode kernel does not fit one program per SM at {B} rows "
+                          f"({self.smem_limit} bytes of shared memory); this step runs torch-triton's kernels",
+                          RuntimeWarning)
             self._plans[(B, S)] = None
             return None
-        s = build_schedule(c, B, self.n_programs, S, slot_bytes, self.splits)
+        s, lay = planned
 
         def buf(*shape, dtype=torch.float32):
             return torch.zeros(*shape, device=dev, dtype=dtype)
@@ -148,12 +141,9 @@ class PersistentBackend(TritonBackend):
             ln_w, ln_b = ln if ln is not None else (None, None)
             rows.append([_ptr(w), _ptr(bias), _ptr(ln_w), _ptr(ln_b), _ptr(inp), _ptr(out), d.N, d.K, d.chunk_cols,
                          d.tile_rows, d.flags, 0])
-        ring = self.slots * slot_bytes
-        bars = ring + xs_bytes + red_bytes
-        items_off = bars + _round(8 * self.slots)
         ints = [self.n_programs, s.n_counters, B, c.n_embd, c.n_head, c.head_dim, S, s.splits, s.chunk_positions,
-                self.slots, slot_bytes, xs_stride, ring, ring + xs_bytes, bars, smem, self.device.index or 0,
-                items_off, items_off + items_bytes, len(s.descs)]
+                lay.slots, lay.slot_bytes, lay.xs_stride, lay.xs_off, lay.red_off, lay.bar_off, lay.total,
+                self.device.index or 0, lay.items_off, lay.tables_off, len(s.descs)]
         plan = _Plan(s, s.items.to(dev), s.offsets.to(dev), torch.tensor(rows, dtype=torch.int64, device=dev),
                      buf(s.n_counters + 1, dtype=torch.int32), x, qkv, hidden, part, logits,
                      (ctypes.c_int * len(ints))(*ints))
@@ -176,10 +166,6 @@ class PersistentBackend(TritonBackend):
         _check(self.ext, self.ext.mmgpt_persistent_step(ptrs, plan.ints, self.eps, c.head_dim ** -0.5, stream),
                "launch")
         return plan.logits
-
-
-def _round(n: int, to: int = 128) -> int:
-    return -(-n // to) * to
 
 
 def _ptr(t: torch.Tensor | None) -> int:
