@@ -3,8 +3,9 @@ replayed (µs per step), plus greedy-token agreement with torch-triton on the sa
 
 python benchmarks/persistent_steps.py --out DIR [--models 124m 1p5b] [--batches 1 8] [--prefixes 0 576]
 
-Variants change one setting of the persistent backend (ring slots, attention splits) so the per-step budget in
-benchmarks/NOTES.md can be checked piece by piece. Writes DIR/persistent-steps.json.
+Variants change one setting of the persistent backend (ring slots, attention splits); two diagnostics time the same
+table without its waits (memory and compute alone) and without its weight copies (the dependency path alone), so
+the per-step budget in benchmarks/NOTES.md is measured piece by piece. Writes DIR/persistent-steps.json.
 """
 from __future__ import annotations
 
@@ -16,17 +17,26 @@ from pathlib import Path
 import torch
 
 from mmgpt.bench.decode import build_model, copy_bandwidth, kv_bytes_used, weight_bytes
+from mmgpt.kernels.persistent import ARG1, GEMV, OP, WAIT
 from mmgpt.runtime.backends.fused_triton import TritonBackend
 from mmgpt.runtime.backends.persistent import PersistentBackend
 from mmgpt.runtime.generator import Generator
 from mmgpt.tokenizer import ByteTokenizer
 
-VARIANTS = {"persistent": {}, "slots4": {"slots": 4}, "slots8": {"slots": 8}, "splits1": {"splits": 1}}
+VARIANTS = {"persistent": {}, "slots4": {"slots": 4}, "slots8": {"slots": 8}, "splits1": {"splits": 1},
+            "nowait": {}, "noweights": {}}
+# diagnostics, not results: the same table with every counter wait removed (memory and compute alone; the outputs
+# race) or with no weight rows copied (the dependency path and compute alone; the outputs are garbage)
+DIAGNOSTICS = {"nowait": lambda items: items[:, WAIT].fill_(-1),
+               "noweights": lambda items: items[:, ARG1].masked_fill_(items[:, OP] == GEMV, 0)}
 
 
-def step_us(backend, batch: int, prefix: int, capacity: int, replays: int = 200) -> float:
-    """Median µs of one captured decode step at positions prefix + 32 + 128 (the benchmark's mean position)."""
+def step_us(backend, batch: int, prefix: int, capacity: int, replays: int = 200, diagnostic=None) -> float:
+    """Median µs of one captured decode step at positions prefix + 32 + 128 (the benchmark's mean position);
+    `diagnostic` edits the persistent backend's item table in place first."""
     c = backend.model.config
+    if diagnostic is not None:
+        diagnostic(backend.plan(batch, capacity).items)
     k = torch.randn(c.n_layer, batch, c.n_head, capacity, c.head_dim, device="cuda").half()
     v = torch.randn_like(k)
     ids = torch.randint(0, c.vocab_size, (batch, 1), device="cuda")
@@ -88,7 +98,8 @@ def main():
                 row = {"model": size, "batch": batch, "prefix": prefix, "floor_us": round(floor, 1),
                        "torch-triton": round(step_us(TritonBackend(model), batch, prefix, capacity), 1)}
                 for name in args.variants:
-                    row[name] = round(step_us(PersistentBackend(model, **VARIANTS[name]), batch, prefix, capacity), 1)
+                    row[name] = round(step_us(PersistentBackend(model, **VARIANTS[name]), batch, prefix, capacity,
+                                              diagnostic=DIAGNOSTICS.get(name)), 1)
                 print(json.dumps(row), flush=True)
                 report["rows"].append(row)
         if size == "124m":

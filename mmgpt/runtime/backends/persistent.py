@@ -108,7 +108,8 @@ class PersistentBackend(TritonBackend):
         self.slots, self.splits = slots, splits
         self._plans: dict[tuple[int, int], _Plan | None] = {}
 
-    def _plan(self, B: int, S: int) -> _Plan | None:
+    def plan(self, B: int, S: int) -> _Plan | None:
+        """The schedule and buffers of a step of B rows over a cache of capacity S (None: torch-triton runs it)."""
         if (B, S) in self._plans:
             return self._plans[(B, S)]
         c, dev = self.model.config, self.device
@@ -152,7 +153,7 @@ class PersistentBackend(TritonBackend):
 
     def decode(self, input_ids, position_ids, k_cache, v_cache):
         B, S = input_ids.shape[0], k_cache.shape[3]
-        plan = self._plan(B, S) if B <= MAX_ROWS else None
+        plan = self.plan(B, S) if B <= MAX_ROWS else None
         if plan is None:
             return super().decode(input_ids, position_ids, k_cache, v_cache)
         if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
