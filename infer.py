@@ -1,4 +1,4 @@
-"""python infer.py [artifacts=...] [backend=auto|tensorrt|torch|torch-triton|onnxruntime]
+"""python infer.py [artifacts=...] [backend=auto|tensorrt|torch|torch-triton|torch-persistent|onnxruntime]
                    [input=digits|file.npz|'imgs/*.png']"""
 import hydra
 from omegaconf import DictConfig

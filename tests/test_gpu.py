@@ -6,6 +6,9 @@ suite runs them in Triton's interpreter). Skipped only where there is no CUDA de
 - Interleaved buckets: one generator serving 24, then 100, then 24 new tokens replays the first bucket's graph
   with the first bucket's tokens.
 - The fused Triton kernels give the torch backend's greedy tokens on a small trained model's validation inputs.
+- The persistent decode kernel (Hopper): one step's logits at GPT-2 124M's shape, batch 1 and 8, prefix 0 and 576,
+  as close to the torch backend's as torch-triton's, reproducible bit for bit, every logit written; its greedy
+  tokens under the CUDA graph are torch-triton's at batch 1 and 8.
 - In-flight batching on captured graphs (decode step and prefill): requests that join between replayed steps get the
   tokens they get alone, un-captured.
 """
@@ -22,13 +25,19 @@ from mmgpt.runtime.sampling import SamplingConfig
 from mmgpt.tokenizer import ByteTokenizer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
-BACKENDS = ["torch", "torch-compile", "torch-triton"]
+BACKENDS = ["torch", "torch-compile", "torch-triton", "torch-persistent"]
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
 
 
 def backend_of(name: str, model):
     if name == "torch-triton":
         from mmgpt.runtime.backends.fused_triton import TritonBackend
         return TritonBackend(model)
+    if name == "torch-persistent":
+        if not HOPPER:
+            pytest.skip("the persistent decode kernel needs compute capability 9.0 (bulk copies)")
+        from mmgpt.runtime.backends.persistent import PersistentBackend
+        return PersistentBackend(model)
     return TorchBackend(model, compile=name == "torch-compile")
 
 
@@ -149,3 +158,61 @@ def test_prefix_cache_hits_on_captured_graphs_give_the_tokens_of_a_miss(model, n
     again = [cached.submit(r) for r in requests]  # hits joining together: replayed one joiner at a time
     cached.run()
     assert [s.tokens for s in again] == [s.tokens for s in states] and cached.cache.hits == 10
+
+
+@pytest.fixture(scope="module")
+def gpt2_124m():
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, **image_to_text(8))
+    return MultimodalGPT(config).cuda().half().eval()
+
+
+@pytest.mark.skipif(not HOPPER, reason="the persistent decode kernel needs compute capability 9.0 (bulk copies)")
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("prefix", [0, 576])
+def test_persistent_step_matches_the_fused_kernels(gpt2_124m, batch, prefix):
+    from mmgpt.runtime.backends.fused_triton import TritonBackend
+    from mmgpt.runtime.backends.persistent import PersistentBackend
+    c, S = gpt2_124m.config, 1024
+    g = torch.Generator(device="cuda").manual_seed(batch + prefix)
+    k = torch.randn(c.n_layer, batch, c.n_head, S, c.head_dim, device="cuda", generator=g).half()
+    v = torch.randn(k.shape, device="cuda", generator=g).half()
+    pos = prefix + 32 + torch.randint(0, 256, (batch, 1), device="cuda", generator=g)
+    ids = torch.randint(0, c.vocab_size, (batch, 1), device="cuda", generator=g)
+    persistent = PersistentBackend(gpt2_124m)
+    runs = {}
+    for name, backend in (("torch", TorchBackend(gpt2_124m)), ("triton", TritonBackend(gpt2_124m)),
+                          ("persistent", persistent)):
+        kc, vc = k.clone(), v.clone()
+        with torch.no_grad():
+            runs[name] = (backend.decode(ids, pos, kc, vc).float().clone(), kc, vc)
+    want = runs["torch"][0]
+
+    def error(name):
+        return ((runs[name][0] - want).abs().max() / want.abs().max()).item()
+    print(f"logits error relative to scale: persistent {error('persistent'):.2e}, triton {error('triton'):.2e}")
+    assert error("persistent") <= max(2 * error("triton"), 2e-3)
+    for cache in (1, 2):  # the new key / value at each row's position, nothing else changed
+        got, ref = runs["persistent"][cache].float(), runs["triton"][cache].float()
+        assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()
+        changed = (runs["persistent"][cache] != (k if cache == 1 else v)).any(-1)  # (L, B, H, S)
+        assert changed.sum(-1).le(1).all() and changed.nonzero()[:, 3].eq(pos[changed.nonzero()[:, 1], 0]).all()
+    logits = runs["persistent"][0]
+    out = persistent.decode(ids, pos, k.clone(), v.clone())
+    assert torch.equal(out, logits)  # reproducible: reductions in a fixed order
+    out.fill_(float("nan"))  # poison the returned buffer: the next step must write every logit
+    assert torch.equal(persistent.decode(ids, pos, k.clone(), v.clone()), logits)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the persistent decode kernel needs compute capability 9.0 (bulk copies)")
+@pytest.mark.parametrize("batch", [1, 8])
+def test_persistent_greedy_tokens_are_the_fused_kernels(model, batch):
+    tok = ByteTokenizer()
+    g = torch.Generator().manual_seed(9)
+    prefix = torch.randn(batch, 8, 8, generator=g)
+    prompts = [[256, *range(100, 100 + i % 5)] for i in range(batch)]
+    runs = {name: Generator(backend_of(name, model), tok, max_positions=256, cuda_graph=True,
+                            eos_check_interval=1000).generate(prefix, prompts, max_new_tokens=64)
+            for name in ("torch-triton", "torch-persistent")}
+    assert runs["torch-persistent"].cuda_graph
+    assert torch.equal(runs["torch-persistent"].tokens, runs["torch-triton"].tokens)

@@ -5,7 +5,8 @@ python -m mmgpt.bench [decode] [--models 124m 355m 1p5b] [--dtypes fp16 bf16] [-
 
 Models: GPT-2 shapes (124m, 355m, 1p5b), and Llama-family shapes read from conf/model/ (smollm2_135m,
 qwen2p5_0p5b, llama3p2_1b) with their own vocabularies. Rows: mmgpt torch backend in a CUDA graph, with and without
-torch.compile, and with the fused Triton kernels, at every batch x image-prefix length; Hugging Face's own
+torch.compile, with the fused Triton kernels, and with the persistent decode kernel (GPT-2 fp16 on Hopper, batch
+<= 8), at every batch x image-prefix length; Hugging Face's own
 class for the family (GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM) on the same weights, eager and with a
 static cache + torch.compile, text only.
 Each row reports tok/s, time to first token, GB/s and % of the memory-bandwidth floor (copy bandwidth measured in
@@ -48,7 +49,8 @@ SHAPES = {  # GPT-2 shapes; vocab 50257 like GPT-2 so the head costs what it cos
 # Llama-family shapes: conf/model/<name>.yaml, the file training uses, with the model's own vocabulary
 CONF_MODELS = Path(__file__).resolve().parents[2] / "conf" / "model"
 LLAMA_SHAPES = ("smollm2_135m", "qwen2p5_0p5b", "llama3p2_1b", "tiny_llama")
-IMPLS = ("mmgpt-graph", "mmgpt-graph+compile", "mmgpt-graph+triton", "hf-eager", "hf-static+compile")
+IMPLS = ("mmgpt-graph", "mmgpt-graph+compile", "mmgpt-graph+triton", "mmgpt-graph+persistent", "hf-eager",
+         "hf-static+compile")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PREFIXES = (0, 64)  # text only, and an 8x8 grid of patches (LLaVA-1.5's 24x24 grid is 576)
 PATCH_DIM = 48  # a 4x4 RGB patch
@@ -338,6 +340,12 @@ def _backends(model: MultimodalGPT, device, args) -> dict:
     if args.triton:
         from mmgpt.runtime.backends.fused_triton import TritonBackend
         backends["mmgpt-graph+triton"] = TritonBackend(model, pdl=args.pdl)
+    if args.persistent and "mmgpt-graph+persistent" not in args.skip:
+        from mmgpt.runtime.backends.persistent import PersistentBackend
+        try:
+            backends["mmgpt-graph+persistent"] = PersistentBackend(model)
+        except UserError as e:  # another family, dtype or GPU: the row is left out, and says why
+            print(f"mmgpt-graph+persistent skipped: {e}", flush=True)
     return {name: be for name, be in backends.items() if name not in args.skip}
 
 
@@ -473,6 +481,8 @@ def main(argv=None):
     ap.add_argument("--no-hf", dest="hf", action="store_false")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--no-triton", dest="triton", action="store_false", help="skip the fused Triton kernels")
+    ap.add_argument("--no-persistent", dest="persistent", action="store_false",
+                    help="skip the persistent decode kernel (GPT-2 family, fp16, Hopper)")
     ap.add_argument("--skip", nargs="+", default=[], choices=IMPLS, help="leave out these rows")
     ap.add_argument("--pdl", action="store_true",
                     help="launch the Triton kernels with programmatic dependent launch (Hopper; off by default)")

@@ -20,7 +20,7 @@ from mmgpt.contract.artifacts import Artifacts
 from mmgpt.contract.graphs import ModelDims
 from mmgpt.errors import UserError
 
-BACKENDS = ("auto", "tensorrt", "torch", "torch-triton", "onnxruntime")
+BACKENDS = ("auto", "tensorrt", "torch", "torch-triton", "torch-persistent", "onnxruntime")
 
 
 class Backend:
@@ -99,5 +99,8 @@ def open_backend(name: str, artifacts: Artifacts, device: str = "auto", compile:
                              "on a CPU use backend=torch or backend=onnxruntime")
         from mmgpt.runtime.backends.fused_triton import TritonBackend
         return TritonBackend(model, context_lens=context_lens)
+    if name == "torch-persistent":
+        from mmgpt.runtime.backends.persistent import PersistentBackend
+        return PersistentBackend(model, context_lens=context_lens)
     from mmgpt.runtime.backends.torch_model import TorchBackend
     return TorchBackend(model, compile=compile, context_lens=context_lens)
