@@ -224,22 +224,24 @@ def prefix_cache_row(args, tok, dtype, capacity: int, device) -> dict:
 
 
 def markdown_table(report: dict) -> str:
-    lines = [f"{report['gpu']}, {report['date']}, {report['settings']['dtype']}, in process (no HTTP)", "",
-             "| model | prefill | TTFT ms (B=1, P=%d) |" % report["settings"]["prefix"], "|---|---|---:|"]
-    lines += [f"| {r['model']} | {r['prefill']} | {r['ttft_ms']:.2f} |" for r in report["ttft"]]
-    lines += ["", "| rate req/s | scheduler | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |",
-              "|---:|---|---:|---:|---:|---:|---:|"]
+    """The parts the report holds (--parts runs some of them)."""
+    lines = [f"{report['gpu']}, {report['date']}, {report['settings']['dtype']}, in process (no HTTP)"]
+    if report["ttft"]:
+        lines += ["", "| model | prefill | TTFT ms (B=1, P=%d) |" % report["settings"]["prefix"], "|---|---|---:|"]
+        lines += [f"| {r['model']} | {r['prefill']} | {r['ttft_ms']:.2f} |" for r in report["ttft"]]
+    if report["load"]:
+        lines += ["", "| rate req/s | scheduler | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |",
+                  "|---:|---|---:|---:|---:|---:|---:|"]
     for r in report["load"]:
         for kind in ("inflight", "static"):
             m = r[kind]
             lines.append(f"| {r['rate_req_s']} | {kind} | {m['throughput_tok_s']:.0f} | {m['ttft_p50_ms']:.1f} | "
                          f"{m['ttft_p99_ms']:.1f} | {m['itl_p50_ms']:.2f} | {m['itl_p99_ms']:.2f} |")
     p = report["prefix_cache"]
-    if p is None:
-        return "\n".join(lines)
-    lines += ["", f"prefix cache, {p['model']}, each image {p['repeats_of_an_image']} times at {p['rate_req_s']} "
-                  f"req/s: p50 TTFT {p['on']['ttft_p50_ms']:.1f} ms on, {p['off']['ttft_p50_ms']:.1f} ms off: "
-                  f"ratio {p['ttft_p50_ratio']:.2f}"]
+    if p is not None:
+        lines += ["", f"prefix cache, {p['model']}, each image {p['repeats_of_an_image']} times at {p['rate_req_s']} "
+                      f"req/s: p50 TTFT {p['on']['ttft_p50_ms']:.1f} ms on, {p['off']['ttft_p50_ms']:.1f} ms off: "
+                      f"ratio {p['ttft_p50_ratio']:.2f}"]
     return "\n".join(lines)
 
 
