@@ -215,3 +215,13 @@ def hf_model(directory):
 def text_logits(model, ids):
     """mmgpt's training forward with a zero-length image: the text-only logits at every position."""
     return model(torch.zeros(ids.shape[0], 0, model.config.modality("image").dim), ids)[0]
+
+
+def infer_on_onnxruntime(artifacts, features: Path) -> dict:
+    """infer.py's report for four samples of `features` on ONNX Runtime, checked to hold their texts."""
+    from mmgpt.inference import infer
+    report = infer(compose_config("infer", [f"artifacts={artifacts}", f"input={features}", "limit=4",
+                                            "max_new_tokens=8", "show=0", "backend=onnxruntime"]))
+    assert report["backend"] == "onnxruntime" and report["samples"] == 4
+    assert all(isinstance(t, str) for t in report["texts"])
+    return report

@@ -8,7 +8,8 @@ import onnx
 import pytest
 import torch
 
-from helpers import LLAMA_KINDS, compose_config, require, small_train_overrides, write_features, write_llama
+from helpers import (LLAMA_KINDS, compose_config, infer_on_onnxruntime, require, small_train_overrides, write_features,
+                     write_llama)
 from mmgpt.checkpoint import load_checkpoint
 from mmgpt.contract.artifacts import Artifacts
 from mmgpt.export.onnx_graphs import io_dims
@@ -123,9 +124,5 @@ def test_export_parity_chained_tokens_and_hf_in_its_own_family(flow):
 
 
 def test_infer_on_onnxruntime(flow):
-    from mmgpt.inference import infer
     _, root, _, artifacts = flow
-    report = infer(compose_config("infer", [f"artifacts={artifacts}", f"input={root / 'features.npz'}", "limit=4",
-                                            "max_new_tokens=8", "show=0", "backend=onnxruntime"]))
-    assert report["backend"] == "onnxruntime" and report["samples"] == 4
-    assert all(isinstance(t, str) for t in report["texts"])
+    infer_on_onnxruntime(artifacts, root / "features.npz")

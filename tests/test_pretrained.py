@@ -3,7 +3,7 @@ Face directory with the language model frozen, export (ONNX, parity, hf/), infer
 import pytest
 import torch
 
-from helpers import compose_config, require, small_train_overrides, write_features, write_gpt2
+from helpers import compose_config, infer_on_onnxruntime, require, small_train_overrides, write_features, write_gpt2
 from mmgpt.checkpoint import load_checkpoint
 from mmgpt.hf import load_hf
 from mmgpt.model import MODALITY_TABLES
@@ -123,12 +123,8 @@ def test_export_with_gpt2_vocabulary_keeps_parity_and_writes_hf(flow):
 
 
 def test_infer_on_onnxruntime_decodes_bpe_text(flow):
-    from mmgpt.inference import infer
     root, _, artifacts, _ = flow
-    report = infer(compose_config("infer", [f"artifacts={artifacts}", f"input={root / 'features.npz'}", "limit=4",
-                                            "max_new_tokens=8", "show=0", "backend=onnxruntime"]))
-    assert report["backend"] == "onnxruntime" and report["samples"] == 4
-    assert all(isinstance(t, str) for t in report["texts"])
+    infer_on_onnxruntime(artifacts, root / "features.npz")
 
 
 def test_an_edited_tokenizer_file_is_refused(flow, tmp_path, capsys):

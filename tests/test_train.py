@@ -31,20 +31,22 @@ def features_file(tmp_path_factory):
     return path
 
 
+def pretrained_dir(tmp_path_factory, name: str, write) -> Path:
+    """A tiny Hugging Face directory written by `write` (tests/helpers.py), as init_from takes it."""
+    require("transformers", "transformers is not installed (pip install -e .[dev])")
+    d = tmp_path_factory.mktemp(name)
+    write(d)
+    return d
+
+
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory):
-    require("transformers", "transformers is not installed (pip install -e .[dev])")
-    d = tmp_path_factory.mktemp("gpt2")
-    write_gpt2(d)
-    return d
+    return pretrained_dir(tmp_path_factory, "gpt2", write_gpt2)
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    require("transformers", "transformers is not installed (pip install -e .[dev])")
-    d = tmp_path_factory.mktemp("llama")
-    write_llama(d)
-    return d
+    return pretrained_dir(tmp_path_factory, "llama", write_llama)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENT_PARAMS)
