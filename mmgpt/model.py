@@ -91,11 +91,11 @@ def rotate(x: torch.Tensor, rope) -> torch.Tensor:
 def cached_attention(q, k, v, past_k, past_v, mask):
     """Attention of a new segment to a past cache and to itself, grouped-query aware.
 
-    q (B, H, N, D); k/v (B, H_kv, N, D); past_k/v (B, H_kv, S, D) or None; mask (B, 1, N, [S +] N) bool, True =
-    attend. Scores against the past and against the new segment are computed separately and softmaxed together,
-    so the cache is read once and never concatenated (a concat would copy all of it every step); the H / H_kv
-    query heads of a group are stacked along N, so each key/value head is read once per group.
-    Without a past (a prefill) the mask is forward_cached's causal one, so causal SDPA computes it with a fused
+    q (B, H, N, D); k/v (B, H_kv, N, D); past_k/v (B, H_kv, S, D) or None; mask (B, 1, N, S + N) bool, True =
+    attend, or None without a past. Scores against the past and against the new segment are computed separately
+    and softmaxed together, so the cache is read once and never concatenated (a concat would copy all of it every
+    step); the H / H_kv query heads of a group are stacked along N, so each key/value head is read once per group.
+    Without a past (a prefill) attention is causal, so causal SDPA computes it with a fused
     (flash) kernel instead of materialising the scores: half of a 576-patch prefill's time on an H200 (NOTES.md).
     Returns (B, H, N, D).
     """
@@ -105,15 +105,11 @@ def cached_attention(q, k, v, past_k, past_v, mask):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G > 1)
     q = q.reshape(B, k.shape[1], G * N, D)  # (B, H_kv, G*N, D)
     scale = 1.0 / math.sqrt(D)
-    scores = q @ k.transpose(-2, -1)  # (B, H_kv, G*N, N)
-    if past_k is not None:
-        scores = torch.cat([q @ past_k.transpose(-2, -1), scores], dim=-1)  # (B, H_kv, G*N, S+N)
+    scores = torch.cat([q @ past_k.transpose(-2, -1), q @ k.transpose(-2, -1)], dim=-1)  # (B, H_kv, G*N, S+N)
     scores = scores.unflatten(2, (G, N))  # (B, H_kv, G, N, S+N)
     scores = (scores * scale).masked_fill(~mask[:, :, None], float("-inf"))
     att = torch.softmax(scores.float(), dim=-1).to(q.dtype).flatten(2, 3)  # fp32 softmax: fp16 exp overflows
-    y = att[..., -N:] @ v  # (B, H_kv, G*N, D)
-    if past_k is not None:
-        y = y + att[..., :-N] @ past_v
+    y = att[..., -N:] @ v + att[..., :-N] @ past_v  # (B, H_kv, G*N, D)
     return y.reshape(B, H, N, D)
 
 
@@ -328,7 +324,8 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, N, C))
 
     def forward_cached(self, x, past_k, past_v, mask):
-        """x (B, N, C) new segment; past_k/v (B, H, S, D) or None; mask (B, 1, [S +] N, ...) bool, True = attend.
+        """x (B, N, C) new segment; past_k/v (B, H, S, D) or None; mask (B, 1, N, S + N) bool, True = attend, or
+        None with no past (causal).
 
         Returns the output and the new segment's keys and values (B, H, N, D) for the caller to store.
         """
@@ -638,13 +635,14 @@ class MultimodalGPT(nn.Module):
         x, _, context_len = self.pack(self.context_segments(self.as_context(context), input_ids), start_pos)
         B, N, _ = x.shape
         rope = self.rope(start_pos, N, x.dtype)
-        mask = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()[None, None].expand(B, 1, N, N)
-        if past_keys is None:  # prefill: no past inputs at all, so the graph has no zero-size tensors
+        if past_keys is None:  # prefill: no past inputs at all, so the graph has no zero-size tensors; causal
             past_keys = past_values = [None] * len(self.blocks)
+            mask = None
         else:
+            causal = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()[None, None].expand(B, 1, N, N)
             slots = torch.arange(past_keys[0].shape[2], device=x.device)
             past_ok = (slots[None, :] < start_pos[:, None])[:, None, None, :]  # (B, 1, 1, S)
-            mask = torch.cat([past_ok.expand(B, 1, N, slots.shape[0]), mask], dim=-1)  # (B, 1, N, S+N)
+            mask = torch.cat([past_ok.expand(B, 1, N, slots.shape[0]), causal], dim=-1)  # (B, 1, N, S+N)
         new_keys, new_values = [], []
         for block, pk, pv in zip(self.blocks, past_keys, past_values):
             x, k, v = block.forward_cached(x, pk, pv, mask, rope)
