@@ -175,6 +175,10 @@ class PrefixCache:
             h.update(data.contiguous().numpy().tobytes())
         return h.hexdigest()
 
+    def clear(self) -> None:
+        self.entries.clear()
+        self.nbytes = self.hits = self.misses = 0
+
     def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         entry = self.entries.get(key)
         if entry is None:
@@ -435,7 +439,7 @@ class InflightEngine:
             g.ids.copy_(padded)
             g.joiners.fill(*_Joiners.host(group, Jb))
             g.graph.replay()
-            first = g.first[:J]
+            first = g.first[:J].clone()  # the next replay of this graph (the next joiner) rewrites g.first
         else:
             first = self._join(context, past, ids.to(self.device), _Joiners.of(group, self.device), greedy)
         if self.cache is not None and past is None:
