@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "
     > "$OUT/build.log" 2>&1 || { cat "$OUT/build.log"; exit 1; }
 # a deadlocked persistent kernel never returns: one step first, under a short timeout, before anything else
 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -m gpu -x \
-    -k "test_persistent_step_matches_the_fused_kernels and 0-1" 2>&1 | tee "$OUT/first-step.log" | tail -5 \
+    -k "test_persistent_step_matches_the_fused_kernels and 124m-0-1" 2>&1 | tee "$OUT/first-step.log" | tail -5 \
     || { echo "first persistent step failed or hung"; exit 1; }
 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -m gpu -k "persistent" -rs 2>&1 \
     | tee "$OUT/gpu-tests.log" | tail -15

@@ -6,7 +6,8 @@ suite runs them in Triton's interpreter). Skipped only where there is no CUDA de
 - Interleaved buckets: one generator serving 24, then 100, then 24 new tokens replays the first bucket's graph
   with the first bucket's tokens.
 - The fused Triton kernels give the torch backend's greedy tokens on a small trained model's validation inputs.
-- The persistent decode kernel (Hopper): one step's logits at GPT-2 124M's shape, batch 1 and 8, prefix 0 and 576,
+- The persistent decode kernel (Hopper): one step's logits at GPT-2 124M / 355M / 1.5B shapes, batch 1 and 8,
+  prefix 0 and 576,
   as close to the torch backend's as torch-triton's, reproducible bit for bit, every logit written; its greedy
   tokens under the CUDA graph are torch-triton's at batch 1 and 8.
 - In-flight batching on captured graphs (decode step and prefill): requests that join between replayed steps get the
@@ -160,28 +161,43 @@ def test_prefix_cache_hits_on_captured_graphs_give_the_tokens_of_a_miss(model, n
     assert [s.tokens for s in again] == [s.tokens for s in states] and cached.cache.hits == 10
 
 
+GPT2_SHAPES = {"124m": (12, 12, 768), "355m": (24, 16, 1024), "1p5b": (48, 25, 1600)}  # layers, heads, width
+
+
 @pytest.fixture(scope="module")
-def gpt2_124m():
-    torch.manual_seed(0)
-    config = GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, **image_to_text(8))
-    return MultimodalGPT(config).cuda().half().eval()
+def gpt2_models():
+    """GPT-2 shapes with random fp16 weights, made once per size on first use."""
+    models = {}
+
+    def of(size):
+        if size not in models:
+            models.clear()  # one at a time: 1.5B takes 3 GB
+            torch.manual_seed(0)
+            n_layer, n_head, n_embd = GPT2_SHAPES[size]
+            config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024, vocab_size=50257,
+                               **image_to_text(8))
+            models[size] = MultimodalGPT(config).cuda().half().eval()
+        return models[size]
+    return of
 
 
 @pytest.mark.skipif(not HOPPER, reason="the persistent decode kernel needs compute capability 9.0 (bulk copies)")
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("prefix", [0, 576])
-def test_persistent_step_matches_the_fused_kernels(gpt2_124m, batch, prefix):
+@pytest.mark.parametrize("size", list(GPT2_SHAPES))
+def test_persistent_step_matches_the_fused_kernels(gpt2_models, size, batch, prefix):
     from mmgpt.runtime.backends.fused_triton import TritonBackend
     from mmgpt.runtime.backends.persistent import PersistentBackend
-    c, S = gpt2_124m.config, 1024
+    gpt2 = gpt2_models(size)
+    c, S = gpt2.config, 1024
     g = torch.Generator(device="cuda").manual_seed(batch + prefix)
     k = torch.randn(c.n_layer, batch, c.n_head, S, c.head_dim, device="cuda", generator=g).half()
     v = torch.randn(k.shape, device="cuda", generator=g).half()
     pos = prefix + 32 + torch.randint(0, 256, (batch, 1), device="cuda", generator=g)
     ids = torch.randint(0, c.vocab_size, (batch, 1), device="cuda", generator=g)
-    persistent = PersistentBackend(gpt2_124m)
+    persistent = PersistentBackend(gpt2)
     runs = {}
-    for name, backend in (("torch", TorchBackend(gpt2_124m)), ("triton", TritonBackend(gpt2_124m)),
+    for name, backend in (("torch", TorchBackend(gpt2)), ("triton", TritonBackend(gpt2)),
                           ("persistent", persistent)):
         kc, vc = k.clone(), v.clone()
         with torch.no_grad():
