@@ -135,8 +135,9 @@ class _Joiners:
     def fill(self, ints: torch.Tensor, sampling: list[SamplingConfig]) -> None:
         for name, row in zip(self.INTS, ints.to(self.rows.device)):
             getattr(self, name).copy_(row)
+        host = RowSampling.of(sampling, "cpu")
         for name in ("temperature", "top_k", "top_p", "seed"):
-            getattr(self.sampling, name).copy_(getattr(RowSampling.of(sampling, "cpu"), name))
+            getattr(self.sampling, name).copy_(getattr(host, name))
 
 
 @dataclass
