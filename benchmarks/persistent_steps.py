@@ -10,13 +10,15 @@ the per-step budget in benchmarks/NOTES.md is measured piece by piece. Writes DI
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import statistics
 from pathlib import Path
 
 import torch
 
-from mmgpt.bench.decode import build_model, copy_bandwidth, kv_bytes_used, weight_bytes
+from mmgpt.bench.decode import build_model, copy_bandwidth, kv_bytes_used, versions, weight_bytes
+from mmgpt.bench.results import git_commit
 from mmgpt.kernels.persistent import ARG1, GEMV, OP, WAIT
 from mmgpt.runtime.backends.fused_triton import TritonBackend
 from mmgpt.runtime.backends.persistent import PersistentBackend
@@ -86,8 +88,10 @@ def main():
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = ap.parse_args()
     bw = copy_bandwidth(torch.device("cuda"))
-    report = {"gpu": torch.cuda.get_device_name(), "copy_bandwidth_gb_s": round(bw / 1e9, 1), "rows": [],
-              "greedy": []}
+    # "steps", not "rows": the notebooks read reports with rows as decode-benchmark tables
+    report = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+              "tag": "persistent-steps", "versions": versions(torch.device("cuda")), "commit": git_commit(),
+              "copy_bandwidth_gb_s": round(bw / 1e9, 1), "steps": [], "greedy": []}
     for size in args.models:
         model = build_model(size, torch.float16, "cuda")
         wb = weight_bytes(model)
@@ -101,7 +105,7 @@ def main():
                     row[name] = round(step_us(PersistentBackend(model, **VARIANTS[name]), batch, prefix, capacity,
                                               diagnostic=DIAGNOSTICS.get(name)), 1)
                 print(json.dumps(row), flush=True)
-                report["rows"].append(row)
+                report["steps"].append(row)
         if size == "124m":
             for batch in args.batches:
                 report["greedy"].append(greedy_agreement(model, batch))
