@@ -55,7 +55,7 @@ def assert_step_matches_torch(model, backend, positions, capacity):
 
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("n_embd", [64, 48])  # 48: K not a multiple of the tiles
+@pytest.mark.parametrize("n_embd", [pytest.param(64, marks=pytest.mark.slow), 48])  # 48: K not a multiple of the tiles
 def test_decode_step_matches_torch(config, batch, n_embd):
     model = tiny_model(n_embd=n_embd, n_head=n_embd // 16)
     backend = TritonBackend(model, gemv=CONFIGS[config], attention=AttentionConfig(block_s=16))
@@ -70,7 +70,8 @@ SPLIT_POSITIONS = {"tile-boundaries": [8, 16, 32, 24],  # each split's run ends 
 
 
 @pytest.mark.parametrize("positions", list(SPLIT_POSITIONS))
-@pytest.mark.parametrize("max_splits", [2, 8])  # 8: one split per tile of the cache (1 is the decode test above)
+# 8: one split per tile of the cache (1 is the decode test above)
+@pytest.mark.parametrize("max_splits", [pytest.param(2, marks=pytest.mark.slow), 8])
 def test_split_cache_attention_matches_torch(positions, max_splits):
     model = tiny_model()  # two layers: the second launch finds the arrival counters reset by the first
     backend = TritonBackend(model, gemv=GemvConfig(block_k=32),
@@ -81,6 +82,7 @@ def test_split_cache_attention_matches_torch(positions, max_splits):
 
 @pytest.mark.parametrize("gemv", [GemvConfig(gemm_block_n=32, gemm_block_k=16),  # 2 row blocks of 64, 2 K steps
                                   GemvConfig(max_block_b=16, min_programs=256)])  # 5 row blocks, split-K residual
+@pytest.mark.slow
 def test_batch_tiled_past_64_rows(gemv):
     model = tiny_model(n_layer=1)
     backend = TritonBackend(model, gemv=gemv, attention=AttentionConfig(block_s=16))
@@ -145,7 +147,8 @@ def tiny_llama(kind):
 
 
 @pytest.mark.parametrize("kind", list(LLAMAS))
-@pytest.mark.parametrize("positions", [[37], [37, 0, 21]], ids=["batch1", "batch3"])
+@pytest.mark.parametrize("positions", [pytest.param([37], marks=pytest.mark.slow), [37, 0, 21]],
+                         ids=["batch1", "batch3"])
 def test_llama_decode_step_matches_torch(kind, positions):
     model = tiny_llama(kind)
     backend = TritonBackend(model, gemv=LLAMA_GEMV, attention=LLAMA_ATTENTION)
@@ -171,6 +174,7 @@ def test_llama_decode_step_depends_on_rope_and_swiglu(wrong):
         assert (k_tri[0] - k_ref[0]).abs().max().item() > 0.5
 
 
+@pytest.mark.slow
 def test_llama_greedy_generation_matches_torch():
     """A ragged batch after a 4-element image prefix: the fused kernels decode the torch backend's greedy tokens
     (Llama 3 scaling, GQA; the other kinds' steps are checked above)."""
