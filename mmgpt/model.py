@@ -95,8 +95,8 @@ def cached_attention(q, k, v, past_k, past_v, mask):
     attend, or None without a past. Scores against the past and against the new segment are computed separately
     and softmaxed together, so the cache is read once and never concatenated (a concat would copy all of it every
     step); the H / H_kv query heads of a group are stacked along N, so each key/value head is read once per group.
-    Without a past (a prefill) attention is causal, so causal SDPA computes it with a fused
-    (flash) kernel instead of materialising the scores: half of a 576-patch prefill's time on an H200 (NOTES.md).
+    Without a past (a prefill) attention is causal, so causal SDPA computes it with a fused (flash) kernel instead
+    of materialising the scores: half of a 576-patch prefill's time on an H200 (NOTES.md).
     Returns (B, H, N, D).
     """
     B, H, N, D = q.shape

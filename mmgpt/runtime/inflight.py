@@ -116,28 +116,20 @@ class _Joiners:
         ints = torch.zeros(len(cls.INTS), J, dtype=torch.long, device=device)
         return cls(*ints, RowSampling.empty(J, device))
 
-    @staticmethod
-    def host(states: list["RequestState"], J: int) -> tuple[torch.Tensor, list[SamplingConfig]]:
-        """The group's integers (4, J) and sampling settings on the host, padded to J rows with copies of the
-        first joiner (a padded row then computes and writes exactly what the first one does)."""
-        states = states + [states[0]] * (J - len(states))
-        ints = torch.tensor([[s.row for s in states], [len(s.request.prompt) for s in states],
-                             [s.request.max_tokens for s in states],
-                             [s.context_len + len(s.request.prompt) for s in states]], dtype=torch.long)
-        return ints, [s.request.sampling for s in states]
-
     @classmethod
     def of(cls, states: list["RequestState"], device) -> "_Joiners":
         joiners = cls.empty(len(states), device)
-        joiners.fill(*cls.host(states, len(states)))
+        joiners.fill(states)
         return joiners
 
-    def fill(self, ints: torch.Tensor, sampling: list[SamplingConfig]) -> None:
+    def fill(self, states: list["RequestState"]) -> None:
+        """Copy the states' values in, one per row (as many states as rows)."""
+        ints = torch.tensor([[s.row for s in states], [len(s.request.prompt) for s in states],
+                             [s.request.max_tokens for s in states],
+                             [s.context_len + len(s.request.prompt) for s in states]], dtype=torch.long)
         for name, row in zip(self.INTS, ints.to(self.rows.device)):
             getattr(self, name).copy_(row)
-        host = RowSampling.of(sampling, "cpu")
-        for name in ("temperature", "top_k", "top_p", "seed"):
-            getattr(self.sampling, name).copy_(getattr(host, name))
+        self.sampling.copy_(RowSampling.of([s.request.sampling for s in states], "cpu"))
 
 
 @dataclass
@@ -397,13 +389,15 @@ class InflightEngine:
         for group in _by_lengths([s for s, _ in misses]):
             self._emit_first(group, self._prefill(group))
 
-    def _prompts(self, group: list[RequestState]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded prompt ids (J, T) and their lengths (J,), on the host."""
-        prompts = [s.request.prompt for s in group]
-        ids = torch.full((len(group), max(map(len, prompts))), self.pad_id, dtype=torch.long)
-        for j, p in enumerate(prompts):
-            ids[j, : len(p)] = torch.tensor(p)
-        return ids, torch.tensor(list(map(len, prompts)))
+    def _inputs(self, group: list[RequestState], T: int, past: list[tuple] | None) -> tuple:
+        """A join's device inputs: the contexts batched (or, after cached contexts, {}), the cached keys and
+        values stacked (L, J, H, P, D) (or None), and the prompt ids right-padded to T, on the host."""
+        ids = torch.full((len(group), T), self.pad_id, dtype=torch.long)
+        for j, s in enumerate(group):
+            ids[j, : len(s.request.prompt)] = torch.tensor(s.request.prompt)
+        if past is not None:
+            return {}, tuple(torch.stack(t, 1) for t in zip(*past)), ids
+        return batch_context(self.backend.dims, [s.context for s in group], self.device), None, ids
 
     def _prefill(self, group: list[RequestState], past: list[tuple] | None = None) -> torch.Tensor:
         """Join a group of requests: one batched prefill of their contexts (which share their continuous lengths)
@@ -413,36 +407,29 @@ class InflightEngine:
         graph holds one context's keys). Returns the first tokens (J,) on the device."""
         if past is not None and self.capture_prefill and len(group) > 1:
             return torch.cat([self._prefill([s], [kv]) for s, kv in zip(group, past)])
-        ids, _ = self._prompts(group)
-        J, T = ids.shape
+        J, T = len(group), max(len(s.request.prompt) for s in group)
         greedy = _greedy(group)
-        if past is None:
-            context = batch_context(self.backend.dims, [s.context for s in group], self.device)
-            # a discrete modality's (ids, lengths) has no one length; such contexts are never captured
-            shapes = tuple(v.shape[1] if torch.is_tensor(v) else None for v in context.values())
-        else:
-            context = {}
-            past = tuple(torch.stack(t, 1) for t in zip(*past))  # keys, values (L, J, H, P, D)
-            shapes = ("after", past[0].shape[3])
-        if self.capture_prefill:
+        if not self.capture_prefill:
+            context, stacked, ids = self._inputs(group, T, past)
+            first = self._join(context, stacked, ids.to(self.device), _Joiners.of(group, self.device), greedy)
+        else:  # continuous contexts only (a discrete one is never captured)
+            shapes = (("after", past[0][0].shape[2]) if past is not None else
+                      tuple(v.shape[0] for v in group[0].context.values()))
             key = (_power_of_two(J), shapes, max(_power_of_two(T), MIN_PROMPT_BUCKET), greedy)
             if key not in self._prefill_graphs:
                 self._prefill_graphs[key] = self._capture_prefill(*key)
             g = self._prefill_graphs[key]
             Jb, Tb = g.ids.shape
-            for name, value in context.items():  # padded rows repeat the first joiner
-                g.context[name].copy_(torch.cat([value, value[:1].expand(Jb - J, *value.shape[1:])]))
-            for buffer, value in zip(g.past, past or ()):  # one joiner: no padding
+            padded = group + [group[0]] * (Jb - J)  # a padded row computes and writes what the first joiner does
+            context, stacked, ids = self._inputs(padded, Tb, past)  # cached contexts join alone: Jb = J = 1
+            for name, value in context.items():
+                g.context[name].copy_(value)
+            for buffer, value in zip(g.past, stacked or ()):
                 buffer.copy_(value)
-            padded = torch.full((Jb, Tb), self.pad_id, dtype=torch.long)
-            padded[:J, :T] = ids
-            padded[J:] = padded[0]
-            g.ids.copy_(padded)
-            g.joiners.fill(*_Joiners.host(group, Jb))
+            g.ids.copy_(ids)
+            g.joiners.fill(padded)
             g.graph.replay()
             first = g.first[:J].clone()  # the next replay of this graph (the next joiner) rewrites g.first
-        else:
-            first = self._join(context, past, ids.to(self.device), _Joiners.of(group, self.device), greedy)
         if self.cache is not None and past is None:
             for state in (s for s in group if s.context_len > 0):
                 row, P = state.row, state.context_len
@@ -588,11 +575,11 @@ class InflightEngine:
         """Warm the step up on idle rows (every row finished at position 0, so its writes stay in range and change
         nothing a joiner reads), then capture the greedy step; where the backend cannot be captured, warn and run
         eagerly."""
-        for n in self._buckets:  # lazy init, compilation, cuBLAS handles, TensorRT's shape-dependent setup
-            logits = self.backend.decode(self.token[:n], self.position[:n], self.k[:, :n], self.v[:, :n])
-            self._sample(logits, self.sampling.head(n), self.count[:n], greedy=False)
-            self.window_step.zero_()  # each step writes the window's column window_step
-            self._decode_step(True, n)
+        # lazy init, compilation, cuBLAS handles, TensorRT's shape-dependent setup: the sampled step runs all that the
+        # greedy one does; each step writes the window's column window_step, so every warm-up starts at column 0
+        for n in self._buckets:
+            self.window_step.zero_()
+            self._decode_step(False, n)
         torch.cuda.synchronize(self.device)
         blocker = getattr(self.backend, "capture_blocker", None)
         reason = blocker(self.token, self.position, self.k, self.v) if blocker else None

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from mmgpt.errors import UserError
@@ -77,10 +77,15 @@ class RowSampling:
         """The first n rows' settings, as views."""
         return RowSampling(self.temperature[:n], self.top_k[:n], self.top_p[:n], self.seed[:n])
 
+    def copy_(self, other: "RowSampling") -> None:
+        """Every row's settings from `other` (same rows, any device), in place."""
+        for f in fields(self):
+            getattr(self, f.name).copy_(getattr(other, f.name))
+
     def write(self, rows: torch.Tensor, other: "RowSampling") -> None:
         """Set the given rows (J,) to `other`'s (J,) settings, in place (a captured step keeps the addresses)."""
-        for name in ("temperature", "top_k", "top_p", "seed"):
-            getattr(self, name).index_copy_(0, rows, getattr(other, name))
+        for f in fields(self):
+            getattr(self, f.name).index_copy_(0, rows, getattr(other, f.name))
 
 
 def sample_rows(logits: torch.Tensor, rows: RowSampling, noise: torch.Tensor) -> torch.Tensor:
