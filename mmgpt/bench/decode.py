@@ -340,7 +340,7 @@ def _backends(model: MultimodalGPT, device, args) -> dict:
     if args.triton:
         from mmgpt.runtime.backends.fused_triton import TritonBackend
         backends["mmgpt-graph+triton"] = TritonBackend(model, pdl=args.pdl)
-    if args.persistent and "mmgpt-graph+persistent" not in args.skip:
+    if "mmgpt-graph+persistent" not in args.skip:  # built only where asked for: it compiles CUDA at first use
         from mmgpt.runtime.backends.persistent import PersistentBackend
         try:
             backends["mmgpt-graph+persistent"] = PersistentBackend(model)
@@ -481,8 +481,6 @@ def main(argv=None):
     ap.add_argument("--no-hf", dest="hf", action="store_false")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--no-triton", dest="triton", action="store_false", help="skip the fused Triton kernels")
-    ap.add_argument("--no-persistent", dest="persistent", action="store_false",
-                    help="skip the persistent decode kernel (GPT-2 family, fp16, Hopper)")
     ap.add_argument("--skip", nargs="+", default=[], choices=IMPLS, help="leave out these rows")
     ap.add_argument("--pdl", action="store_true",
                     help="launch the Triton kernels with programmatic dependent launch (Hopper; off by default)")

@@ -178,17 +178,19 @@ def load_rows(args, small, backend, tok, capacity: int, device) -> list[dict]:
     """Poisson load at each rate, in-flight against static batching, on the small shape."""
     engine = InflightEngine(backend, tok, rows=args.rows, capacity=capacity, stream_interval=args.stream_interval)
     gen = Generator(backend, tok, capacity_buckets=[capacity])
+
+    def jobs(rate, seed):
+        return workload(args.requests, rate, tuple(args.prompts), tuple(args.outputs), args.vocab, seed=seed,
+                        prefix_dim=small.config.context_modalities[0].dim)
     # warm-up on other requests: both schedulers capture their graphs (join and step buckets) before any timing
-    warm = workload(args.requests, args.rates[-1], tuple(args.prompts), tuple(args.outputs), args.vocab, seed=99,
-                    prefix_dim=small.config.context_modalities[0].dim)
+    warm = jobs(args.rates[-1], 99)
     run_inflight(engine, warm)
     run_static(gen, warm, args.rows, device)
     rows = []
     for rate in args.rates:
-        jobs = workload(args.requests, rate, tuple(args.prompts), tuple(args.outputs), args.vocab, seed=1,
-                        prefix_dim=small.config.context_modalities[0].dim)
-        row = {"model": args.small, "rate_req_s": rate, "inflight": run_inflight(engine, jobs),
-               "static": run_static(gen, jobs, args.rows, device)}
+        timed = jobs(rate, 1)
+        row = {"model": args.small, "rate_req_s": rate, "inflight": run_inflight(engine, timed),
+               "static": run_static(gen, timed, args.rows, device)}
         row["throughput_ratio"] = row["inflight"]["throughput_tok_s"] / row["static"]["throughput_tok_s"]
         rows.append(row)
         print(f"rate {rate}: in-flight {row['inflight']['throughput_tok_s']:.0f} tok/s, static "

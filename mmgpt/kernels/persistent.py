@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from mmgpt.model import MultimodalGPT
 
@@ -240,10 +241,6 @@ def item_regions(s: Schedule, item, positions: list[int]) -> tuple[list, list]:
     return reads, writes
 
 
-def _gelu_tanh(x):
-    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x ** 3)))
-
-
 def execute_reference(s: Schedule, model: MultimodalGPT, tokens: torch.Tensor, positions: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
     """Runs the table item by item in stage order in float32 on the CPU, as the kernel computes each item (tiles,
@@ -304,7 +301,7 @@ def execute_reference(s: Schedule, model: MultimodalGPT, tokens: torch.Tensor, p
             if d.flags & BIAS:
                 out = out + f32[prefix + weights[d.name] + ".bias"][r0:r0 + n]
             if d.flags & GELU:
-                out = _gelu_tanh(out)
+                out = F.gelu(out, approximate="tanh")  # GPT-2's gelu_new, as the kernel computes
             if d.flags & RESIDUAL:
                 x[:, r0:r0 + n] += out
             else:
