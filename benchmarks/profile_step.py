@@ -1,8 +1,13 @@
 """Kernel-level profile of one decode step (un-captured, so each kernel shows): which kernels, how many, how long.
 
-python benchmarks/profile_step.py [--model 124m] [--batch 1] [--capacity 512] [--compile MODE]
+python benchmarks/profile_step.py [--model 124m] [--batch 1] [--capacity 512] [--positions 160 700] [--out F.json]
+
+Each position is every row's cache length for the profiled steps (160: mid-generation of prompt 32 + 256 new tokens;
+700: the same after a 576-patch image), so two positions show what a long context adds, kernel by kernel.
 """
 import argparse
+import json
+from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -11,40 +16,59 @@ from mmgpt.bench.decode import build_model
 from mmgpt.runtime.backends.torch_model import TorchBackend
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="124m")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--capacity", type=int, default=512)
-    ap.add_argument("--backend", default="torch", choices=["torch", "torch-compile", "torch-triton"])
-    ap.add_argument("--steps", type=int, default=10)
-    args = ap.parse_args()
-    dev = torch.device("cuda")
-    model = build_model(args.model, torch.float16, dev)
-    if args.backend == "torch-triton":
-        from mmgpt.runtime.backends.fused_triton import TritonBackend
-        be = TritonBackend(model)
-    else:
-        be = TorchBackend(model, compile=args.backend == "torch-compile")
-    c = model.config
-    k = torch.zeros(c.n_layer, args.batch, c.n_head, args.capacity, c.head_dim, dtype=torch.float16, device=dev)
+def kernels_per_step(be, c, batch: int, capacity: int, position: int, steps: int, device) -> dict:
+    """{kernel name: (launches, us)} per step at one cache length."""
+    k = torch.zeros(c.n_layer, batch, c.n_kv_head, capacity, c.head_dim, dtype=torch.float16, device=device)
     v = torch.zeros_like(k)
-    ids = torch.zeros(args.batch, 1, dtype=torch.long, device=dev)
-    pos = torch.full((args.batch, 1), 160, dtype=torch.long, device=dev)  # mid-generation: 32 + 256 / 2
+    ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    pos = torch.full((batch, 1), position, dtype=torch.long, device=device)
     with torch.inference_mode():
         for _ in range(3):
             be.decode(ids, pos, k, v)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(args.steps):
+            for _ in range(steps):
                 be.decode(ids, pos, k, v)
             torch.cuda.synchronize()
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    per_step = len(events) / args.steps
-    total_us = sum(e.device_time for e in events) / args.steps
-    print(f"{args.backend} {args.model} B={args.batch} S={args.capacity}: {per_step:.0f} kernels/step, "
-          f"{total_us:.0f} us of kernel time/step")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    table = defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            table[e.name][0] += 1
+            table[e.name][1] += e.device_time
+    return {name: (n / steps, us / steps) for name, (n, us) in sorted(table.items(), key=lambda kv: -kv[1][1])}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="124m")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--capacity", type=int, default=1024)
+    ap.add_argument("--positions", nargs="+", type=int, default=[160])
+    ap.add_argument("--backend", default="torch-triton", choices=["torch", "torch-compile", "torch-triton"])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--out", default=None, help="append one JSON line per position to this file")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    model = build_model(args.model, torch.float16, dev, block=args.capacity)
+    if args.backend == "torch-triton":
+        from mmgpt.runtime.backends.fused_triton import TritonBackend
+        be = TritonBackend(model)
+    else:
+        be = TorchBackend(model, compile=args.backend == "torch-compile")
+    for position in args.positions:
+        table = kernels_per_step(be, model.config, args.batch, args.capacity, position, args.steps, dev)
+        total = sum(us for _, us in table.values())
+        launches = sum(n for n, _ in table.values())
+        print(f"{args.backend} {args.model} B={args.batch} S={args.capacity} position {position}: "
+              f"{launches:.0f} kernels/step, {total:.0f} us of kernel time/step")
+        for name, (n, us) in list(table.items())[:8]:
+            print(f"  {us:9.1f} us  {n:5.0f} x  {name[:90]}")
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps({"model": args.model, "batch": args.batch, "capacity": args.capacity,
+                                    "position": position, "backend": args.backend, "gpu": torch.cuda.get_device_name(),
+                                    "kernel_us_per_step": total, "launches_per_step": launches,
+                                    "kernels": {k: {"launches": n, "us": us} for k, (n, us) in table.items()}}) + "\n")
 
 
 if __name__ == "__main__":
