@@ -6,13 +6,15 @@ Each position is every row's cache length for the profiled steps (160: mid-gener
 700: the same after a 576-patch image), so two positions show what a long context adds, kernel by kernel.
 """
 import argparse
+import datetime
 import json
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from mmgpt.bench.decode import build_model
+from mmgpt.bench.decode import build_model, versions
+from mmgpt.bench.results import git_commit
 from mmgpt.runtime.backends.torch_model import TorchBackend
 
 
@@ -65,7 +67,9 @@ def main():
             print(f"  {us:9.1f} us  {n:5.0f} x  {name[:90]}")
         if args.out:
             with open(args.out, "a") as f:
-                f.write(json.dumps({"model": args.model, "batch": args.batch, "capacity": args.capacity,
+                f.write(json.dumps({"date": datetime.date.today().isoformat(), "commit": git_commit(),
+                                    "versions": versions(dev), "model": args.model, "batch": args.batch,
+                                    "capacity": args.capacity,
                                     "position": position, "backend": args.backend, "gpu": torch.cuda.get_device_name(),
                                     "kernel_us_per_step": total, "launches_per_step": launches,
                                     "kernels": {k: {"launches": n, "us": us} for k, (n, us) in table.items()}}) + "\n")

@@ -62,22 +62,23 @@ def test_decode_step_matches_torch(config, batch, n_embd):
     assert_step_matches_torch(model, backend, [33, 0, 17][:batch], capacity=40)  # long, empty, middling past
 
 
-# 8-slot tiles over a 64-slot cache; 4 rows x 2 heads, so min_programs=64 asks for 8 programs per (row, head)
-SPLIT_POSITIONS = {"tile-boundaries": [8, 16, 32, 24],  # each split's run ends exactly on a tile
-                   "one-past-boundaries": [9, 17, 33, 57],
-                   "shorter-than-one-tile": [1, 5, 7, 3],  # one split works, the others are empty
-                   "ragged": [0, 31, 63, 40]}  # empty past, middle, the cache's last slot
+# 16-slot tiles (a tensor-core product's side) over a 128-slot cache; 4 rows x 2 heads, so min_programs=64 asks
+# for 8 programs per (row, head)
+SPLIT_POSITIONS = {"tile-boundaries": [16, 32, 64, 48],  # each split's run ends exactly on a tile
+                   "one-past-boundaries": [17, 33, 65, 113],
+                   "shorter-than-one-tile": [1, 5, 15, 3],  # one split works, the others are empty
+                   "ragged": [0, 63, 127, 80]}  # empty past, middle, the cache's last slot
 
 
 @pytest.mark.parametrize("positions", list(SPLIT_POSITIONS))
 # 8: one split per tile of the cache (1 is the decode test above)
 @pytest.mark.parametrize("max_splits", [pytest.param(2, marks=pytest.mark.slow), 8])
 def test_split_cache_attention_matches_torch(positions, max_splits):
-    model = tiny_model()  # two layers: the second launch finds the arrival counters reset by the first
+    model = tiny_model(block_size=128)  # two layers: the second launch finds the arrival counters reset by the first
     backend = TritonBackend(model, gemv=GemvConfig(block_k=32),
-                            attention=AttentionConfig(block_s=8, min_programs=64, max_splits=max_splits))
-    assert backend.attention_splits(4, 64) == max_splits
-    assert_step_matches_torch(model, backend, SPLIT_POSITIONS[positions], capacity=64)
+                            attention=AttentionConfig(block_s=16, min_programs=64, max_splits=max_splits))
+    assert backend.attention_splits(4, 128) == max_splits
+    assert_step_matches_torch(model, backend, SPLIT_POSITIONS[positions], capacity=128)
 
 
 @pytest.mark.parametrize("gemv", [GemvConfig(gemm_block_n=32, gemm_block_k=16),  # 2 row blocks of 64, 2 K steps
@@ -130,7 +131,7 @@ LLAMAS = {"llama": dict(n_head=4, n_kv_head=2, rope_theta=500000.0, tie_weights=
           "smollm2": dict(n_head=6, n_kv_head=2, rope_theta=100000.0, tie_weights=True)}
 # small tiles: batch 1 on the FMA kernel, batch 3 on the tensor-core one, split-K residuals, split attention
 LLAMA_GEMV = GemvConfig(block_n=16, block_k=32, min_programs=64, row_block_n=8)
-LLAMA_ATTENTION = AttentionConfig(block_s=8, min_programs=32, max_splits=4)
+LLAMA_ATTENTION = AttentionConfig(block_s=16, min_programs=32, max_splits=4)
 
 
 def tiny_llama(kind):
@@ -152,8 +153,8 @@ def tiny_llama(kind):
 def test_llama_decode_step_matches_torch(kind, positions):
     model = tiny_llama(kind)
     backend = TritonBackend(model, gemv=LLAMA_GEMV, attention=LLAMA_ATTENTION)
-    assert backend.attention_splits(len(positions), 48) > 1
-    assert_step_matches_torch(model, backend, positions, capacity=48)
+    assert backend.attention_splits(len(positions), 64) > 1
+    assert_step_matches_torch(model, backend, positions, capacity=64)
 
 
 @pytest.mark.parametrize("wrong", ["rope_theta", "gate_up_swapped"])
@@ -191,6 +192,8 @@ def test_llama_greedy_generation_matches_torch():
 def test_rejects_what_the_kernels_cannot_do():
     with pytest.raises(ValueError, match="power-of-two head size"):
         TritonBackend(MultimodalGPT(GPTConfig(n_layer=1, n_head=3, n_embd=60, block_size=16)))
+    with pytest.raises(ValueError, match="block_s must be a power of two of at least 16"):
+        TritonBackend(tiny_model(n_layer=1), attention=AttentionConfig(block_s=8))
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="programmatic dependent launch"):
             TritonBackend(tiny_model(n_layer=1), pdl=True)

@@ -257,16 +257,29 @@ def _rope(x, x_pair, cos, sin_signed):
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b on the tensor cores with fp32 accumulation; IEEE: exact fp32 products (an fp32 cache), not TF32."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
 def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, inv_freq_ptr, y_ptr, part_max_ptr, part_sum_ptr,
                      part_out_ptr, arrivals_ptr, S, scale, H: tl.constexpr, H_KV: tl.constexpr, D: tl.constexpr,
-                     GROUP: tl.constexpr, BLOCK_S: tl.constexpr, NUM_SPLITS: tl.constexpr, ROPE: tl.constexpr,
-                     USE_PDL: tl.constexpr):
+                     GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                     ROPE: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr):
     """softmax(q K^T) V for one (row, key/value head) and its H / H_KV query heads over cache slots [0, position)
     plus the new token, reading only those slots; the new key / value is stored at the row's position (by split 0,
     exactly once; no program reads that slot). qkv (B, (H + 2 H_KV) D): q heads, then k, then v; caches
-    (B, H_KV, S, D); y (B, H D). GROUP: H / H_KV rounded up to a power of two (padding heads are masked). With ROPE
-    q and the new key are rotated to the row's position by inv_freq (D/2,) fp32, cos and sin rounded to the model's
-    dtype as the PyTorch model rounds them.
+    (B, H_KV, S, D); y (B, H D). GROUP: H / H_KV rounded up to a power of two (padding heads are masked); ROWS: the
+    group padded to the 16 rows a tensor-core product needs. With ROPE q and the new key are rotated to the row's
+    position by inv_freq (D/2,) fp32, cos and sin rounded to the model's dtype as the PyTorch model rounds them.
+
+    Both products run on the tensor cores, q (ROWS, D) against each (BLOCK_S, D) tile of keys, then the
+    probabilities against the tile of values, in the cache's dtype with fp32 accumulation as flash attention does
+    (IEEE: exact fp32 products for an fp32 cache, not TF32): the whole group in one product, and a loop of two dots
+    that Triton software-pipelines, so the loads of the next tile overlap this one's arithmetic.
 
     Grid (B * H_KV, NUM_SPLITS), NUM_SPLITS a power of two. Split j walks the j-th of NUM_SPLITS equal runs of
     BLOCK_S-slot tiles below the position (the runs follow the position on the device, so the grid stays fixed for
@@ -278,9 +291,9 @@ def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, inv_freq_ptr, y
     b = pid // H_KV
     kv = pid % H_KV
     offs_d = tl.arange(0, D)
-    offs_g = tl.arange(0, GROUP)
-    mask_g = offs_g < H // H_KV
-    heads = kv * (H // H_KV) + offs_g  # (GROUP,) the query heads this key/value head serves
+    offs_r = tl.arange(0, ROWS)
+    mask_r = offs_r < H // H_KV
+    heads = kv * (H // H_KV) + offs_r  # (ROWS,) the query heads this key/value head serves
     pos = tl.load(pos_ptr + b)  # written before the step began
     base = (b * H_KV + kv).to(tl.int64) * S * D  # a layer's cache may pass 2**31 elements at large batch
     run = tl.cdiv(tl.cdiv(pos, BLOCK_S), NUM_SPLITS) * BLOCK_S
@@ -292,10 +305,10 @@ def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, inv_freq_ptr, y
         _prefetch_rows_to_l2(v_cache_ptr + base, one, one < 1, 0, lo * D, hi * D, BLOCK_S * D)
     _wait_for_predecessor(USE_PDL)
     row = qkv_ptr + b * (H + 2 * H_KV) * D
-    q_offs = heads[:, None] * D + offs_d[None, :]  # (GROUP, D)
+    q_offs = heads[:, None] * D + offs_d[None, :]  # (ROWS, D)
     k_row = row + (H + kv) * D
     v_row = row + (H + H_KV + kv) * D
-    q = tl.load(row + q_offs, mask=mask_g[:, None], other=0.0).to(tl.float32)
+    q = tl.load(row + q_offs, mask=mask_r[:, None], other=0.0).to(tl.float32)
     k_new = tl.load(k_row + offs_d)
     v_new = tl.load(v_row + offs_d)
     if ROPE:
@@ -303,47 +316,45 @@ def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, inv_freq_ptr, y
         angle = pos.to(tl.float32) * tl.load(inv_freq_ptr + offs_d % (D // 2))
         cos = tl.cos(angle).to(k_new.dtype).to(tl.float32)
         sin = tl.where(offs_d < D // 2, -1.0, 1.0) * tl.sin(angle).to(k_new.dtype).to(tl.float32)
-        q_pair = tl.load(row + heads[:, None] * D + pair[None, :], mask=mask_g[:, None], other=0.0)
+        q_pair = tl.load(row + heads[:, None] * D + pair[None, :], mask=mask_r[:, None], other=0.0)
         q = _rope(q, q_pair.to(tl.float32), cos[None, :], sin[None, :])
         k_new = _rope(k_new.to(tl.float32), tl.load(k_row + pair).to(tl.float32), cos, sin).to(k_new.dtype)
+    q_dot = q.to(k_cache_ptr.dtype.element_ty)  # the rotated q as the model holds it, in the cache's dtype
+    q = q_dot.to(tl.float32)
     first = split == 0
     store_new = offs_d + split * D < D  # split 0 only (a lane-wise form: the interpreter rejects `& first`)
     tl.store(k_cache_ptr + base + pos * D + offs_d, k_new.to(k_cache_ptr.dtype.element_ty), mask=store_new)
     tl.store(v_cache_ptr + base + pos * D + offs_d, v_new.to(v_cache_ptr.dtype.element_ty), mask=store_new)
     # online softmax per query head; split 0 is seeded with the new token's own score, the others start empty
-    m = tl.where(first, tl.sum(q * k_new.to(tl.float32)[None, :], axis=1) * scale, float("-inf"))  # (GROUP,)
-    l_sum = tl.where(first, 1.0, 0.0) + tl.zeros((GROUP,), dtype=tl.float32)
-    acc = tl.where(first, v_new.to(tl.float32)[None, :], 0.0) + tl.zeros((GROUP, D), dtype=tl.float32)
+    m = tl.where(first, tl.sum(q * k_new.to(tl.float32)[None, :], axis=1) * scale, float("-inf"))  # (ROWS,)
+    l_sum = tl.where(first, 1.0, 0.0) + tl.zeros((ROWS,), dtype=tl.float32)
+    acc = tl.where(first, v_new.to(tl.float32)[None, :], 0.0) + tl.zeros((ROWS, D), dtype=tl.float32)
     for s0 in range(lo, hi, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         mask_s = offs_s < hi
         kv_off = base + offs_s[:, None] * D + offs_d[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=mask_s[:, None], other=0.0).to(tl.float32)
-        v = tl.load(v_cache_ptr + kv_off, mask=mask_s[:, None], other=0.0).to(tl.float32)
-        # the group's heads one at a time over the loaded tile, in 2-D: a (GROUP, BLOCK_S, D) product took 183
-        # registers at GPT-2's group of 1 (this loop: 102) and 253 at a group of 4 (this loop: 185) on sm_90
-        for g in tl.static_range(H // H_KV):
-            head = offs_g == g
-            scores = tl.sum(k * tl.sum(tl.where(head[:, None], q, 0.0), axis=0)[None, :], axis=1) * scale
-            scores = tl.where(mask_s, scores, float("-inf"))
-            m_g = tl.max(tl.where(head, m, float("-inf")), axis=0)
-            m_new = tl.maximum(m_g, tl.max(scores, axis=0))  # finite: the tile holds at least one slot
-            alpha = tl.exp(m_g - m_new)
-            p = tl.exp(scores - m_new)
-            l_sum = tl.where(head, l_sum * alpha + tl.sum(p, axis=0), l_sum)
-            acc = tl.where(head[:, None], acc * alpha + tl.sum(p[:, None] * v, axis=0)[None, :], acc)
-            m = tl.where(head, m_new, m)
-    out = y_ptr + b * H * D + q_offs
+        k = tl.load(k_cache_ptr + kv_off, mask=mask_s[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + kv_off, mask=mask_s[:, None], other=0.0)
+        scores = _dot(q_dot, tl.trans(k), IEEE) * scale  # (ROWS, BLOCK_S)
+        scores = tl.where(mask_s[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))  # finite: the tile holds at least one slot
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m = m_new
     if NUM_SPLITS == 1:
-        tl.store(out, (acc / l_sum[:, None]).to(y_ptr.dtype.element_ty), mask=mask_g[:, None])
+        tl.store(y_ptr + b * H * D + q_offs, (acc / l_sum[:, None]).to(y_ptr.dtype.element_ty), mask=mask_r[:, None])
     else:
-        slot = (pid * NUM_SPLITS + split) * GROUP + offs_g  # (GROUP,)
-        tl.store(part_max_ptr + slot, m)
-        tl.store(part_sum_ptr + slot, l_sum)
-        tl.store(part_out_ptr + slot[:, None] * D + offs_d[None, :], acc)
+        slot = (pid * NUM_SPLITS + split) * GROUP + offs_r  # (ROWS,): the group's own rows of the partials
+        keep = offs_r < GROUP
+        tl.store(part_max_ptr + slot, m, mask=keep)
+        tl.store(part_sum_ptr + slot, l_sum, mask=keep)
+        tl.store(part_out_ptr + slot[:, None] * D + offs_d[None, :], acc, mask=keep[:, None])
         tl.debug_barrier()  # every thread's share of the partial is written before the arrival is counted
         arrived = tl.atomic_add(arrivals_ptr + pid, 1, sem="acq_rel", scope="gpu")
         if arrived == NUM_SPLITS - 1:
+            offs_g = tl.arange(0, GROUP)
             parts = (pid * NUM_SPLITS + tl.arange(0, NUM_SPLITS))[:, None] * GROUP + offs_g[None, :]
             # .cg: read the other programs' partials from L2, never from a stale L1 line
             maxes = tl.load(part_max_ptr + parts, cache_modifier=".cg")  # (NUM_SPLITS, GROUP)
@@ -351,5 +362,6 @@ def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, inv_freq_ptr, y
             outs = tl.load(part_out_ptr + parts[:, :, None] * D + offs_d[None, None, :], cache_modifier=".cg")
             weight = tl.exp(maxes - tl.max(maxes, axis=0)[None, :])  # empty splits (max -inf) weigh 0
             y = tl.sum(weight[:, :, None] * outs, axis=0) / tl.sum(weight * sums, axis=0)[:, None]
-            tl.store(out, y.to(y_ptr.dtype.element_ty), mask=mask_g[:, None])
+            out = y_ptr + b * H * D + (kv * (H // H_KV) + offs_g)[:, None] * D + offs_d[None, :]
+            tl.store(out, y.to(y_ptr.dtype.element_ty), mask=(offs_g < H // H_KV)[:, None])
             tl.store(arrivals_ptr + pid, 0)

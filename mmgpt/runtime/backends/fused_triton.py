@@ -51,11 +51,12 @@ HEAD_GEMV = GemvConfig(block_n=64, gemm_block_n=128)  # the head's N is the voca
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """Attention tiles: BLOCK_S cache slots per loop step (128 slots, 8 warps from the H100 sweep in NOTES.md)."""
+    """Attention tiles: BLOCK_S cache slots per loop step (at least 16: a tensor-core product's side)."""
     block_s: int = 128
-    num_warps: int = 8
+    num_warps: int = 4
     min_programs: int = 0  # split the cache until rows x heads x splits reaches this (0: 2 per SM)
     max_splits: int = 16  # 1: one program per (row, head) walks the whole used cache
+    num_stages: int = 3  # software-pipelining depth of the cache tiles' loads
 
 
 @dataclass
@@ -133,6 +134,8 @@ class TritonBackend(TorchBackend):
         self.inv_freq = (rope_inv_freq(cfg, self.device) if self.llama
                          else torch.zeros(1, device=self.device, dtype=torch.float32))
         self.group = triton.next_power_of_2(cfg.n_head // cfg.n_kv_head)  # query heads per program, padded
+        if attention.block_s < 16 or attention.block_s & (attention.block_s - 1):
+            raise UserError(f"attention block_s must be a power of two of at least 16, got {attention.block_s}")
         self._buffers: dict[int, _StepBuffers] = {}
         self._split_scratch: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.device.type == "cuda":
@@ -244,8 +247,8 @@ class TritonBackend(TorchBackend):
             attention_kernel[(B * c.n_kv_head, splits)](
                 buf.qkv, k_cache[i], v_cache[i], positions, self.inv_freq, buf.y, buf.part_max, buf.part_sum,
                 buf.part_out, buf.arrivals, S, c.head_dim ** -0.5, H=c.n_head, H_KV=c.n_kv_head, D=c.head_dim,
-                GROUP=self.group, BLOCK_S=a.block_s, NUM_SPLITS=splits, ROPE=self.llama, num_warps=a.num_warps,
-                **self._launch)
+                GROUP=self.group, ROWS=max(16, self.group), BLOCK_S=a.block_s, NUM_SPLITS=splits, ROPE=self.llama,
+                IEEE=k_cache.dtype == torch.float32, num_warps=a.num_warps, num_stages=a.num_stages, **self._launch)
             self._gemv(buf.y, L.w_o, buf.x, g, bias=L.b_o, residual=True)
             self._gemv(buf.x, L.w_fc, buf.hidden, g, ln=L.ln2, bias=L.b_fc, gelu=not self.llama, up=L.w_up)
             self._gemv(buf.hidden, L.w_proj, buf.x, g, bias=L.b_proj, residual=True)
