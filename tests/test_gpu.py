@@ -156,9 +156,12 @@ def test_prefix_cache_hits_on_captured_graphs_give_the_tokens_of_a_miss(model, n
         alone = plain.submit(r)
         plain.run()
         assert s.tokens == alone.tokens, r
-    again = [cached.submit(r) for r in requests]  # hits joining together: replayed one joiner at a time
+    again = [cached.submit(r) for r in requests]  # hits joining together: four in one replay, then two
     cached.run()
     assert [s.tokens for s in again] == [s.tokens for s in states] and cached.cache.hits == 10
+    three = [cached.submit(r) for r in requests[:3]]  # three hits in a replay of four: the padded joiner repeats
+    cached.run()  # the first one's cached context and writes
+    assert [s.tokens for s in three] == [s.tokens for s in states[:3]] and cached.cache.hits == 13
 
 
 GPT2_SHAPES = {"124m": (12, 12, 768), "355m": (24, 16, 1024), "1p5b": (48, 25, 1600)}  # layers, heads, width

@@ -72,6 +72,9 @@ class RequestState:
 
 
 MIN_PROMPT_BUCKET = 8  # captured prefills round prompts up to a power of two, at least this
+# cached contexts join at most this many per captured replay: each graph's input holds that many contexts' keys and
+# values (354 MB each at 1.5B with a 576-patch image), shared by the graphs of one (joiners, context length)
+MAX_HITS_PER_REPLAY = 4
 
 
 def _by_lengths(states: list["RequestState"]) -> list[list["RequestState"]]:
@@ -231,6 +234,7 @@ class InflightEngine:
                             f"torch-triton) and a context without a discrete modality, not {backend.name} on "
                             f"{self.device} with context {[m.name for m in backend.dims.context]}")
         self._prefill_graphs: dict[tuple[int, int, int], _PrefillGraph] = {}
+        self._past_inputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (J, P) -> keys, values
         # all device work on a stream of our own: engines must not run on the legacy default stream
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         d, dev, R = backend.dims, self.device, rows
@@ -389,28 +393,30 @@ class InflightEngine:
         for group in _by_lengths([s for s, _ in misses]):
             self._emit_first(group, self._prefill(group))
 
-    def _inputs(self, group: list[RequestState], T: int, past: list[tuple] | None) -> tuple:
-        """A join's device inputs: the contexts batched (or, after cached contexts, {}), the cached keys and
-        values stacked (L, J, H, P, D) (or None), and the prompt ids right-padded to T, on the host."""
+    def _inputs(self, group: list[RequestState], T: int, cached: bool) -> tuple[dict, torch.Tensor]:
+        """A join's inputs: the contexts batched on the device ({} after cached contexts), and the prompt ids
+        right-padded to T, on the host."""
         ids = torch.full((len(group), T), self.pad_id, dtype=torch.long)
         for j, s in enumerate(group):
             ids[j, : len(s.request.prompt)] = torch.tensor(s.request.prompt)
-        if past is not None:
-            return {}, tuple(torch.stack(t, 1) for t in zip(*past)), ids
-        return batch_context(self.backend.dims, [s.context for s in group], self.device), None, ids
+        if cached:
+            return {}, ids
+        return batch_context(self.backend.dims, [s.context for s in group], self.device), ids
 
     def _prefill(self, group: list[RequestState], past: list[tuple] | None = None) -> torch.Tensor:
         """Join a group of requests: one batched prefill of their contexts (which share their continuous lengths)
         or, with `past` (per joiner its cached context's keys and values, (L, H, P, D) each, one P), of their
         prompts after them; the keys and values written into their rows, their first tokens sampled and their
-        rows set. One graph replay where prefills are captured (cached contexts one joiner at a time, so that a
-        graph holds one context's keys). Returns the first tokens (J,) on the device."""
-        if past is not None and self.capture_prefill and len(group) > 1:
-            return torch.cat([self._prefill([s], [kv]) for s, kv in zip(group, past)])
+        rows set. One graph replay where prefills are captured (cached contexts at most MAX_HITS_PER_REPLAY at a
+        time, which bounds what a graph's input holds). Returns the first tokens (J,) on the device."""
+        if past is not None and self.capture_prefill and len(group) > MAX_HITS_PER_REPLAY:
+            n = MAX_HITS_PER_REPLAY
+            return torch.cat([self._prefill(group[i: i + n], past[i: i + n]) for i in range(0, len(group), n)])
         J, T = len(group), max(len(s.request.prompt) for s in group)
         greedy = _greedy(group)
         if not self.capture_prefill:
-            context, stacked, ids = self._inputs(group, T, past)
+            context, ids = self._inputs(group, T, past is not None)
+            stacked = None if past is None else tuple(torch.stack(t, 1) for t in zip(*past))  # (L, J, H, P, D)
             first = self._join(context, stacked, ids.to(self.device), _Joiners.of(group, self.device), greedy)
         else:  # continuous contexts only (a discrete one is never captured)
             shapes = (("after", past[0][0].shape[2]) if past is not None else
@@ -421,11 +427,12 @@ class InflightEngine:
             g = self._prefill_graphs[key]
             Jb, Tb = g.ids.shape
             padded = group + [group[0]] * (Jb - J)  # a padded row computes and writes what the first joiner does
-            context, stacked, ids = self._inputs(padded, Tb, past)  # cached contexts join alone: Jb = J = 1
+            context, ids = self._inputs(padded, Tb, past is not None)
             for name, value in context.items():
                 g.context[name].copy_(value)
-            for buffer, value in zip(g.past, stacked or ()):
-                buffer.copy_(value)
+            for j, entry in enumerate(past + [past[0]] * (Jb - J) if past is not None else ()):
+                for buffer, value in zip(g.past, entry):  # each cached entry straight into its joiner's slot
+                    buffer[:, j].copy_(value)
             g.ids.copy_(ids)
             g.joiners.fill(padded)
             g.graph.replay()
@@ -460,8 +467,11 @@ class InflightEngine:
         d, dev, dt = self.backend.dims, self.device, self.backend.dtype
         if shapes[0] == "after":
             context = {}
-            past = tuple(torch.zeros(d.n_layer, J, d.n_kv_head, shapes[1], d.head_dim, dtype=dt, device=dev)
-                         for _ in range(2))
+            if (J, shapes[1]) not in self._past_inputs:  # replays run one at a time: their inputs can be shared
+                self._past_inputs[J, shapes[1]] = tuple(
+                    torch.zeros(d.n_layer, J, d.n_kv_head, shapes[1], d.head_dim, dtype=dt, device=dev)
+                    for _ in range(2))
+            past = self._past_inputs[J, shapes[1]]
         else:
             context = {m.name: torch.zeros(J, P, m.dim, dtype=dt, device=dev) for m, P in zip(d.context, shapes)}
             past = None
