@@ -235,3 +235,21 @@ def test_persistent_greedy_tokens_are_the_fused_kernels(model, batch):
             for name in ("torch-triton", "torch-persistent")}
     assert runs["torch-persistent"].cuda_graph
     assert torch.equal(runs["torch-persistent"].tokens, runs["torch-triton"].tokens)
+
+
+def test_requests_submitted_from_a_client_thread_while_the_loop_captures(model):
+    """The server submits from its handlers' threads while the engine's loop captures graphs as it first needs them
+    (a join bucket, a row bucket, the sampled step). The caller's thread must issue no CUDA work: under a capture
+    that fails the capture (the serving benchmark at 1.5B died of it)."""
+    from mmgpt.bench.serving import run_inflight
+    from mmgpt.runtime.backends.fused_triton import TritonBackend
+    g = torch.Generator().manual_seed(8)
+    images = [torch.randn(8, 8, generator=g) for _ in range(3)]
+    jobs = [(0.002 * i, Request(images[i % 3], [256, *range(100, 100 + i % 7)], 4 + i % 5,
+                                SamplingConfig(temperature=0.8, seed=i) if i % 4 == 3 else SamplingConfig()))
+            for i in range(40)]
+    engine = InflightEngine(TritonBackend(model), ByteTokenizer(), rows=8, capacity=128,
+                            prefix_cache=PrefixCache(1 << 30, "client-thread"))
+    result = run_inflight(engine, jobs)  # every graph is captured during this run, with submits arriving
+    assert result["prefix_cache_hits"] > 0 and engine.graph_captures > 0
+    assert result["tokens"] >= len(jobs) and not engine.has_work()  # run_inflight fails where one got none

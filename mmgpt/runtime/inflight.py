@@ -266,8 +266,10 @@ class InflightEngine:
 
     # ---------------------------------------------------------------- requests
     def check(self, request: Request) -> tuple[dict, int]:
-        """Every way a request can be wrong, as a UserError, before it is queued. Returns its context, checked (on
-        the device), and the context's real length."""
+        """Every way a request can be wrong, as a UserError, before it is queued. Returns its context, checked, and
+        the context's real length. The features stay where the caller gave them (the host, from the server): the
+        loop moves them, because CUDA work from the caller's thread while the loop captures a graph breaks the
+        capture (and, unordered with the loop's stream, could race it)."""
         if not isinstance(request.sampling, SamplingConfig):
             raise UserError("sampling must be a SamplingConfig")
         if not request.prompt:
@@ -279,7 +281,7 @@ class InflightEngine:
                 raise UserError(f"{name or 'the context'} features must be a (P, F) tensor, got shape "
                                 f"{tuple(value.shape)}")
         one = {name: value[None] if torch.is_tensor(value) else [value] for name, value in given.items()}
-        context, _, lengths = check_context(self.backend, one[None] if None in one else one)
+        context, _, lengths = check_context(self.backend, one[None] if None in one else one, to_device=False)
         capacity_for(self.backend, 1, int(lengths[0]), len(request.prompt), request.max_tokens, [self.capacity])
         return {name: value[0] for name, value in context.items()}, int(lengths[0])
 

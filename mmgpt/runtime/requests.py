@@ -73,9 +73,9 @@ def special_ids(dims, tokenizer) -> tuple[int, int, int]:
     return end, end, end
 
 
-def check_context(backend, context) -> tuple[dict, int, torch.Tensor]:
-    """A batch's context checked against the model's -> modality -> features (B, P, F) (on the backend's device) or
-    token lists, the batch size, and each row's real context length (B,).
+def check_context(backend, context, to_device: bool = True) -> tuple[dict, int, torch.Tensor]:
+    """A batch's context checked against the model's -> modality -> features (B, P, F) (moved to the backend's
+    device when to_device) or token lists, the batch size, and each row's real context length (B,).
 
     context: modality -> features (B, P, F), or token lists / (ids, lengths); a bare (B, P, F) tensor for a model
     whose context is one continuous modality."""
@@ -99,7 +99,7 @@ def check_context(backend, context) -> tuple[dict, int, torch.Tensor]:
             fixed = backend.context_lens.get(m.name)
             if fixed is not None and P != fixed:
                 raise UserError(f"{m.name} length P={P}, but the exported graphs expect P={fixed}")
-            out[m.name] = value.to(backend.device)
+            out[m.name] = value.to(backend.device) if to_device else value
             lengths.append(torch.full((B,), P, dtype=torch.long))
         else:
             out[m.name] = check_token_ids(token_rows(value, f"{m.name} context"), m.vocab_size,
