@@ -1,13 +1,12 @@
 """Kernel-level profile of one decode step (un-captured, so each kernel shows): which kernels, how many, how long.
 
-python benchmarks/profile_step.py [--model 124m] [--batch 1] [--capacity 512] [--positions 160 700] [--out F.json]
+python benchmarks/profile_step.py [--model 124m] [--batch 1] [--capacity 1024] [--positions 160 700] [--out F.json]
 
 Each position is every row's cache length for the profiled steps (160: mid-generation of prompt 32 + 256 new tokens;
 700: the same after a 576-patch image), so two positions show what a long context adds, kernel by kernel.
 """
 import argparse
 import datetime
-import json
 from collections import defaultdict
 
 import torch
@@ -15,6 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from mmgpt.bench.decode import build_model, versions
 from mmgpt.bench.results import git_commit
+from mmgpt.files import write_json
 from mmgpt.runtime.backends.torch_model import TorchBackend
 
 
@@ -48,7 +48,7 @@ def main():
     ap.add_argument("--positions", nargs="+", type=int, default=[160])
     ap.add_argument("--backend", default="torch-triton", choices=["torch", "torch-compile", "torch-triton"])
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--out", default=None, help="append one JSON line per position to this file")
+    ap.add_argument("--out", default=None, help="write the report (a row per position) to this JSON file")
     args = ap.parse_args()
     dev = torch.device("cuda")
     model = build_model(args.model, torch.float16, dev, block=args.capacity)
@@ -57,6 +57,7 @@ def main():
         be = TritonBackend(model)
     else:
         be = TorchBackend(model, compile=args.backend == "torch-compile")
+    rows = []
     for position in args.positions:
         table = kernels_per_step(be, model.config, args.batch, args.capacity, position, args.steps, dev)
         total = sum(us for _, us in table.values())
@@ -65,15 +66,14 @@ def main():
               f"{launches:.0f} kernels/step, {total:.0f} us of kernel time/step")
         for name, (n, us) in list(table.items())[:8]:
             print(f"  {us:9.1f} us  {n:5.0f} x  {name[:90]}")
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps({"date": datetime.date.today().isoformat(), "commit": git_commit(),
-                                    "versions": versions(dev), "model": args.model, "batch": args.batch,
-                                    "capacity": args.capacity,
-                                    "position": position, "backend": args.backend, "gpu": torch.cuda.get_device_name(),
-                                    "kernel_us_per_step": total, "launches_per_step": launches,
-                                    "kernels": {k: {"launches": n, "us": us} for k, (n, us) in table.items()}}) + "\n")
-
+        rows.append({"model": args.model, "batch": args.batch, "capacity": args.capacity, "position": position,
+                     "backend": args.backend, "kernel_us_per_step": total, "launches_per_step": launches,
+                     "kernels": {k: {"launches": n, "us": us} for k, (n, us) in table.items()}})
+    if args.out:
+        write_json(args.out, {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
+                              "commit": git_commit(), "versions": versions(dev),
+                              "tool": "benchmarks/profile_step.py (un-captured decode steps, kernel time per step)",
+                              "rows": rows})
 
 if __name__ == "__main__":
     main()
