@@ -312,4 +312,4 @@ def test_fused_kernels_refuse_exact_gelu():
     require("triton", "triton is not installed (pip install -e .[dev])")
     from mmgpt.runtime.backends.fused_triton import TritonBackend
     with pytest.raises(ValueError, match="tanh GELU"):
-        TritonBackend(MultimodalGPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, activation="gelu")))
+        TritonBackend(MultimodalGPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, activation="gelu")))

@@ -92,6 +92,14 @@ def test_batch_tiled_past_64_rows(gemv):
     assert_step_matches_torch(model, backend, positions, capacity=32)
 
 
+def test_attention_stages_fit_shared_memory():
+    backend = TritonBackend(tiny_model(n_layer=1))  # head size 16: three stages fit in any dtype
+    assert backend.attention_stages(4) == backend.attention_stages(2) == 3
+    wide = TritonBackend(MultimodalGPT(GPTConfig(n_layer=1, n_head=2, n_embd=256, block_size=16)))
+    wide.shared_memory = 232448  # an H100 / H200: an fp32 cache of 128-wide heads takes one stage, fp16 three
+    assert (wide.attention_stages(4), wide.attention_stages(2)) == (1, 3)
+
+
 def test_tiles_fit_shared_memory_at_every_batch():
     backend = TritonBackend(tiny_model(n_layer=1))
     for cfg in (GemvConfig(), GemvConfig(max_block_b=128, gemm_block_n=256, gemm_block_k=256)):
@@ -190,8 +198,9 @@ def test_llama_greedy_generation_matches_torch():
 
 
 def test_rejects_what_the_kernels_cannot_do():
-    with pytest.raises(ValueError, match="power-of-two head size"):
-        TritonBackend(MultimodalGPT(GPTConfig(n_layer=1, n_head=3, n_embd=60, block_size=16)))
+    for n_head, n_embd in ((3, 60), (4, 32)):  # head sizes 20 (not a power of two) and 8 (under a dot's 16)
+        with pytest.raises(ValueError, match="power-of-two head size of at least 16"):
+            TritonBackend(MultimodalGPT(GPTConfig(n_layer=1, n_head=n_head, n_embd=n_embd, block_size=16)))
     with pytest.raises(ValueError, match="block_s must be a power of two of at least 16"):
         TritonBackend(tiny_model(n_layer=1), attention=AttentionConfig(block_s=8))
     if not torch.cuda.is_available():

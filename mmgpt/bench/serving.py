@@ -82,10 +82,15 @@ def run_inflight(engine: InflightEngine, jobs) -> dict:
         if tokens:
             times.setdefault(state.id, []).extend([time.perf_counter()] * len(tokens))
 
+    failed: list[BaseException] = []
+
     def client():
-        for t, request in jobs:
-            time.sleep(max(0.0, start + t - time.perf_counter()))
-            arrival[engine.submit(request, on_update).id] = start + t
+        try:
+            for t, request in jobs:
+                time.sleep(max(0.0, start + t - time.perf_counter()))
+                arrival[engine.submit(request, on_update).id] = start + t
+        except BaseException as e:  # re-raised below: a run missing requests must not report
+            failed.append(e)
     start = time.perf_counter()
     submitter = threading.Thread(target=client, daemon=True)
     submitter.start()
@@ -95,6 +100,8 @@ def run_inflight(engine: InflightEngine, jobs) -> dict:
         else:
             time.sleep(1e-4)
     submitter.join()
+    if failed:
+        raise failed[0]
     end = time.perf_counter()
     ttft = [times[i][0] - arrival[i] for i in arrival]
     itl = [b - a for i in arrival for a, b in zip(times[i], times[i][1:])]

@@ -99,7 +99,8 @@ def check_context(backend, context, to_device: bool = True) -> tuple[dict, int, 
             fixed = backend.context_lens.get(m.name)
             if fixed is not None and P != fixed:
                 raise UserError(f"{m.name} length P={P}, but the exported graphs expect P={fixed}")
-            out[m.name] = value.to(backend.device) if to_device else value
+            # not moved: a copy, so that a caller reusing its tensor cannot change a request already checked
+            out[m.name] = value.to(backend.device) if to_device else value.clone()
             lengths.append(torch.full((B,), P, dtype=torch.long))
         else:
             out[m.name] = check_token_ids(token_rows(value, f"{m.name} context"), m.vocab_size,

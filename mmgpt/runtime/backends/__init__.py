@@ -72,8 +72,9 @@ def resolve_device(device: str) -> torch.device:
 
 def open_backend(name: str, artifacts: Artifacts, device: str = "auto", compile: bool = False,
                  strategy: str | None = None) -> Backend:
-    """`auto`: TensorRT where an engine can run here, else the fused Triton kernels on a GPU (either family), else
-    ONNX Runtime on the CPU. Returns the backend and, for auto, says why a preferred one was passed over."""
+    """`auto`: TensorRT where an engine can run here, else the fused Triton kernels on a GPU (either family, where
+    they cover the shapes; else the torch backend), else ONNX Runtime on the CPU. Returns the backend and, for auto,
+    says why a preferred one was passed over."""
     if name not in BACKENDS:
         raise UserError(f"backend={name!r}: choose one of {BACKENDS}")
     dev = resolve_device(device)
@@ -84,7 +85,13 @@ def open_backend(name: str, artifacts: Artifacts, device: str = "auto", compile:
             except Exception as e:  # noqa: BLE001 -- reported, then the next backend is tried
                 print(f"backend=auto: the TensorRT engines cannot run here ({str(e).splitlines()[0][:200]}); "
                       "using torch-triton")
-        return open_backend("torch-triton" if dev.type == "cuda" else "onnxruntime", artifacts, device, compile)
+        if dev.type != "cuda":
+            return open_backend("onnxruntime", artifacts, device, compile)
+        try:
+            return open_backend("torch-triton", artifacts, device, compile)
+        except UserError as e:  # a shape the fused kernels do not cover (a head size under 16, ...)
+            print(f"backend=auto: the fused kernels cannot run this model ({e}); using torch")
+            return open_backend("torch", artifacts, device, compile)
     if name == "tensorrt":
         from mmgpt.runtime.backends.tensorrt_engines import TensorRTBackend
         return TensorRTBackend(artifacts, strategy)

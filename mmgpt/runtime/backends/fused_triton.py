@@ -117,8 +117,9 @@ class TritonBackend(TorchBackend):
         sizes where it was measured (benchmarks/NOTES.md)."""
         super().__init__(model, compile=False, context_lens=context_lens)
         cfg = model.config
-        if cfg.head_dim & (cfg.head_dim - 1):
-            raise UserError(f"the fused attention kernel needs a power-of-two head size, got {cfg.head_dim}")
+        if cfg.head_dim & (cfg.head_dim - 1) or cfg.head_dim < 16:
+            raise UserError(f"the fused attention kernel needs a power-of-two head size of at least 16 (a "
+                            f"tensor-core product's side), got {cfg.head_dim}; use backend=torch")
         self.llama = cfg.family == "llama"
         if not self.llama and not cfg.bias:
             raise UserError("the fused kernels expect GPT-2's biases (model.bias=true)")
@@ -163,6 +164,15 @@ class TritonBackend(TorchBackend):
         if capacity is not None:
             n = min(n, triton.cdiv(capacity, a.block_s))
         return 1 << (max(n, 1).bit_length() - 1)
+
+    def attention_stages(self, cache_bytes: int) -> int:
+        """Pipelining depth of the attention's cache tiles: the configured one, less while a key and a value tile
+        per stage would pass 90% of the shared memory (an upper bound; an fp32 cache of 128-wide heads needs it)."""
+        tile = 2 * self.attention.block_s * self.model.config.head_dim * cache_bytes
+        stages = self.attention.num_stages
+        while stages > 1 and stages * tile > 0.9 * self.shared_memory:
+            stages -= 1
+        return stages
 
     def _buffers_for(self, B: int) -> _StepBuffers:
         if B not in self._buffers:
@@ -242,13 +252,14 @@ class TritonBackend(TorchBackend):
                            HAS_POS=not self.llama, **self._launch)
         S, g = k_cache.shape[3], self.gemv
         splits = self.attention_splits(B, S)
+        stages = self.attention_stages(k_cache.element_size())
         for i, L in enumerate(self.layers):
             self._gemv(buf.x, L.w_qkv, buf.qkv, g, ln=L.ln1, bias=L.b_qkv)
             attention_kernel[(B * c.n_kv_head, splits)](
                 buf.qkv, k_cache[i], v_cache[i], positions, self.inv_freq, buf.y, buf.part_max, buf.part_sum,
                 buf.part_out, buf.arrivals, S, c.head_dim ** -0.5, H=c.n_head, H_KV=c.n_kv_head, D=c.head_dim,
                 GROUP=self.group, ROWS=max(16, self.group), BLOCK_S=a.block_s, NUM_SPLITS=splits, ROPE=self.llama,
-                IEEE=k_cache.dtype == torch.float32, num_warps=a.num_warps, num_stages=a.num_stages, **self._launch)
+                IEEE=k_cache.dtype == torch.float32, num_warps=a.num_warps, num_stages=stages, **self._launch)
             self._gemv(buf.y, L.w_o, buf.x, g, bias=L.b_o, residual=True)
             self._gemv(buf.x, L.w_fc, buf.hidden, g, ln=L.ln2, bias=L.b_fc, gelu=not self.llama, up=L.w_up)
             self._gemv(buf.hidden, L.w_proj, buf.x, g, bias=L.b_proj, residual=True)
