@@ -133,6 +133,31 @@ def test_prefix_cache_hit_gives_the_tokens_of_a_miss(model, requests):
     assert [len(r.prompt) for r in other_prompts] != [len(r.prompt) for r in requests[3:6]]  # ragged, not replayed
 
 
+def test_a_request_runs_on_its_features_as_submitted(model, requests):
+    """The features stay on the host until the loop admits the request; a caller that reuses its tensor after
+    submit (here: overwrites it while the request waits for a row) does not change what the request computes."""
+    r = requests[0]
+    features = r.context.clone()
+    e = engine(model, rows=1)
+    blocker = e.submit(requests[1])
+    e.step()  # requests[1] holds the one row: the next request waits in the queue
+    state = e.submit(Request(features, r.prompt, r.max_tokens, r.sampling))
+    features.fill_(0.5)
+    e.run()
+    assert blocker.tokens == solo(model, requests[1]) and state.tokens == solo(model, r)
+    assert state.tokens != solo(model, Request(features, r.prompt, r.max_tokens, r.sampling))  # the edit matters
+
+
+def test_serving_benchmark_raises_a_failed_submit(model, requests):
+    """The benchmark submits from a client thread; a request that fails there fails the run, never a report that
+    silently leaves it out."""
+    from mmgpt.bench.serving import run_inflight
+    r = requests[0]
+    jobs = [(0.0, requests[1]), (0.001, Request(r.context, [], r.max_tokens))]  # the second has no prompt
+    with pytest.raises(UserError, match="empty prompt"):
+        run_inflight(engine(model, rows=2), jobs)
+
+
 def test_prefix_cache_is_lru_under_its_budget_and_keyed_by_weights():
     k = torch.zeros(2, 2, 8, 4)  # 512 bytes each of k and v: 1 KiB an entry
     cache = PrefixCache(budget_bytes=2 * 1024, namespace="w1")

@@ -84,7 +84,7 @@ def open_backend(name: str, artifacts: Artifacts, device: str = "auto", compile:
                 return open_backend("tensorrt", artifacts, device, strategy=strategy)
             except Exception as e:  # noqa: BLE001 -- reported, then the next backend is tried
                 print(f"backend=auto: the TensorRT engines cannot run here ({str(e).splitlines()[0][:200]}); "
-                      "using torch-triton")
+                      "trying torch-triton")
         if dev.type != "cuda":
             return open_backend("onnxruntime", artifacts, device, compile)
         try:
