@@ -1,4 +1,6 @@
 """The fused Triton decode kernels compute what the PyTorch model computes (Triton's interpreter on a CPU)."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -13,6 +15,8 @@ from mmgpt.runtime.backends.fused_triton import AttentionConfig, GemvConfig, Tri
 
 CONFIGS = {"tensor-core": GemvConfig(block_n=16, block_k=32, row_block_n=0),
            "split-k": GemvConfig(block_n=16, block_k=32, min_programs=64, row_block_n=8),
+           # batch 1 walks its K slice in 16-wide tiles instead of loading it as one (row_max_k)
+           "row-tiles": GemvConfig(block_n=16, block_k=16, min_programs=64, row_block_n=8, row_max_k=16),
            "defaults": GemvConfig()}
 
 
@@ -158,9 +162,11 @@ def tiny_llama(kind):
 @pytest.mark.parametrize("kind", list(LLAMAS))
 @pytest.mark.parametrize("positions", [pytest.param([37], marks=pytest.mark.slow), [37, 0, 21]],
                          ids=["batch1", "batch3"])
-def test_llama_decode_step_matches_torch(kind, positions):
+@pytest.mark.parametrize("row_max_k", [pytest.param(1024, id="one-tile"),  # batch 1's GEMV: see CONFIGS
+                                       pytest.param(16, id="row-tiles", marks=pytest.mark.slow)])
+def test_llama_decode_step_matches_torch(kind, positions, row_max_k):
     model = tiny_llama(kind)
-    backend = TritonBackend(model, gemv=LLAMA_GEMV, attention=LLAMA_ATTENTION)
+    backend = TritonBackend(model, gemv=replace(LLAMA_GEMV, row_max_k=row_max_k), attention=LLAMA_ATTENTION)
     assert backend.attention_splits(len(positions), 64) > 1
     assert_step_matches_torch(model, backend, positions, capacity=64)
 

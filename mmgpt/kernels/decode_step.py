@@ -62,12 +62,30 @@ def _input_tile(x_ptr, offs, mask, ln_w_ptr, ln_b_ptr, offs_k, mask_k, mean, rst
     """A tile of the input rows in fp32, normalised when HAS_LN (mean and rstd broadcast against it): LayerNorm, or
     with RMS Hugging Face's RMSNorm, whose normalised value is rounded to the weight's dtype before the scale."""
     xk = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g, be = _norm_weights(ln_w_ptr, ln_b_ptr, offs_k, mask_k, HAS_LN, RMS)
+    return _normalise(xk, g, be, mean, rstd, ln_w_ptr, HAS_LN, RMS)
+
+
+@triton.jit
+def _norm_weights(ln_w_ptr, ln_b_ptr, offs_k, mask_k, HAS_LN: tl.constexpr, RMS: tl.constexpr):
+    """The norm's scale and shift over offs_k, fp32 (placeholders without HAS_LN; the shift is the scale for RMS)."""
+    g = 0.0
+    be = 0.0
     if HAS_LN:
         g = tl.load(ln_w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        be = g
+        if not RMS:
+            be = tl.load(ln_b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    return g, be
+
+
+@triton.jit
+def _normalise(xk, g, be, mean, rstd, ln_w_ptr, HAS_LN: tl.constexpr, RMS: tl.constexpr):
+    """`_input_tile` on a tile and norm weights already loaded (fp32); ln_w_ptr gives RMSNorm's rounding dtype."""
+    if HAS_LN:
         if RMS:
             xk = (xk * rstd).to(ln_w_ptr.dtype.element_ty).to(tl.float32) * g
         else:
-            be = tl.load(ln_b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
             xk = (xk - mean) * rstd * g + be
     return xk
 
@@ -198,19 +216,10 @@ def _reduce_splits(acc, out_ptr, part_ptr, arrivals_ptr, tile, offsets, mask, si
 
 
 @triton.jit
-def ln_gemv_row_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, w_up_ptr, bias_ptr, out_ptr, part_ptr, arrivals_ptr, N,
-                       K: tl.constexpr, HAS_LN: tl.constexpr, RMS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       GELU: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr, EPS: tl.constexpr,
-                       SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """ln_gemv_kernel for one row (batch 1): plain FMAs into a (BLOCK_N, BLOCK_K) accumulator, reduced once at
-    the end. No tensor-core padding to 16 rows, so BLOCK_N can be small and the grid large."""
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    K_PER: tl.constexpr = ((K + SPLIT_K * BLOCK_K - 1) // (SPLIT_K * BLOCK_K)) * BLOCK_K
-    k_lo = pid_k * K_PER
-    k_hi = tl.minimum(k_lo + K_PER, K)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+def _row_tiles(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, w_up_ptr, offs_n, mask_n, k_lo, k_hi, K: tl.constexpr,
+               HAS_LN: tl.constexpr, RMS: tl.constexpr, GLU: tl.constexpr, EPS: tl.constexpr, USE_PDL: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The row kernel's K slice [k_lo, k_hi) tile by tile: (BLOCK_N, BLOCK_K) partial products of gate (and up)."""
     if USE_PDL:  # weights are never written during a step
         _prefetch_rows_to_l2(w_ptr, offs_n, mask_n, K, k_lo, k_hi, BLOCK_K)
         if GLU:
@@ -221,7 +230,7 @@ def ln_gemv_row_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, w_up_ptr, bias_ptr, out
     if HAS_LN:
         s1 = tl.zeros((BLOCK_K,), dtype=tl.float32)
         s2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in tl.static_range(0, K, BLOCK_K):  # unrolled: the row's loads all in flight at once
             offs_s = k0 + tl.arange(0, BLOCK_K)
             xs = tl.load(x_ptr + offs_s, mask=offs_s < K, other=0.0).to(tl.float32)
             s1 += xs
@@ -240,6 +249,50 @@ def ln_gemv_row_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, w_up_ptr, bias_ptr, out
             w_up = tl.load(w_up_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
                            other=0.0).to(tl.float32)
             acc_up += w_up * xk[None, :]
+    return acc, acc_up
+
+
+@triton.jit
+def ln_gemv_row_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, w_up_ptr, bias_ptr, out_ptr, part_ptr, arrivals_ptr, N,
+                       K: tl.constexpr, HAS_LN: tl.constexpr, RMS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       GELU: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr, EPS: tl.constexpr,
+                       SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """ln_gemv_kernel for one row (batch 1): plain FMAs, no tensor-core padding to 16 rows, so BLOCK_N can be small
+    and the grid large.
+
+    At batch 1 a program's time is its chain of memory round trips, not its bytes, so where a program's K slice is
+    one tile (K_PER == BLOCK_K, which the host picks up to a width) its weights are loaded first and the input row
+    read once for both the norm's statistics and the product: every load is in flight at once. Otherwise the slice
+    is walked tile by tile into a (BLOCK_N, BLOCK_K) accumulator, reduced once at the end."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    K_PER: tl.constexpr = ((K + SPLIT_K * BLOCK_K - 1) // (SPLIT_K * BLOCK_K)) * BLOCK_K
+    k_lo = pid_k * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, K)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    if K_PER == BLOCK_K:
+        offs_k = k_lo + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_hi
+        w_offs = offs_n[:, None] * K + offs_k[None, :]
+        w_mask = mask_n[:, None] & mask_k[None, :]
+        w = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0)  # weights are never written during a step
+        w_up = w
+        if GLU:
+            w_up = tl.load(w_up_ptr + w_offs, mask=w_mask, other=0.0)
+        g, be = _norm_weights(ln_w_ptr, ln_b_ptr, offs_k, mask_k, HAS_LN, RMS)
+        _wait_for_predecessor(USE_PDL)
+        xk = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        mean = 0.0
+        rstd = 1.0
+        if HAS_LN:  # only unsplit launches normalise, so this tile is the whole row
+            mean, rstd = _rstd(tl.sum(xk, axis=0), tl.sum(xk * xk, axis=0), K, EPS, RMS)
+        xk = _normalise(xk, g, be, mean, rstd, ln_w_ptr, HAS_LN, RMS)
+        acc = w.to(tl.float32) * xk[None, :]
+        acc_up = w_up.to(tl.float32) * xk[None, :]
+    else:
+        acc, acc_up = _row_tiles(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, w_up_ptr, offs_n, mask_n, k_lo, k_hi, K, HAS_LN,
+                                 RMS, GLU, EPS, USE_PDL, BLOCK_N, BLOCK_K)
     out = _epilogue(tl.sum(acc, axis=1), tl.sum(acc_up, axis=1), bias_ptr, offs_n, mask_n, pid_k, HAS_BIAS, GELU,
                     GLU)  # (BLOCK_N,)
     if SPLIT_K > 1:
@@ -322,9 +375,6 @@ def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, inv_freq_ptr, y
     q_dot = q.to(k_cache_ptr.dtype.element_ty)  # the rotated q as the model holds it, in the cache's dtype
     q = q_dot.to(tl.float32)
     first = split == 0
-    store_new = offs_d + split * D < D  # split 0 only (a lane-wise form: the interpreter rejects `& first`)
-    tl.store(k_cache_ptr + base + pos * D + offs_d, k_new.to(k_cache_ptr.dtype.element_ty), mask=store_new)
-    tl.store(v_cache_ptr + base + pos * D + offs_d, v_new.to(v_cache_ptr.dtype.element_ty), mask=store_new)
     # online softmax per query head; split 0 is seeded with the new token's own score, the others start empty
     m = tl.where(first, tl.sum(q * k_new.to(tl.float32)[None, :], axis=1) * scale, float("-inf"))  # (ROWS,)
     l_sum = tl.where(first, 1.0, 0.0) + tl.zeros((ROWS,), dtype=tl.float32)
@@ -343,6 +393,11 @@ def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, inv_freq_ptr, y
         l_sum = l_sum * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m = m_new
+    # the new key / value is stored after the walk: a store before it would hold the tiles' loads behind RoPE
+    # (the compiler cannot move a load above a store to the same cache), and no program reads this slot
+    store_new = offs_d + split * D < D  # split 0 only (a lane-wise form: the interpreter rejects `& first`)
+    tl.store(k_cache_ptr + base + pos * D + offs_d, k_new.to(k_cache_ptr.dtype.element_ty), mask=store_new)
+    tl.store(v_cache_ptr + base + pos * D + offs_d, v_new.to(v_cache_ptr.dtype.element_ty), mask=store_new)
     if NUM_SPLITS == 1:
         tl.store(y_ptr + b * H * D + q_offs, (acc / l_sum[:, None]).to(y_ptr.dtype.element_ty), mask=mask_r[:, None])
     else:
@@ -354,14 +409,23 @@ def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, inv_freq_ptr, y
         tl.debug_barrier()  # every thread's share of the partial is written before the arrival is counted
         arrived = tl.atomic_add(arrivals_ptr + pid, 1, sem="acq_rel", scope="gpu")
         if arrived == NUM_SPLITS - 1:
+            # one (GROUP, D) partial per split, unrolled so that every load is in flight at once; .cg: the other
+            # programs' partials from L2, never from a stale L1 line
             offs_g = tl.arange(0, GROUP)
-            parts = (pid * NUM_SPLITS + tl.arange(0, NUM_SPLITS))[:, None] * GROUP + offs_g[None, :]
-            # .cg: read the other programs' partials from L2, never from a stale L1 line
-            maxes = tl.load(part_max_ptr + parts, cache_modifier=".cg")  # (NUM_SPLITS, GROUP)
-            sums = tl.load(part_sum_ptr + parts, cache_modifier=".cg")
-            outs = tl.load(part_out_ptr + parts[:, :, None] * D + offs_d[None, None, :], cache_modifier=".cg")
-            weight = tl.exp(maxes - tl.max(maxes, axis=0)[None, :])  # empty splits (max -inf) weigh 0
-            y = tl.sum(weight[:, :, None] * outs, axis=0) / tl.sum(weight * sums, axis=0)[:, None]
+            first_part = pid * NUM_SPLITS * GROUP + offs_g
+            m_all = tl.full((GROUP,), float("-inf"), tl.float32)
+            for j in tl.static_range(NUM_SPLITS):
+                m_all = tl.maximum(m_all, tl.load(part_max_ptr + first_part + j * GROUP, cache_modifier=".cg"))
+            num = tl.zeros((GROUP, D), dtype=tl.float32)
+            den = tl.zeros((GROUP,), dtype=tl.float32)
+            for j in tl.static_range(NUM_SPLITS):
+                part = first_part + j * GROUP
+                # empty splits (max -inf) weigh 0
+                weight = tl.exp(tl.load(part_max_ptr + part, cache_modifier=".cg") - m_all)
+                den += weight * tl.load(part_sum_ptr + part, cache_modifier=".cg")
+                num += weight[:, None] * tl.load(part_out_ptr + part[:, None] * D + offs_d[None, :],
+                                                 cache_modifier=".cg")
+            y = num / den[:, None]
             out = y_ptr + b * H * D + (kv * (H // H_KV) + offs_g)[:, None] * D + offs_d[None, :]
             tl.store(out, y.to(y_ptr.dtype.element_ty), mask=(offs_g < H // H_KV)[:, None])
             tl.store(arrivals_ptr + pid, 0)

@@ -44,6 +44,7 @@ class GemvConfig:
     min_programs: int = 0  # residual GEMVs split K until the grid has this many programs (0: 4 per SM)
     row_block_n: int = 16  # batch 1: the FMA kernel with this BLOCK_N (0: the tensor-core kernel, as for B > 1)
     row_num_warps: int = 8
+    row_max_k: int = 1024  # batch 1: a program's K slice up to this wide is one tile, all its loads in flight at once
 
 
 HEAD_GEMV = GemvConfig(block_n=64, gemm_block_n=128)  # the head's N is the vocabulary: wide tiles still fill the GPU
@@ -219,6 +220,8 @@ class TritonBackend(TorchBackend):
         if residual:  # small N (c_proj: N = C) leaves SMs idle: split K, the partials summed in order onto fp32 x
             while row_blocks * n_blocks * split < self.min_programs and 2 * split * block_k <= K:
                 split *= 2
+        if row and triton.next_power_of_2(triton.cdiv(K, split)) <= cfg.row_max_k:
+            block_k = triton.next_power_of_2(triton.cdiv(K, split))  # the split's whole slice: one tile
         ln_w, ln_b = ln if ln is not None else (w, w)  # unused pointers when HAS_LN is off (or RMS for ln_b)
         part, arrivals = self._scratch(B, N, split, row_blocks * n_blocks) if split > 1 else (out, out)
         args = (x, ln_w, ln_b if ln_b is not None else ln_w, w, up if up is not None else w,
