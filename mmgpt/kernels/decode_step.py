@@ -57,6 +57,18 @@ def _prefetch_rows_to_l2(base_ptr, offs_row, mask_row, row_stride, lo, hi, BLOCK
 
 
 @triton.jit
+def _prefetch_weights_then_wait(w_ptr, w_up_ptr, offs_n, mask_n, K, k_lo, k_hi, GLU: tl.constexpr,
+                                USE_PDL: tl.constexpr, BLOCK_K: tl.constexpr):
+    """With PDL, ask L2 for this program's weight rows before waiting on the previous kernel (weights are never
+    written during a step), then wait."""
+    if USE_PDL:
+        _prefetch_rows_to_l2(w_ptr, offs_n, mask_n, K, k_lo, k_hi, BLOCK_K)
+        if GLU:
+            _prefetch_rows_to_l2(w_up_ptr, offs_n, mask_n, K, k_lo, k_hi, BLOCK_K)
+    _wait_for_predecessor(USE_PDL)
+
+
+@triton.jit
 def _input_tile(x_ptr, offs, mask, ln_w_ptr, ln_b_ptr, offs_k, mask_k, mean, rstd, HAS_LN: tl.constexpr,
                 RMS: tl.constexpr):
     """A tile of the input rows in fp32, normalised when HAS_LN (mean and rstd broadcast against it): LayerNorm, or
@@ -154,11 +166,7 @@ def ln_gemv_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, w_up_ptr, bias_ptr, out_ptr
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_b = offs_b < B
     mask_n = offs_n < N
-    if USE_PDL:  # weights are never written during a step
-        _prefetch_rows_to_l2(w_ptr, offs_n, mask_n, K, k_lo, k_hi, BLOCK_K)
-        if GLU:
-            _prefetch_rows_to_l2(w_up_ptr, offs_n, mask_n, K, k_lo, k_hi, BLOCK_K)
-    _wait_for_predecessor(USE_PDL)
+    _prefetch_weights_then_wait(w_ptr, w_up_ptr, offs_n, mask_n, K, k_lo, k_hi, GLU, USE_PDL, BLOCK_K)
     mean = 0.0
     rstd = 1.0
     if HAS_LN:  # row statistics: x is a few KiB per row, re-read from L2 by every program
@@ -220,11 +228,7 @@ def _row_tiles(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, w_up_ptr, offs_n, mask_n, k_lo,
                HAS_LN: tl.constexpr, RMS: tl.constexpr, GLU: tl.constexpr, EPS: tl.constexpr, USE_PDL: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The row kernel's K slice [k_lo, k_hi) tile by tile: (BLOCK_N, BLOCK_K) partial products of gate (and up)."""
-    if USE_PDL:  # weights are never written during a step
-        _prefetch_rows_to_l2(w_ptr, offs_n, mask_n, K, k_lo, k_hi, BLOCK_K)
-        if GLU:
-            _prefetch_rows_to_l2(w_up_ptr, offs_n, mask_n, K, k_lo, k_hi, BLOCK_K)
-    _wait_for_predecessor(USE_PDL)
+    _prefetch_weights_then_wait(w_ptr, w_up_ptr, offs_n, mask_n, K, k_lo, k_hi, GLU, USE_PDL, BLOCK_K)
     mean = 0.0
     rstd = 1.0
     if HAS_LN:
